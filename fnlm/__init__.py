@@ -1,0 +1,35 @@
+"""fnlm: a functional, JAX-style language-model library on PyTorch.
+
+Parameters are data (nested dicts of tensors); layers are pure functions.
+Set ``FNLM_TYPECHECK=1`` before the first import to check every annotated shape at runtime.
+"""
+
+from fnlm.types import typecheck_requested as _typecheck_requested
+
+if _typecheck_requested():
+    from jaxtyping import install_import_hook as _install_import_hook
+
+    import fnlm.types as _types
+
+    _install_import_hook("fnlm", "beartype.beartype")
+    _types._mark_enabled()
+
+from fnlm.tree import (  # noqa: E402
+    tree_flatten,
+    tree_leaves,
+    tree_map,
+    tree_map_with_path,
+    tree_size,
+    tree_unflatten,
+)
+from fnlm.types import typecheck_enabled  # noqa: E402
+
+# --- core (nn, model) ---
+
+# --- training maths (loss, optim, schedule, data, checkpoint) ---
+
+# --- tokenizer ---
+
+# --- generation, accounting ---
+
+__version__ = "0.1.0"

@@ -1,0 +1,20 @@
+"""The CS336 assignment-1 adapter interface, served by fnlm. Each body is glue into fnlm."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import IO, Any, BinaryIO
+
+import numpy.typing as npt
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+import fnlm
+
+# --- core (nn, model) ---
+
+# --- training maths ---
+
+# --- tokenizer ---
