@@ -7,14 +7,24 @@ between specials into pre-tokens with the GPT-2 pattern. Merges never cross a pr
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 
 import regex
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_REGEX = regex.compile(GPT2_PATTERN)
 
-__all__ = ["GPT2_PATTERN", "GPT2_REGEX", "special_tokens_regex", "split_on_special_tokens", "iter_pretokens"]
+__all__ = [
+    "GPT2_PATTERN",
+    "GPT2_REGEX",
+    "special_tokens_regex",
+    "split_on_special_tokens",
+    "iter_pretokens",
+    "find_chunk_boundaries",
+]
 
 
 def special_tokens_regex(special_tokens: Sequence[str]) -> regex.Pattern | None:
@@ -56,3 +66,63 @@ def iter_pretokens(text: str) -> Iterator[str]:
     """
     for m in GPT2_REGEX.finditer(text):
         yield m.group()
+
+
+def find_chunk_boundaries(
+    file: io.BufferedIOBase | BinaryIO,
+    split_token: bytes | None,
+    *,
+    target_chunk_bytes: int = 16 << 20,
+    min_chunks: int = 1,
+) -> list[int]:
+    """Byte offsets that cut a binary file into chunks, each cut at the start of ``split_token``.
+
+    Cuts are first placed evenly (about ``target_chunk_bytes`` apart, and at least
+    ``min_chunks`` chunks), then each is moved forward to the next occurrence of
+    ``split_token``, so no chunk splits a document, a special token or a pre-token. Cuts that
+    collapse onto each other are merged. With ``split_token=None`` the file is one chunk.
+    The file is scanned in small windows, never read whole.
+
+    **Arguments:**
+
+    - `file`: a seekable binary file.
+    - `split_token`: the bytes of the document separator, e.g. ``b"<|endoftext|>"``.
+
+    **Returns:** sorted offsets ``[0, ..., file_size]``; chunk ``i`` is ``[b[i], b[i+1])``.
+
+    Example: for ``b"ab<|e|>cd<|e|>ef"`` with ``target_chunk_bytes=4`` the result is
+    ``[0, 9, 16]`` (the cut placed at byte 4 moves on to the separator at byte 9).
+    """
+    file.seek(0, os.SEEK_END)
+    size = file.tell()
+    file.seek(0)
+    if size == 0:
+        return [0]
+    if not split_token:
+        return [0, size]
+    n = max(min_chunks, -(-size // max(1, target_chunk_bytes)))
+    step = size / n
+    window = max(4096, 2 * len(split_token))
+    cuts = [0]
+    for i in range(1, n):
+        pos = max(int(i * step), cuts[-1])
+        file.seek(pos)
+        carry = b""
+        found = size
+        while True:
+            block = file.read(window)
+            if not block:
+                break
+            buf = carry + block
+            at = buf.find(split_token)
+            if at != -1:
+                found = pos - len(carry) + at
+                break
+            keep = len(split_token) - 1
+            carry = buf[-keep:] if keep else b""
+            pos += len(block)
+        if found > cuts[-1]:
+            cuts.append(found)
+    if cuts[-1] != size:
+        cuts.append(size)
+    return cuts
