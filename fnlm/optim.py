@@ -9,7 +9,6 @@ build new tensors with multi-tensor (`torch._foreach_*`) kernels under `torch.no
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
