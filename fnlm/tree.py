@@ -41,22 +41,33 @@ def _is_container(x: Tree) -> bool:
     return isinstance(x, (dict, list, tuple))
 
 
+def _flatten_into(node: Tree, path: str, out: dict[str, Any]) -> None:
+    if _is_container(node):
+        for key, child in _items(node):
+            _flatten_into(child, f"{path}.{key}" if path else key, out)
+    else:
+        out[path] = node
+
+
 def tree_flatten(tree: Tree, prefix: str = "") -> dict[str, Any]:
     """Flatten a tree to an ordered ``{dotted_name: leaf}`` dict.
 
     Example: ``tree_flatten({"a": {"w": t}, "b": [u, v]}) == {"a.w": t, "b.0": u, "b.1": v}``.
     """
     out: dict[str, Any] = {}
-
-    def walk(node: Tree, path: str) -> None:
-        if _is_container(node):
-            for key, child in _items(node):
-                walk(child, f"{path}.{key}" if path else key)
-        else:
-            out[path] = node
-
-    walk(tree, prefix)
+    _flatten_into(tree, prefix, out)
     return out
+
+
+def _listify(node: Any) -> Any:
+    if not isinstance(node, dict):
+        return node
+    node = {k: _listify(v) for k, v in node.items()}
+    if node and all(k.isdigit() for k in node):
+        indices = sorted(int(k) for k in node)
+        if indices == list(range(len(indices))):
+            return [node[str(i)] for i in indices]
+    return node
 
 
 def tree_unflatten(flat: dict[str, Any]) -> Tree:
@@ -77,17 +88,7 @@ def tree_unflatten(flat: dict[str, Any]) -> Tree:
             raise ValueError(f"duplicate or conflicting name {name!r}")
         node[parts[-1]] = leaf
 
-    def listify(node: Any) -> Any:
-        if not isinstance(node, dict):
-            return node
-        node = {k: listify(v) for k, v in node.items()}
-        if node and all(k.isdigit() for k in node):
-            indices = sorted(int(k) for k in node)
-            if indices == list(range(len(indices))):
-                return [node[str(i)] for i in indices]
-        return node
-
-    return listify(root)
+    return _listify(root)
 
 
 def tree_leaves(tree: Tree) -> list[Any]:
