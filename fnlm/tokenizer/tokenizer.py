@@ -9,7 +9,8 @@ Encoding works in three stages, the same as GPT-2 and tiktoken:
    pair with the lowest merge rank is merged (every occurrence, left to right), until no
    adjacent pair is a merge.
 
-Pre-token results are kept in a bounded cache, so the BPE loop runs once per distinct word.
+Pre-token results are kept in a bounded cache, so the BPE loop runs once per distinct word;
+pure-ASCII text is pre-tokenized by an equivalent pattern on the faster standard-library ``re``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from itertools import chain, islice
 
 from fnlm.tokenizer import gpt2
-from fnlm.tokenizer.pretokenize import GPT2_REGEX, special_tokens_regex
+from fnlm.tokenizer.pretokenize import ASCII_GPT2_REGEX, GPT2_REGEX, special_tokens_regex
 
 __all__ = ["Tokenizer"]
 
@@ -180,8 +181,8 @@ class Tokenizer:
             ids = merged
         return tuple(ids)
 
-    def _encode_ordinary(self, text: str, out: list, start: int, end: int) -> None:
-        out += chain.from_iterable(map(self._cache.__getitem__, GPT2_REGEX.findall(text, start, end)))
+    def _encode_ordinary(self, findall, text: str, out: list, start: int, end: int) -> None:
+        out += chain.from_iterable(map(self._cache.__getitem__, findall(text, start, end)))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a string.
@@ -198,17 +199,18 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
         out: list[int] = []
+        findall = ASCII_GPT2_REGEX.findall if text.isascii() else GPT2_REGEX.findall
         if self._special_re is None:
-            self._encode_ordinary(text, out, 0, len(text))
+            self._encode_ordinary(findall, text, out, 0, len(text))
             return out
         start = 0
         for m in self._special_re.finditer(text):
             if m.start() > start:
-                self._encode_ordinary(text, out, start, m.start())
+                self._encode_ordinary(findall, text, out, start, m.start())
             out.append(self.special_ids[m.group()])
             start = m.end()
         if start < len(text):
-            self._encode_ordinary(text, out, start, len(text))
+            self._encode_ordinary(findall, text, out, start, len(text))
         return out
 
     def _encode_settled(self, buf: str, out: list) -> str:
@@ -221,17 +223,18 @@ class Tokenizer:
         ``'`` + ``l`` into the contraction ``'ll``.
         """
         start, end = 0, len(buf)
+        findall = ASCII_GPT2_REGEX.findall if buf.isascii() else GPT2_REGEX.findall
         if self._special_re is not None:
             limit = end - self._max_special_len
             for m in self._special_re.finditer(buf):
                 if m.start() > limit:
                     break
                 if m.start() > start:
-                    self._encode_ordinary(buf, out, start, m.start())
+                    self._encode_ordinary(findall, buf, out, start, m.start())
                 out.append(self.special_ids[m.group()])
                 start = m.end()
             end = max(start, limit + 1)
-        pieces = GPT2_REGEX.findall(buf, start, end)
+        pieces = findall(buf, start, end)
         if len(pieces) < 2:
             return buf[start:]
         out += chain.from_iterable(map(self._cache.__getitem__, islice(pieces, len(pieces) - 2)))
