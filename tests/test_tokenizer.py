@@ -27,9 +27,14 @@ PIECES = [
     "'s", "'t", "'ll", "'ve", "'re", "'", "''", "'l", "'L", "’s",
     "1", "12", "2024", " 3.14", "٣", "½", "Ⅻ",
     "a", "the", " the", "Hello", " world", "é", "naïve", "Straße", "日本語", "ğ", "ﬁ",
-    "😀", "👩‍👩‍👧", "🇫🇷", "!", "?!", " ...", "<|", "|>", "<|endoftext", EOT, EOT + EOT,
+    "😀", "👩‍👩‍👧", "🇫🇷", "\u0378", "\U0010fffd", "!", "?!", " ...", "<|", "|>", "<|endoftext", EOT, EOT + EOT,
 ]
-texts = st.lists(st.one_of(st.sampled_from(PIECES), st.text(max_size=6)), max_size=25).map("".join)
+# Characters assigned in this Python's Unicode database (14.0 for Python 3.11). The `regex` module
+# follows a newer Unicode than tiktoken's Rust regex, so a letter assigned in between (e.g. U+18D09,
+# assigned in Unicode 17) is a letter to one engine and punctuation to the other: a difference of
+# regex engines, not of BPE. Unassigned code points are kept through U+0378 in PIECES.
+assigned = st.characters(exclude_categories=("Cs", "Cn"))
+texts = st.lists(st.one_of(st.sampled_from(PIECES), st.text(assigned, max_size=6)), max_size=25).map("".join)
 
 
 @pytest.fixture(scope="session")
@@ -138,14 +143,15 @@ def trained(tmp_path_factory, tiktoken_cache):
     fixtures = SHARED / "fixtures"
     if not fixtures.is_dir():
         pytest.skip("../shared/fixtures is not present beside this checkout")
-    if not hasattr(fnlm, "train_bpe"):
-        pytest.fail("fnlm.train_bpe is missing: merge the `tok` branch")
+    train_bpe = getattr(fnlm, "train_bpe", None)
+    if train_bpe is None:
+        from fnlm.tokenizer.train import train_bpe
     corpus = tmp_path_factory.mktemp("trained") / "corpus.txt"
     corpus.write_text(
         EOT.join((fixtures / n).read_text(encoding="utf-8") for n in ["tinystories_sample.txt", "corpus.en", "german.txt"]),
         encoding="utf-8",
     )
-    vocab, merges = fnlm.train_bpe(corpus, 1000, [EOT], progress=False)
+    vocab, merges = train_bpe(corpus, 1000, [EOT], progress=False)
     tok = Tokenizer(vocab, merges, [EOT])
     ranks = {bytes([b]): tok._byte_ids[b] for b in range(256)}
     for left, right in merges:
@@ -297,7 +303,7 @@ def test_save_and_from_files_round_trip(tmp_path):
     again = Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
     assert again.vocab == tok.vocab and again.merges == tok.merges
     assert again.special_tokens == specials and again.special_ids == tok.special_ids
-    text = "<пробел> x \n\udcff" if False else "<пробел> x \n<|endoftext|> \n"
+    text = "<пробел> x \n<|endoftext|> \n"
     assert again.encode(text) == tok.encode(text)
 
 
@@ -382,10 +388,11 @@ def test_encode_iterable_memory_stays_bounded(gpt2_tok):
     before = proc.memory_info().rss
     peak = before
     count = 0
-    for count, _ in enumerate(gpt2_tok.encode_iterable(lines(60_000)), 1):
+    for count, _ in enumerate(gpt2_tok.encode_iterable(lines(45_000)), 1):
         if count % 200_000 == 0:
             peak = max(peak, proc.memory_info().rss)
     peak = max(peak, proc.memory_info().rss)
-    assert count > 2_000_000
-    # holding the ids in a list would take > 16 MB (8-byte pointers alone); allow 12 MB of noise
-    assert peak - before < 12 << 20, f"RSS grew by {(peak - before) / 2**20:.1f} MiB"
+    assert count > 1_800_000
+    # holding the ids in a list would take > 14 MB (8-byte pointers alone); allow 8 MB of noise
+    print(f"RSS grew by {(peak - before) / 2**20:.2f} MiB over {count} ids")
+    assert peak - before < 8 << 20, f"RSS grew by {(peak - before) / 2**20:.1f} MiB"
