@@ -119,6 +119,22 @@ def test_gpt2_matches_tiktoken_on_generated_text(gpt2_tok, tiktoken_gpt2, text):
     assert gpt2_tok.decode(ids) == text
 
 
+long_texts = st.lists(
+    st.one_of(st.sampled_from(PIECES), st.sampled_from([" cat", " sat", ".", "\n", " on", " mat", "  ", "'s"])),
+    min_size=350,
+    max_size=700,
+).map("".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(text=long_texts)
+def test_gpt2_matches_tiktoken_on_long_mixed_text(gpt2_tok, tiktoken_gpt2, text):
+    # long text with scattered non-ASCII runs takes the ASCII-stretch / non-ASCII-island path
+    ids = gpt2_tok.encode(text)
+    assert ids == tiktoken_gpt2.encode(text, allowed_special="all")
+    assert ids == gpt2_tok._encode_whole(text)
+
+
 @settings(max_examples=100, deadline=None)
 @given(ids=st.lists(st.integers(min_value=0, max_value=50256), max_size=12))
 def test_gpt2_decode_matches_tiktoken_on_any_ids(gpt2_tok, tiktoken_gpt2, ids):

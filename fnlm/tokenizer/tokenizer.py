@@ -10,12 +10,15 @@ Encoding works in three stages, the same as GPT-2 and tiktoken:
    adjacent pair is a merge.
 
 Pre-token results are kept in a bounded cache, so the BPE loop runs once per distinct word;
-pure-ASCII text is pre-tokenized by an equivalent pattern on the faster standard-library ``re``.
+pure-ASCII text is pre-tokenized by an equivalent pattern on the faster standard-library ``re``
+(text holding some non-ASCII characters sends only short stretches around them to the slower
+``regex`` engine; the stretches are joined exactly as `encode_iterable` joins chunks).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import chain, islice
 
@@ -26,6 +29,8 @@ __all__ = ["Tokenizer"]
 
 DEFAULT_CACHE_SIZE = 1 << 18
 DEFAULT_BUFFER_CHARS = 1 << 14
+ISLAND_MARGIN = 48
+_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
 
 
 class _PretokenCache(dict):
@@ -198,6 +203,39 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        if text.isascii():
+            return self._encode_whole(text)
+        return self._encode_islands(text)
+
+    def _encode_islands(self, text: str) -> list[int]:
+        """`encode` for text with non-ASCII characters, so ASCII stretches still use ``re``.
+
+        The text is cut into pieces: each run of non-ASCII characters with a margin of ASCII
+        on both sides (close runs joined), and the ASCII stretches between them. The pieces are
+        joined by the carry logic of `encode_iterable` (exact for any cut), and each is
+        pre-tokenized by ``re`` when it and the carried text are ASCII, else by ``regex``.
+        """
+        if len(text) < 1024:
+            return self._encode_whole(text)
+        cuts = [0]
+        in_island = False
+        for m in _NON_ASCII_RUN.finditer(text):
+            lo, hi = max(0, m.start() - ISLAND_MARGIN), min(len(text), m.end() + ISLAND_MARGIN)
+            if in_island and lo <= cuts[-1]:
+                cuts[-1] = max(cuts[-1], hi)
+                continue
+            if lo > cuts[-1]:
+                cuts.append(lo)
+            cuts.append(hi)
+            in_island = True
+        out: list[int] = []
+        buf = ""
+        for a, b in zip(cuts, cuts[1:]):
+            buf = self._encode_settled(buf + text[a:b], out)
+        out += self._encode_whole(buf + text[cuts[-1] :])
+        return out
+
+    def _encode_whole(self, text: str) -> list[int]:
         out: list[int] = []
         findall = ASCII_GPT2_REGEX.findall if text.isascii() else GPT2_REGEX.findall
         if self._special_re is None:
@@ -269,7 +307,7 @@ class Tokenizer:
                 yield from out
                 out.clear()
         if buf:
-            yield from self.encode(buf)
+            yield from self._encode_whole(buf)
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of a sequence of ids; byte sequences that are not valid UTF-8 become U+FFFD.
