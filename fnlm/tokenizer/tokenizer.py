@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from itertools import chain, islice
+from itertools import chain, islice, repeat
 
 from fnlm.tokenizer import gpt2
 from fnlm.tokenizer.pretokenize import ASCII_GPT2_REGEX, GPT2_REGEX, special_tokens_regex
@@ -123,7 +123,7 @@ class Tokenizer:
 
         self.merges: list[tuple[bytes, bytes]] = []
         self._ranks: dict[tuple[int, int], int] = {}
-        self._merged: dict[tuple[int, int], int] = {}
+        self._merged_by_rank: list[int] = []
         for rank, merge in enumerate(merges):
             if not (isinstance(merge, tuple | list) and len(merge) == 2 and all(isinstance(p, bytes) for p in merge)):
                 raise TypeError(f"merge {rank} must be a pair of bytes, got {merge!r}")
@@ -133,10 +133,9 @@ class Tokenizer:
                 absent = [t for t, i in zip((left, right, left + right), ids) if i is None]
                 raise ValueError(f"merge {rank} {(left, right)!r}: {absent!r} not in the vocab")
             self.merges.append((left, right))
-            pair = (ids[0], ids[1])
-            if pair not in self._ranks:
-                self._ranks[pair] = rank
-                self._merged[pair] = ids[2]
+            self._merged_by_rank.append(ids[2])
+            self._ranks.setdefault((ids[0], ids[1]), rank)
+        self._no_rank = len(self._merged_by_rank)
 
         self._cache_size = cache_size
         self._special_re = special_tokens_regex(self.special_tokens)
@@ -160,30 +159,29 @@ class Tokenizer:
         return _rebuild, (self.vocab, self.merges, self.special_tokens, self._cache_size)
 
     def _bpe(self, piece: bytes) -> tuple[int, ...]:
-        byte_ids = self._byte_ids
-        ids = [byte_ids[b] for b in piece]
-        ranks = self._ranks
-        while len(ids) > 1:
-            best = None
-            best_rank = len(ranks)
-            for pair in zip(ids, ids[1:]):
-                rank = ranks.get(pair)
-                if rank is not None and rank < best_rank:
-                    best, best_rank = pair, rank
-            if best is None:
+        """Merge the bytes of one pre-token: the leftmost pair of lowest rank first, until none.
+
+        The ranks of adjacent pairs are kept in a list beside the ids, so each merge is a
+        C-level ``min`` and ``index`` plus two dictionary look-ups for the new neighbours.
+        """
+        ids = list(map(self._byte_ids.__getitem__, piece))
+        if len(ids) < 2:
+            return tuple(ids)
+        get = self._ranks.get
+        none = self._no_rank
+        pair_ranks = list(map(get, zip(ids, ids[1:]), repeat(none)))
+        merged = self._merged_by_rank
+        while pair_ranks:
+            rank = min(pair_ranks)
+            if rank == none:
                 break
-            left, right = best
-            new = self._merged[best]
-            merged = []
-            i, n = 0, len(ids)
-            while i < n:
-                if i + 1 < n and ids[i] == left and ids[i + 1] == right:
-                    merged.append(new)
-                    i += 2
-                else:
-                    merged.append(ids[i])
-                    i += 1
-            ids = merged
+            i = pair_ranks.index(rank)
+            ids[i : i + 2] = (merged[rank],)
+            del pair_ranks[i]
+            if i > 0:
+                pair_ranks[i - 1] = get((ids[i - 1], ids[i]), none)
+            if i < len(pair_ranks):
+                pair_ranks[i] = get((ids[i], ids[i + 1]), none)
         return tuple(ids)
 
     def _encode_ordinary(self, findall, text: str, out: list, start: int, end: int) -> None:
