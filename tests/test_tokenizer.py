@@ -142,6 +142,18 @@ def test_gpt2_decode_matches_tiktoken_on_any_ids(gpt2_tok, tiktoken_gpt2, ids):
     assert gpt2_tok.decode(ids) == tiktoken_gpt2.decode(ids)
 
 
+def test_decode_accepts_arrays_and_the_adapter_builds_a_tokenizer(gpt2_tok):
+    import numpy as np
+    import torch
+
+    from tests.adapters import get_tokenizer
+
+    ids = gpt2_tok.encode("Arrays decode too.<|endoftext|>")
+    assert gpt2_tok.decode(np.array(ids, dtype=np.uint16)) == gpt2_tok.decode(torch.tensor(ids)) == gpt2_tok.decode(ids)
+    tok = get_tokenizer(gpt2_tok.vocab, gpt2_tok.merges, [EOT])
+    assert isinstance(tok, Tokenizer) and tok.encode("Arrays decode too.<|endoftext|>") == ids
+
+
 def test_malformed_utf8_becomes_replacement_char(gpt2_tok):
     lone_lead = gpt2_tok.encode("é")
     assert len(lone_lead) == 1 and len(gpt2_tok.vocab[lone_lead[0]]) == 2

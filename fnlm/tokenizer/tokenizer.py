@@ -22,6 +22,10 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import chain, islice, repeat
 
+import numpy as np
+from jaxtyping import Integer
+from torch import Tensor
+
 from fnlm.tokenizer import gpt2
 from fnlm.tokenizer.pretokenize import ASCII_GPT2_REGEX, GPT2_REGEX, special_tokens_regex
 
@@ -307,25 +311,29 @@ class Tokenizer:
         if buf:
             yield from self._encode_whole(buf)
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int] | Integer[np.ndarray, " seq"] | Integer[Tensor, " seq"]) -> str:
         """The text of a sequence of ids; byte sequences that are not valid UTF-8 become U+FFFD.
 
         **Arguments:**
 
-        - `ids`: token ids (a list, tuple, numpy array, ...).
+        - `ids`: token ids (a list, a tuple, a 1-D numpy array or torch tensor, ...).
 
         **Returns:** the decoded string. An id not in the vocab raises ValueError naming it.
         """
         if isinstance(ids, str | bytes):
             raise TypeError(f"decode takes a sequence of int ids, got {type(ids).__name__} {ids!r:.40}")
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
         try:
             data = b"".join(map(self.vocab.__getitem__, ids))
         except KeyError as e:
             raise ValueError(f"decode: unknown token id {e.args[0]!r} (ids are 0..{max(self.vocab)})") from None
         return data.decode("utf-8", errors="replace")
 
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+    def decode_bytes(self, ids: Iterable[int] | Integer[np.ndarray, " seq"] | Integer[Tensor, " seq"]) -> bytes:
         """The raw bytes of a sequence of ids (no UTF-8 decoding); ValueError on an unknown id."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
         try:
             return b"".join(map(self.vocab.__getitem__, ids))
         except KeyError as e:
