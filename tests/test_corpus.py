@@ -18,7 +18,7 @@ EOT = "<|endoftext|>"
 
 
 @pytest.fixture(scope="module")
-def gpt2(request) -> Tokenizer:
+def gpt2() -> Tokenizer:
     fixtures = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
     if not fixtures.is_dir():
         pytest.skip("../shared/fixtures is not present beside this checkout")
