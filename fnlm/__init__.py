@@ -50,6 +50,8 @@ from fnlm.optim import (  # noqa: E402
 )
 
 # --- tokenizer ---
+from fnlm.tokenizer.tokenizer import Tokenizer  # noqa: E402
+from fnlm.tokenizer.corpus import encode_file  # noqa: E402
 
 # --- generation, accounting ---
 
