@@ -29,6 +29,7 @@ from fnlm.types import typecheck_enabled  # noqa: E402
 # --- training maths (loss, optim, schedule, data, checkpoint) ---
 
 # --- tokenizer ---
+from fnlm.tokenizer.train import train_bpe  # noqa: E402
 
 # --- generation, accounting ---
 

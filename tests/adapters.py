@@ -18,3 +18,12 @@ import fnlm
 # --- training maths ---
 
 # --- tokenizer ---
+
+
+def run_train_bpe(
+    input_path: str | os.PathLike,
+    vocab_size: int,
+    special_tokens: list[str],
+    **kwargs,
+) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    return fnlm.train_bpe(input_path, vocab_size, special_tokens, **kwargs)

@@ -26,7 +26,7 @@ import heapq
 import multiprocessing
 import os
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
@@ -35,8 +35,7 @@ from fnlm.tokenizer.pretokenize import GPT2_REGEX, find_chunk_boundaries, specia
 
 __all__ = ["train_bpe", "count_pretokens", "bpe_merges_from_counts"]
 
-_SHIFT = 32
-_MASK = (1 << _SHIFT) - 1
+_MAX_TOKENS = 0x110000
 _INVERT = bytes(range(255, -1, -1))
 _END = "\u0100"
 
@@ -166,6 +165,10 @@ def bpe_merges_from_counts(
     right_bytes)``. In a word, occurrences are merged greedily left to right. Training stops
     early when no pair is left. Two merges that spell the same bytes make the same symbol.
 
+    Internally a word is a `str` with one character per token (``chr(token_id)``), so that
+    finding and replacing a pair are C-speed `str.find` / slicing, and a pair is the
+    two-character string of its tokens.
+
     **Arguments:**
 
     - `word_counts`: pre-token bytes -> count.
@@ -179,30 +182,27 @@ def bpe_merges_from_counts(
     """
     if num_merges < 0:
         raise ValueError(f"num_merges must be non-negative, got {num_merges}")
+    if num_merges > _MAX_TOKENS - 256:
+        raise ValueError(f"num_merges={num_merges} exceeds the {_MAX_TOKENS - 256} this trainer supports")
     token_bytes: list[bytes] = [bytes([i]) for i in range(256)]
     token_key: list[str] = [tb.translate(_INVERT).decode("latin-1") + _END for tb in token_bytes]
     token_id: dict[bytes, int] = {tb: i for i, tb in enumerate(token_bytes)}
 
-    words: list[list[int]] = []
+    words: list[str] = []
     counts: list[int] = []
-    pair_counts: dict[int, int] = {}
-    where: dict[int, set[int]] = {}
+    where: defaultdict[str, list[int]] = defaultdict(list)
     for wb, c in word_counts.items():
         if len(wb) < 2 or c <= 0:
             continue
         wi = len(words)
-        w = list(wb)
-        words.append(w)
+        s = wb.decode("latin-1")
+        words.append(s)
         counts.append(c)
-        for x, y in zip(w, w[1:]):
-            k = x << _SHIFT | y
-            pair_counts[k] = pair_counts.get(k, 0) + c
-            s = where.get(k)
-            if s is None:
-                where[k] = {wi}
-            else:
-                s.add(wi)
-    heap = [(-c, token_key[k >> _SHIFT] + token_key[k & _MASK], k) for k, c in pair_counts.items()]
+        for p in map(str.__add__, s, s[1:]):
+            where[p].append(wi)
+    count_of = counts.__getitem__
+    pair_counts: dict[str, int] = {p: sum(map(count_of, lst)) for p, lst in where.items()}
+    heap = [(-c, token_key[ord(p[0])] + token_key[ord(p[1])], p) for p, c in pair_counts.items()]
     heapq.heapify(heap)
 
     merges: list[tuple[bytes, bytes]] = []
@@ -216,76 +216,65 @@ def bpe_merges_from_counts(
                 if c > 0:
                     heappush(heap, (-c, key, k))
                 continue
-            a, b = k >> _SHIFT, k & _MASK
-            ab = token_bytes[a] + token_bytes[b]
-            merges.append((token_bytes[a], token_bytes[b]))
-            z = token_id.get(ab)
-            if z is None:
-                z = len(token_bytes)
+            a, b = k
+            left, right = token_bytes[ord(a)], token_bytes[ord(b)]
+            merges.append((left, right))
+            ab = left + right
+            zi = token_id.get(ab)
+            if zi is None:
+                zi = len(token_bytes)
                 token_bytes.append(ab)
                 token_key.append(ab.translate(_INVERT).decode("latin-1") + _END)
-                token_id[ab] = z
-            new_pairs: dict[int, int] = {}
-            new_where: dict[int, set[int]] = {}
+                token_id[ab] = zi
+            z = chr(zi)
+            new_where: defaultdict[str, list[int]] = defaultdict(list)
             for wi in where.pop(k, ()):
-                w = words[wi]
-                n = len(w)
-                last = n - 1
-                occ = []
-                start = 0
-                while True:
-                    try:
-                        i = w.index(a, start, last)
-                    except ValueError:
-                        break
-                    if w[i + 1] == b:
-                        occ.append(i)
-                        start = i + 2
-                    else:
-                        start = i + 1
-                if not occ:
+                s = words[wi]
+                i = s.find(k)
+                if i < 0:
                     continue
                 cw = counts[wi]
+                n = len(s)
+                if s.find(k, i + 2) < 0:
+                    if i:
+                        pair_counts[s[i - 1 : i + 1]] -= cw
+                        new_where[s[i - 1] + z].append(wi)
+                    if i + 2 < n:
+                        pair_counts[s[i + 1 : i + 3]] -= cw
+                        new_where[z + s[i + 2]].append(wi)
+                    words[wi] = s[:i] + z + s[i + 2 :]
+                    continue
+                occ = []
+                while i >= 0:
+                    occ.append(i)
+                    i = s.find(k, i + 2)
                 prev = -2
                 for i in occ:
                     if i > 0 and i != prev + 2:
-                        pair_counts[w[i - 1] << _SHIFT | a] -= cw
+                        pair_counts[s[i - 1 : i + 1]] -= cw
                     if i + 2 < n:
-                        pair_counts[b << _SHIFT | w[i + 2]] -= cw
+                        pair_counts[s[i + 1 : i + 3]] -= cw
                     prev = i
-                for i in reversed(occ):
-                    w[i : i + 2] = [z]
-                n = len(w)
+                s = s.replace(k, z)
+                words[wi] = s
+                n = len(s)
                 last_occ = len(occ) - 1
                 for shift, i in enumerate(occ):
                     j = i - shift
                     if j > 0:
-                        nk = w[j - 1] << _SHIFT | z
-                        new_pairs[nk] = new_pairs.get(nk, 0) + cw
-                        s = new_where.get(nk)
-                        if s is None:
-                            new_where[nk] = {wi}
-                        else:
-                            s.add(wi)
+                        new_where[s[j - 1] + z].append(wi)
                     if j + 1 < n and (shift == last_occ or occ[shift + 1] != i + 2):
-                        nk = z << _SHIFT | w[j + 1]
-                        new_pairs[nk] = new_pairs.get(nk, 0) + cw
-                        s = new_where.get(nk)
-                        if s is None:
-                            new_where[nk] = {wi}
-                        else:
-                            s.add(wi)
+                        new_where[z + s[j + 1]].append(wi)
             pair_counts.pop(k, None)
-            for nk, dc in new_pairs.items():
-                nc = pair_counts.get(nk, 0) + dc
+            for nk, lst in new_where.items():
+                nc = pair_counts.get(nk, 0) + sum(map(count_of, lst))
                 pair_counts[nk] = nc
-                heappush(heap, (-nc, token_key[nk >> _SHIFT] + token_key[nk & _MASK], nk))
-            for nk, s in new_where.items():
+                heappush(heap, (-nc, token_key[ord(nk[0])] + token_key[ord(nk[1])], nk))
                 old = where.get(nk)
                 if old is None:
-                    where[nk] = s
+                    where[nk] = lst
                 else:
-                    old |= s
+                    old += lst
             bar.update(1)
     finally:
         bar.close()
