@@ -22,6 +22,7 @@ a byte sequence that is not UTF-8 raises `ValueError` naming the file and the by
 
 from __future__ import annotations
 
+import gc
 import heapq
 import multiprocessing
 import os
@@ -165,9 +166,11 @@ def bpe_merges_from_counts(
     right_bytes)``. In a word, occurrences are merged greedily left to right. Training stops
     early when no pair is left. Two merges that spell the same bytes make the same symbol.
 
-    Internally a word is a `str` with one character per token (``chr(token_id)``), so that
-    finding and replacing a pair are C-speed `str.find` / slicing, and a pair is the
-    two-character string of its tokens.
+    Internally a word is a `str` with one character per token (``chr(token_id)``) and a pair
+    is the two-character string of its tokens, so that applying a merge to a word is one
+    C-speed ``word.split(pair)`` (greedy, left to right, non-overlapping: the BPE rule) whose
+    pieces also name the neighbours of every occurrence. The cyclic garbage collector is
+    paused while the loop runs (it only allocates acyclic lists and tuples).
 
     **Arguments:**
 
@@ -184,6 +187,16 @@ def bpe_merges_from_counts(
         raise ValueError(f"num_merges must be non-negative, got {num_merges}")
     if num_merges > _MAX_TOKENS - 256:
         raise ValueError(f"num_merges={num_merges} exceeds the {_MAX_TOKENS - 256} this trainer supports")
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _merge_loop(word_counts, num_merges, progress)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _merge_loop(word_counts: dict[bytes, int], num_merges: int, progress: bool) -> list[tuple[bytes, bytes]]:
     token_bytes: list[bytes] = [bytes([i]) for i in range(256)]
     token_key: list[str] = [tb.translate(_INVERT).decode("latin-1") + _END for tb in token_bytes]
     token_id: dict[bytes, int] = {tb: i for i, tb in enumerate(token_bytes)}
@@ -228,43 +241,39 @@ def bpe_merges_from_counts(
                 token_id[ab] = zi
             z = chr(zi)
             new_where: defaultdict[str, list[int]] = defaultdict(list)
+            zz, ba = z + z, b + a
             for wi in where.pop(k, ()):
-                s = words[wi]
-                i = s.find(k)
-                if i < 0:
+                parts = words[wi].split(k)
+                m = len(parts) - 1
+                if not m:
                     continue
                 cw = counts[wi]
-                n = len(s)
-                if s.find(k, i + 2) < 0:
-                    if i:
-                        pair_counts[s[i - 1 : i + 1]] -= cw
-                        new_where[s[i - 1] + z].append(wi)
-                    if i + 2 < n:
-                        pair_counts[s[i + 1 : i + 3]] -= cw
-                        new_where[z + s[i + 2]].append(wi)
-                    words[wi] = s[:i] + z + s[i + 2 :]
+                words[wi] = z.join(parts)
+                if m == 1:
+                    p, q = parts
+                    if p:
+                        x = p[-1]
+                        pair_counts[x + a] -= cw
+                        new_where[x + z].append(wi)
+                    if q:
+                        y = q[0]
+                        pair_counts[b + y] -= cw
+                        new_where[z + y].append(wi)
                     continue
-                occ = []
-                while i >= 0:
-                    occ.append(i)
-                    i = s.find(k, i + 2)
-                prev = -2
-                for i in occ:
-                    if i > 0 and i != prev + 2:
-                        pair_counts[s[i - 1 : i + 1]] -= cw
-                    if i + 2 < n:
-                        pair_counts[s[i + 1 : i + 3]] -= cw
-                    prev = i
-                s = s.replace(k, z)
-                words[wi] = s
-                n = len(s)
-                last_occ = len(occ) - 1
-                for shift, i in enumerate(occ):
-                    j = i - shift
-                    if j > 0:
-                        new_where[s[j - 1] + z].append(wi)
-                    if j + 1 < n and (shift == last_occ or occ[shift + 1] != i + 2):
-                        new_where[z + s[j + 1]].append(wi)
+                for j in range(m):
+                    p, q = parts[j], parts[j + 1]
+                    if p:
+                        x = p[-1]
+                        pair_counts[x + a] -= cw
+                        new_where[x + z].append(wi)
+                    elif j:
+                        new_where[zz].append(wi)
+                    if q:
+                        y = q[0]
+                        pair_counts[b + y] -= cw
+                        new_where[z + y].append(wi)
+                    elif j + 1 < m:
+                        pair_counts[ba] -= cw
             pair_counts.pop(k, None)
             for nk, lst in new_where.items():
                 nc = pair_counts.get(nk, 0) + sum(map(count_of, lst))
