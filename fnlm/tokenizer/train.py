@@ -5,9 +5,9 @@ Two stages:
 1. **Pre-token counts.** The file is cut into chunks at the first special token
    (`find_chunk_boundaries`), each chunk is decoded as UTF-8, split on the special tokens
    (longest first; the specials themselves are dropped, so no merge crosses a document
-   boundary) and cut into pre-tokens with the GPT-2 pattern. Worker processes count chunk by
-   chunk and send back one `Counter` per chunk, so memory stays bounded by the chunk size and
-   the number of distinct pre-tokens, not by the file size. Pieces that are pure ASCII use an
+   boundary) and cut into pre-tokens with the GPT-2 pattern. Worker processes read and count
+   chunk by chunk and send back one `Counter` per run of chunks, so memory stays bounded by the
+   chunk size and the number of distinct pre-tokens, not by the file size. Pieces that are pure ASCII use an
    equivalent pattern for the standard-library `re` engine (derived from the `regex` pattern's
    own character classes, about twice as fast); others use the `regex` GPT-2 pattern.
 2. **Merges.** Work happens on the distinct pre-tokens (weighted by their counts), each a
@@ -74,21 +74,37 @@ def _count_text(text: str, specials: tuple[str, ...], counts: Counter) -> None:
             update(ascii_findall(piece) if piece.isascii() else unicode_findall(piece))
 
 
-def _count_chunk(task: tuple[str, int, int, tuple[str, ...]]) -> tuple[Counter, int]:
-    path, start, end, specials = task
+def _count_spans(path: str, spans: list[tuple[int, int]], specials: tuple[str, ...], counts: Counter) -> int:
+    done = 0
     with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{path!r} is not valid UTF-8: byte {data[e.start:e.start + 1]!r} at byte offset "
-            f"{start + e.start} ({e.reason})"
-        ) from None
+        for start, end in spans:
+            f.seek(start)
+            data = f.read(end - start)
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path!r} is not valid UTF-8: byte {data[e.start:e.start + 1]!r} at byte offset "
+                    f"{start + e.start} ({e.reason})"
+                ) from None
+            del data
+            _count_text(text, specials, counts)
+            done += end - start
+    return done
+
+
+def _count_task(task: tuple[str, list[tuple[int, int]], tuple[str, ...]]) -> tuple[Counter, int]:
+    path, spans, specials = task
     counts: Counter = Counter()
-    _count_text(text, specials, counts)
-    return counts, end - start
+    done = _count_spans(path, spans, specials, counts)
+    return counts, done
+
+
+def _split_token(special_tokens: Sequence[str]) -> bytes | None:
+    for s in special_tokens:
+        if not any(s != t and s in t for t in special_tokens):
+            return s.encode("utf-8")
+    return None
 
 
 def _pool_context():
@@ -111,9 +127,12 @@ def count_pretokens(
 
     - `input_path`: the text file.
     - `special_tokens`: document separators and other specials; text is split on them (longest
-      first) and they are not counted. The first one also places the chunk cuts.
+      first) and they are not counted. The first one that is not part of another special
+      places the chunk cuts; without specials the file is one chunk, counted in this process.
     - `num_workers`: worker processes; default `os.cpu_count()`. `1` counts in this process.
-    - `chunk_bytes`: about how many bytes a worker reads and counts at a time (bounds memory).
+    - `chunk_bytes`: about how many bytes are read and counted at a time (bounds memory). A
+      worker takes a run of consecutive chunks (up to 16, about a quarter of the file divided
+      by the workers) and sends back one `Counter` for the run.
     - `min_parallel_bytes`: files smaller than this are counted in this process.
     - `progress`: show a tqdm bar over the bytes.
 
@@ -129,28 +148,34 @@ def count_pretokens(
     if workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
     size = os.path.getsize(path)
-    split_token = special_tokens[0].encode("utf-8") if special_tokens and special_tokens[0] else None
-    if workers == 1 or size < min_parallel_bytes:
-        workers = 1
-        min_chunks = 1
-    else:
-        min_chunks = 4 * workers
+    split_token = _split_token([s for s in special_tokens if s])
+    parallel = workers > 1 and size >= min_parallel_bytes
     with open(path, "rb") as f:
-        cuts = find_chunk_boundaries(f, split_token, target_chunk_bytes=chunk_bytes, min_chunks=min_chunks)
-    tasks = [(path, a, b, specials) for a, b in zip(cuts, cuts[1:])]
+        cuts = find_chunk_boundaries(
+            f, split_token, target_chunk_bytes=chunk_bytes, min_chunks=4 * workers if parallel else 1
+        )
+    spans = list(zip(cuts, cuts[1:]))
     total: Counter = Counter()
     bar = tqdm(total=size, unit="B", unit_scale=True, desc="pre-tokenize", disable=not progress)
     try:
-        if workers == 1 or len(tasks) <= 1:
-            for task in tasks:
-                counts, nbytes = _count_chunk(task)
-                total.update(counts)
-                bar.update(nbytes)
+        if not parallel or len(spans) <= 1:
+            for span in spans:
+                bar.update(_count_spans(path, [span], specials, total))
         else:
+            group_bytes = max(chunk_bytes, min(16 * chunk_bytes, size // (4 * workers)))
+            tasks: list[tuple[str, list[tuple[int, int]], tuple[str, ...]]] = []
+            group: list[tuple[int, int]] = []
+            for span in spans:
+                group.append(span)
+                if span[1] - group[0][0] >= group_bytes:
+                    tasks.append((path, group, specials))
+                    group = []
+            if group:
+                tasks.append((path, group, specials))
             with _pool_context().Pool(min(workers, len(tasks))) as pool:
-                for counts, nbytes in pool.imap_unordered(_count_chunk, tasks):
+                for counts, done in pool.imap_unordered(_count_task, tasks):
                     total.update(counts)
-                    bar.update(nbytes)
+                    bar.update(done)
     finally:
         bar.close()
     return total
