@@ -8,7 +8,7 @@ lengths; each distinct entry once, in file order), decoded as UTF-8 (the three s
 bytes in the 0.48 release become U+FFFD) and joined with ``<|endoftext|>`` into a temporary
 text file of about 41.5 MB. Another text file can be given with ``--input``.
 
-Each trainer runs in its own fresh child process. Memory is sampled every 50 ms with psutil
+Each trainer runs in its own fresh child process. Memory is sampled every 200 ms with psutil
 over that process and all its descendants (the fnlm pre-tokenization workers): the figure is
 the peak of the summed PSS (proportional set size, so pages shared between a forked worker and
 its parent are not counted twice). The child's footprint right after its imports is printed
@@ -130,7 +130,7 @@ def run_child(which: str, path: Path, vocab_size: int, workers: str) -> dict:
             peak = max(peak, _tree_pss(proc))
         except psutil.NoSuchProcess:
             break
-        time.sleep(0.05)
+        time.sleep(0.2)
     reader.join()
     if child.returncode != 0:
         raise SystemExit(f"{which} trainer failed with exit code {child.returncode}")

@@ -234,3 +234,13 @@ def test_non_utf8_input_names_file_and_offset(tmp_path, workers):
 
 def test_exported():
     assert fnlm.train_bpe is train_bpe
+
+
+def test_chunks_cut_at_a_special_not_inside_another(tmp_path):
+    text = "".join(f"w{i} x<|a|>v{i} <|a|>" for i in range(300))
+    path = _write(tmp_path, text)
+    specials = ["<|a|>", "x<|a|>"]
+    single = count_pretokens(path, specials, num_workers=1, progress=False)
+    multi = count_pretokens(path, specials, num_workers=2, progress=False, chunk_bytes=64, min_parallel_bytes=0)
+    assert multi == single
+    assert "x" not in single and single["w"] == 300 and single[" "] == 600
