@@ -215,6 +215,14 @@ def test_vocab_size_too_small(tmp_path):
         train_bpe(path, 257, ["<|a|>", "<|b|>"], progress=False)
 
 
+def test_bad_argument_types(tmp_path):
+    path = _write(tmp_path, "abc")
+    with pytest.raises(TypeError, match="endoftext"):
+        train_bpe(path, 300, EOT, progress=False)
+    with pytest.raises(TypeError, match="300.5"):
+        train_bpe(path, 300.5, [EOT], progress=False)
+
+
 def test_missing_file(tmp_path):
     missing = tmp_path / "nope.txt"
     with pytest.raises(FileNotFoundError, match="nope.txt"):

@@ -348,6 +348,10 @@ def train_bpe(
     merges are ``[(b"o", b"w"), (b"l", b"ow")]`` (``(b"o", b"w")`` ties with ``(b"l", b"o")``
     at 3 and is the greater pair) and ``vocab[257] == b"low"``.
     """
+    if isinstance(special_tokens, str):
+        raise TypeError(f"special_tokens must be a sequence of strings, not the string {special_tokens!r}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int, got {vocab_size!r}")
     specials = list(dict.fromkeys(special_tokens))
     if any(not isinstance(s, str) or not s for s in specials):
         raise ValueError(f"special tokens must be non-empty strings, got {specials!r}")
