@@ -1,4 +1,4 @@
-"""Benchmark: fnlm.train_bpe against HF `tokenizers`' BpeTrainer (time and peak RSS).
+"""Benchmark: fnlm.train_bpe against HF `tokenizers`' BpeTrainer (time, CPU time, peak memory).
 
 Corpus: the GCIDE dictionary (GNU Collaborative International Dictionary of English), from the
 Debian package `dict-gcide` (``apt-get install -y dict-gcide``) at
@@ -12,7 +12,7 @@ Each trainer runs in its own fresh child process. Memory is sampled every 200 ms
 over that process and all its descendants (the fnlm pre-tokenization workers): the figure is
 the peak of the summed PSS (proportional set size, so pages shared between a forked worker and
 its parent are not counted twice). The child's footprint right after its imports is printed
-too: importing `fnlm` imports torch (about 225 MB), which HF's child does not pay. CPU time
+too: importing `fnlm` imports torch (150-225 MB), which HF's child does not pay. CPU time
 (user + system, the trainer process and its reaped workers, training only) is printed beside the
 wall time: on a shared machine it is the steadier figure.
 
@@ -20,8 +20,9 @@ HF setup: ``Tokenizer(BPE())``, ``ByteLevel(add_prefix_space=False)`` pre-tokeni
 GPT-2 regex), ``BpeTrainer(vocab_size, special_tokens=[<|endoftext|>],
 initial_alphabet=ByteLevel.alphabet(), show_progress=False)``, trained with
 ``train([path])``. HF does not split documents on the special token before pre-tokenizing
-(the separator's bytes are counted as text) and keeps the two trainers' small differences in
-tie-breaking; the benchmark measures cost, the tests measure correctness.
+(the separator's bytes are counted as text) and breaks ties between equally frequent pairs its
+own way, so the two merge lists differ a little; this script measures cost, the tests measure
+correctness.
 
 Usage: ``python benchmarks/bpe_train.py [--vocab-size 10000] [--workers N] [--input FILE]``.
 """
