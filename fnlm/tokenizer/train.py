@@ -2,19 +2,21 @@
 
 Two stages:
 
-1. **Pre-token counts.** The file is cut into chunks at the first special token
+1. **Pre-token counts.** The file is cut into chunks at a special token
    (`find_chunk_boundaries`), each chunk is decoded as UTF-8, split on the special tokens
    (longest first; the specials themselves are dropped, so no merge crosses a document
    boundary) and cut into pre-tokens with the GPT-2 pattern. Worker processes read and count
-   chunk by chunk and send back one `Counter` per run of chunks, so memory stays bounded by the
-   chunk size and the number of distinct pre-tokens, not by the file size. Pieces that are pure ASCII use an
-   equivalent pattern for the standard-library `re` engine (derived from the `regex` pattern's
-   own character classes, about twice as fast); others use the `regex` GPT-2 pattern.
+   chunk by chunk and send back one `Counter` per run of chunks, so memory stays bounded by
+   the chunk size and the number of distinct pre-tokens, not by the file size. Pieces that are
+   pure ASCII use an equivalent pattern for the standard-library `re` engine (built from the
+   `regex` pattern's own character classes; about twice as fast); others use the `regex`
+   GPT-2 pattern.
 2. **Merges.** Work happens on the distinct pre-tokens (weighted by their counts), each a
-   list of token ids. Pair counts live in a dict, an index maps each pair to the words that
-   held it, and a max-heap with lazy invalidation picks the next pair (highest count; ties go
-   to the lexicographically greater pair of bytes). Each merge rewrites only the words that
-   hold the pair and updates only the pairs around the merged positions.
+   `str` with one character per token id. Pair counts live in a dict, an index maps each pair
+   to the words that held it, and a max-heap with lazy invalidation picks the next pair
+   (highest count; ties go to the lexicographically greater pair of bytes). Each merge
+   rewrites only the words that hold the pair and updates only the pairs around the merged
+   positions; there is never a full recount.
 
 The file is read as bytes and decoded as strict UTF-8 (line endings are kept as they are);
 a byte sequence that is not UTF-8 raises `ValueError` naming the file and the byte offset.
