@@ -52,6 +52,7 @@ from fnlm.optim import (  # noqa: E402
 # --- tokenizer ---
 from fnlm.tokenizer.tokenizer import Tokenizer  # noqa: E402
 from fnlm.tokenizer.corpus import encode_file  # noqa: E402
+from fnlm.tokenizer.train import train_bpe  # noqa: E402
 
 # --- generation, accounting ---
 

@@ -92,3 +92,12 @@ def get_tokenizer(
 ) -> Any:
     """A BPE tokenizer from a vocabulary, merges in rank order and special tokens."""
     return fnlm.Tokenizer(vocab, merges, special_tokens)
+
+
+def run_train_bpe(
+    input_path: str | os.PathLike,
+    vocab_size: int,
+    special_tokens: list[str],
+    **kwargs,
+) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    return fnlm.train_bpe(input_path, vocab_size, special_tokens, **kwargs)

@@ -2,19 +2,21 @@
 
 Two stages:
 
-1. **Pre-token counts.** The file is cut into chunks at the first special token
+1. **Pre-token counts.** The file is cut into chunks at a special token
    (`find_chunk_boundaries`), each chunk is decoded as UTF-8, split on the special tokens
    (longest first; the specials themselves are dropped, so no merge crosses a document
-   boundary) and cut into pre-tokens with the GPT-2 pattern. Worker processes count chunk by
-   chunk and send back one `Counter` per chunk, so memory stays bounded by the chunk size and
-   the number of distinct pre-tokens, not by the file size. Pieces that are pure ASCII use an
-   equivalent pattern for the standard-library `re` engine (derived from the `regex` pattern's
-   own character classes, about twice as fast); others use the `regex` GPT-2 pattern.
+   boundary) and cut into pre-tokens with the GPT-2 pattern. Worker processes read and count
+   chunk by chunk and send back one `Counter` per run of chunks, so memory stays bounded by
+   the chunk size and the number of distinct pre-tokens, not by the file size. Pieces that are
+   pure ASCII use an equivalent pattern for the standard-library `re` engine (built from the
+   `regex` pattern's own character classes; about twice as fast); others use the `regex`
+   GPT-2 pattern.
 2. **Merges.** Work happens on the distinct pre-tokens (weighted by their counts), each a
-   list of token ids. Pair counts live in a dict, an index maps each pair to the words that
-   held it, and a max-heap with lazy invalidation picks the next pair (highest count; ties go
-   to the lexicographically greater pair of bytes). Each merge rewrites only the words that
-   hold the pair and updates only the pairs around the merged positions.
+   `str` with one character per token id. Pair counts live in a dict, an index maps each pair
+   to the words that held it, and a max-heap with lazy invalidation picks the next pair
+   (highest count; ties go to the lexicographically greater pair of bytes). Each merge
+   rewrites only the words that hold the pair and updates only the pairs around the merged
+   positions; there is never a full recount.
 
 The file is read as bytes and decoded as strict UTF-8 (line endings are kept as they are);
 a byte sequence that is not UTF-8 raises `ValueError` naming the file and the byte offset.
@@ -22,11 +24,12 @@ a byte sequence that is not UTF-8 raises `ValueError` naming the file and the by
 
 from __future__ import annotations
 
+import gc
 import heapq
 import multiprocessing
 import os
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
@@ -35,8 +38,7 @@ from fnlm.tokenizer.pretokenize import GPT2_REGEX, find_chunk_boundaries, specia
 
 __all__ = ["train_bpe", "count_pretokens", "bpe_merges_from_counts"]
 
-_SHIFT = 32
-_MASK = (1 << _SHIFT) - 1
+_MAX_TOKENS = 0x110000
 _INVERT = bytes(range(255, -1, -1))
 _END = "\u0100"
 
@@ -74,21 +76,37 @@ def _count_text(text: str, specials: tuple[str, ...], counts: Counter) -> None:
             update(ascii_findall(piece) if piece.isascii() else unicode_findall(piece))
 
 
-def _count_chunk(task: tuple[str, int, int, tuple[str, ...]]) -> tuple[Counter, int]:
-    path, start, end, specials = task
+def _count_spans(path: str, spans: list[tuple[int, int]], specials: tuple[str, ...], counts: Counter) -> int:
+    done = 0
     with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{path!r} is not valid UTF-8: byte {data[e.start:e.start + 1]!r} at byte offset "
-            f"{start + e.start} ({e.reason})"
-        ) from None
+        for start, end in spans:
+            f.seek(start)
+            data = f.read(end - start)
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path!r} is not valid UTF-8: byte {data[e.start:e.start + 1]!r} at byte offset "
+                    f"{start + e.start} ({e.reason})"
+                ) from None
+            del data
+            _count_text(text, specials, counts)
+            done += end - start
+    return done
+
+
+def _count_task(task: tuple[str, list[tuple[int, int]], tuple[str, ...]]) -> tuple[Counter, int]:
+    path, spans, specials = task
     counts: Counter = Counter()
-    _count_text(text, specials, counts)
-    return counts, end - start
+    done = _count_spans(path, spans, specials, counts)
+    return counts, done
+
+
+def _split_token(special_tokens: Sequence[str]) -> bytes | None:
+    for s in special_tokens:
+        if not any(s != t and s in t for t in special_tokens):
+            return s.encode("utf-8")
+    return None
 
 
 def _pool_context():
@@ -111,9 +129,12 @@ def count_pretokens(
 
     - `input_path`: the text file.
     - `special_tokens`: document separators and other specials; text is split on them (longest
-      first) and they are not counted. The first one also places the chunk cuts.
+      first) and they are not counted. The first one that is not part of another special
+      places the chunk cuts; without specials the file is one chunk, counted in this process.
     - `num_workers`: worker processes; default `os.cpu_count()`. `1` counts in this process.
-    - `chunk_bytes`: about how many bytes a worker reads and counts at a time (bounds memory).
+    - `chunk_bytes`: about how many bytes are read and counted at a time (bounds memory). A
+      worker takes a run of consecutive chunks (up to 16, about a quarter of the file divided
+      by the workers) and sends back one `Counter` for the run.
     - `min_parallel_bytes`: files smaller than this are counted in this process.
     - `progress`: show a tqdm bar over the bytes.
 
@@ -129,28 +150,34 @@ def count_pretokens(
     if workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
     size = os.path.getsize(path)
-    split_token = special_tokens[0].encode("utf-8") if special_tokens and special_tokens[0] else None
-    if workers == 1 or size < min_parallel_bytes:
-        workers = 1
-        min_chunks = 1
-    else:
-        min_chunks = 4 * workers
+    split_token = _split_token([s for s in special_tokens if s])
+    parallel = workers > 1 and size >= min_parallel_bytes
     with open(path, "rb") as f:
-        cuts = find_chunk_boundaries(f, split_token, target_chunk_bytes=chunk_bytes, min_chunks=min_chunks)
-    tasks = [(path, a, b, specials) for a, b in zip(cuts, cuts[1:])]
+        cuts = find_chunk_boundaries(
+            f, split_token, target_chunk_bytes=chunk_bytes, min_chunks=4 * workers if parallel else 1
+        )
+    spans = list(zip(cuts, cuts[1:]))
     total: Counter = Counter()
     bar = tqdm(total=size, unit="B", unit_scale=True, desc="pre-tokenize", disable=not progress)
     try:
-        if workers == 1 or len(tasks) <= 1:
-            for task in tasks:
-                counts, nbytes = _count_chunk(task)
-                total.update(counts)
-                bar.update(nbytes)
+        if not parallel or len(spans) <= 1:
+            for span in spans:
+                bar.update(_count_spans(path, [span], specials, total))
         else:
+            group_bytes = max(chunk_bytes, min(16 * chunk_bytes, size // (4 * workers)))
+            tasks: list[tuple[str, list[tuple[int, int]], tuple[str, ...]]] = []
+            group: list[tuple[int, int]] = []
+            for span in spans:
+                group.append(span)
+                if span[1] - group[0][0] >= group_bytes:
+                    tasks.append((path, group, specials))
+                    group = []
+            if group:
+                tasks.append((path, group, specials))
             with _pool_context().Pool(min(workers, len(tasks))) as pool:
-                for counts, nbytes in pool.imap_unordered(_count_chunk, tasks):
+                for counts, done in pool.imap_unordered(_count_task, tasks):
                     total.update(counts)
-                    bar.update(nbytes)
+                    bar.update(done)
     finally:
         bar.close()
     return total
@@ -166,6 +193,12 @@ def bpe_merges_from_counts(
     right_bytes)``. In a word, occurrences are merged greedily left to right. Training stops
     early when no pair is left. Two merges that spell the same bytes make the same symbol.
 
+    Internally a word is a `str` with one character per token (``chr(token_id)``) and a pair
+    is the two-character string of its tokens, so that applying a merge to a word is one
+    C-speed ``word.split(pair)`` (greedy, left to right, non-overlapping: the BPE rule) whose
+    pieces also name the neighbours of every occurrence. The cyclic garbage collector is
+    paused while the loop runs (it only allocates acyclic lists and tuples).
+
     **Arguments:**
 
     - `word_counts`: pre-token bytes -> count.
@@ -179,30 +212,37 @@ def bpe_merges_from_counts(
     """
     if num_merges < 0:
         raise ValueError(f"num_merges must be non-negative, got {num_merges}")
+    if num_merges > _MAX_TOKENS - 256:
+        raise ValueError(f"num_merges={num_merges} exceeds the {_MAX_TOKENS - 256} this trainer supports")
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _merge_loop(word_counts, num_merges, progress)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _merge_loop(word_counts: dict[bytes, int], num_merges: int, progress: bool) -> list[tuple[bytes, bytes]]:
     token_bytes: list[bytes] = [bytes([i]) for i in range(256)]
     token_key: list[str] = [tb.translate(_INVERT).decode("latin-1") + _END for tb in token_bytes]
     token_id: dict[bytes, int] = {tb: i for i, tb in enumerate(token_bytes)}
 
-    words: list[list[int]] = []
+    words: list[str] = []
     counts: list[int] = []
-    pair_counts: dict[int, int] = {}
-    where: dict[int, set[int]] = {}
+    where: defaultdict[str, list[int]] = defaultdict(list)
     for wb, c in word_counts.items():
         if len(wb) < 2 or c <= 0:
             continue
         wi = len(words)
-        w = list(wb)
-        words.append(w)
+        s = wb.decode("latin-1")
+        words.append(s)
         counts.append(c)
-        for x, y in zip(w, w[1:]):
-            k = x << _SHIFT | y
-            pair_counts[k] = pair_counts.get(k, 0) + c
-            s = where.get(k)
-            if s is None:
-                where[k] = {wi}
-            else:
-                s.add(wi)
-    heap = [(-c, token_key[k >> _SHIFT] + token_key[k & _MASK], k) for k, c in pair_counts.items()]
+        for p in map(str.__add__, s, s[1:]):
+            where[p].append(wi)
+    count_of = counts.__getitem__
+    pair_counts: dict[str, int] = {p: sum(map(count_of, lst)) for p, lst in where.items()}
+    heap = [(-c, token_key[ord(p[0])] + token_key[ord(p[1])], p) for p, c in pair_counts.items()]
     heapq.heapify(heap)
 
     merges: list[tuple[bytes, bytes]] = []
@@ -216,76 +256,61 @@ def bpe_merges_from_counts(
                 if c > 0:
                     heappush(heap, (-c, key, k))
                 continue
-            a, b = k >> _SHIFT, k & _MASK
-            ab = token_bytes[a] + token_bytes[b]
-            merges.append((token_bytes[a], token_bytes[b]))
-            z = token_id.get(ab)
-            if z is None:
-                z = len(token_bytes)
+            a, b = k
+            left, right = token_bytes[ord(a)], token_bytes[ord(b)]
+            merges.append((left, right))
+            ab = left + right
+            zi = token_id.get(ab)
+            if zi is None:
+                zi = len(token_bytes)
                 token_bytes.append(ab)
                 token_key.append(ab.translate(_INVERT).decode("latin-1") + _END)
-                token_id[ab] = z
-            new_pairs: dict[int, int] = {}
-            new_where: dict[int, set[int]] = {}
+                token_id[ab] = zi
+            z = chr(zi)
+            new_where: defaultdict[str, list[int]] = defaultdict(list)
+            zz, ba = z + z, b + a
             for wi in where.pop(k, ()):
-                w = words[wi]
-                n = len(w)
-                last = n - 1
-                occ = []
-                start = 0
-                while True:
-                    try:
-                        i = w.index(a, start, last)
-                    except ValueError:
-                        break
-                    if w[i + 1] == b:
-                        occ.append(i)
-                        start = i + 2
-                    else:
-                        start = i + 1
-                if not occ:
+                parts = words[wi].split(k)
+                m = len(parts) - 1
+                if not m:
                     continue
                 cw = counts[wi]
-                prev = -2
-                for i in occ:
-                    if i > 0 and i != prev + 2:
-                        pair_counts[w[i - 1] << _SHIFT | a] -= cw
-                    if i + 2 < n:
-                        pair_counts[b << _SHIFT | w[i + 2]] -= cw
-                    prev = i
-                for i in reversed(occ):
-                    w[i : i + 2] = [z]
-                n = len(w)
-                last_occ = len(occ) - 1
-                for shift, i in enumerate(occ):
-                    j = i - shift
-                    if j > 0:
-                        nk = w[j - 1] << _SHIFT | z
-                        new_pairs[nk] = new_pairs.get(nk, 0) + cw
-                        s = new_where.get(nk)
-                        if s is None:
-                            new_where[nk] = {wi}
-                        else:
-                            s.add(wi)
-                    if j + 1 < n and (shift == last_occ or occ[shift + 1] != i + 2):
-                        nk = z << _SHIFT | w[j + 1]
-                        new_pairs[nk] = new_pairs.get(nk, 0) + cw
-                        s = new_where.get(nk)
-                        if s is None:
-                            new_where[nk] = {wi}
-                        else:
-                            s.add(wi)
+                words[wi] = z.join(parts)
+                if m == 1:
+                    p, q = parts
+                    if p:
+                        x = p[-1]
+                        pair_counts[x + a] -= cw
+                        new_where[x + z].append(wi)
+                    if q:
+                        y = q[0]
+                        pair_counts[b + y] -= cw
+                        new_where[z + y].append(wi)
+                    continue
+                for j in range(m):
+                    p, q = parts[j], parts[j + 1]
+                    if p:
+                        x = p[-1]
+                        pair_counts[x + a] -= cw
+                        new_where[x + z].append(wi)
+                    elif j:
+                        new_where[zz].append(wi)
+                    if q:
+                        y = q[0]
+                        pair_counts[b + y] -= cw
+                        new_where[z + y].append(wi)
+                    elif j + 1 < m:
+                        pair_counts[ba] -= cw
             pair_counts.pop(k, None)
-            for nk, dc in new_pairs.items():
-                nc = pair_counts.get(nk, 0) + dc
+            for nk, lst in new_where.items():
+                nc = pair_counts.get(nk, 0) + sum(map(count_of, lst))
                 pair_counts[nk] = nc
-                heappush(heap, (-nc, token_key[nk >> _SHIFT] + token_key[nk & _MASK], nk))
-            for nk, s in new_where.items():
+                heappush(heap, (-nc, token_key[ord(nk[0])] + token_key[ord(nk[1])], nk))
                 old = where.get(nk)
                 if old is None:
-                    where[nk] = s
+                    where[nk] = lst
                 else:
-                    old |= s
+                    old += lst
             bar.update(1)
     finally:
         bar.close()
@@ -325,6 +350,10 @@ def train_bpe(
     merges are ``[(b"o", b"w"), (b"l", b"ow")]`` (``(b"o", b"w")`` ties with ``(b"l", b"o")``
     at 3 and is the greater pair) and ``vocab[257] == b"low"``.
     """
+    if isinstance(special_tokens, str):
+        raise TypeError(f"special_tokens must be a sequence of strings, not the string {special_tokens!r}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int, got {vocab_size!r}")
     specials = list(dict.fromkeys(special_tokens))
     if any(not isinstance(s, str) or not s for s in specials):
         raise ValueError(f"special tokens must be non-empty strings, got {specials!r}")

@@ -1,0 +1,254 @@
+"""Tests for the BPE trainer.
+
+Known answers: ``../shared/fixtures/train-bpe-reference-{merges.txt,vocab.json}`` are the
+CS336 reference result for ``corpus.en`` (vocab 500, ``<|endoftext|>``), stored in GPT-2's
+byte-to-unicode encoding; `_gpt2_unicode_to_byte` below decodes them. Properties: the fast
+trainer equals `slow_train_bpe`, a direct transcription of the algorithm (full recount of every
+pair per merge, same tie-break), on hypothesis-generated corpora.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import regex
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fnlm
+from fnlm.tokenizer.pretokenize import GPT2_PATTERN, GPT2_REGEX
+from fnlm.tokenizer.train import ASCII_GPT2_REGEX, bpe_merges_from_counts, count_pretokens, train_bpe
+from tests.adapters import run_train_bpe
+
+EOT = "<|endoftext|>"
+
+
+def _gpt2_unicode_to_byte() -> dict[str, int]:
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + shifted)] = b
+            shifted += 1
+    return table
+
+
+def _decode_gpt2(token: str) -> bytes:
+    table = _gpt2_unicode_to_byte()
+    return bytes(table[ch] for ch in token)
+
+
+def slow_merges(word_counts: dict[bytes, int], num_merges: int) -> list[tuple[bytes, bytes]]:
+    """BPE by the definition: recount every adjacent pair, merge the max (count, pair) everywhere."""
+    words = {tuple(bytes([x]) for x in w): c for w, c in word_counts.items() if c > 0}
+    merges: list[tuple[bytes, bytes]] = []
+    while len(merges) < num_merges:
+        pairs: Counter = Counter()
+        for w, c in words.items():
+            for pair in zip(w, w[1:]):
+                pairs[pair] += c
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        merges.append(best)
+        merged: dict[tuple[bytes, ...], int] = {}
+        for w, c in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + c
+        words = merged
+    return merges
+
+
+def slow_train_bpe(text: str, vocab_size: int, special_tokens: list[str]):
+    if special_tokens:
+        alternatives = sorted(special_tokens, key=len, reverse=True)
+        pieces = regex.split("|".join(regex.escape(s) for s in alternatives), text)
+    else:
+        pieces = [text]
+    word_counts = Counter(tok.encode("utf-8") for piece in pieces for tok in regex.findall(GPT2_PATTERN, piece))
+    merges = slow_merges(dict(word_counts), vocab_size - 256 - len(special_tokens))
+    values = [s.encode() for s in special_tokens] + [bytes([b]) for b in range(256)] + [a + b for a, b in merges]
+    return dict(enumerate(values)), merges
+
+
+def _write(tmp_path: Path, text: str, name: str = "corpus.txt") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reference_merges_and_vocab(fixtures_dir, workers):
+    vocab, merges = run_train_bpe(
+        fixtures_dir / "corpus.en", 500, [EOT], num_workers=workers, progress=False,
+        chunk_bytes=16 << 10, min_parallel_bytes=0,
+    )
+    with open(fixtures_dir / "train-bpe-reference-merges.txt", encoding="utf-8") as f:
+        ref_merges = [tuple(_decode_gpt2(t) for t in line.rstrip("\n").split(" ")) for line in f if line.strip()]
+    with open(fixtures_dir / "train-bpe-reference-vocab.json", encoding="utf-8") as f:
+        ref_vocab = {i: (tok.encode() if tok == EOT else _decode_gpt2(tok)) for tok, i in json.load(f).items()}
+    assert merges == ref_merges
+    assert set(vocab) == set(ref_vocab)
+    assert set(vocab.values()) == set(ref_vocab.values())
+
+
+def test_special_tokens_never_merged_across(fixtures_dir):
+    vocab, merges = train_bpe(fixtures_dir / "tinystories_sample.txt", 1000, [EOT], progress=False)
+    assert vocab[0] == EOT.encode()
+    others = [v for i, v in vocab.items() if i != 0]
+    assert not any(b"<|" in v or b"|>" in v or b"endoftext" in v for v in others)
+    assert not any(b"<|" in a + b for a, b in merges)
+    assert len(vocab) == 257 + len(merges) and len(set(vocab.values())) == len(vocab)
+    text = (fixtures_dir / "tinystories_sample.txt").read_text(encoding="utf-8")
+    assert (vocab, merges) == slow_train_bpe(text, 1000, [EOT])
+
+
+def test_vocab_order_and_docstring_example(tmp_path):
+    path = _write(tmp_path, "low low lower")
+    vocab, merges = train_bpe(path, 258, [], progress=False)
+    assert merges == [(b"o", b"w"), (b"l", b"ow")]
+    assert vocab[257] == b"low" and vocab[0] == b"\x00" and vocab[255] == b"\xff"
+    vocab, merges = train_bpe(path, 262, ["<|a|>", "<|b|>"], progress=False)
+    assert vocab[0] == b"<|a|>" and vocab[1] == b"<|b|>" and vocab[2] == b"\x00"
+    assert [vocab[258 + i] for i in range(len(merges))] == [a + b for a, b in merges]
+    assert bpe_merges_from_counts({b"abab": 1, b"ab": 1}, 2, progress=False) == [(b"a", b"b"), (b"ab", b"ab")]
+
+
+def test_stops_when_no_pair_is_left(tmp_path):
+    path = _write(tmp_path, "ab ab")
+    vocab, merges = train_bpe(path, 1000, [], progress=False)
+    assert merges == [(b"a", b"b"), (b" ", b"ab")]
+    assert len(vocab) == 258
+
+
+def test_count_pretokens_splits_on_specials(tmp_path):
+    path = _write(tmp_path, "a a<|endoftext|>a<|x|> a")
+    counts = count_pretokens(path, [EOT, "<|x|>"], num_workers=1, progress=False)
+    assert counts == Counter({"a": 2, " a": 2})
+
+
+def test_overlapping_specials_longest_first(tmp_path):
+    path = _write(tmp_path, "xy<|e|><|e|>xy<|e|>x")
+    counts = count_pretokens(path, ["<|e|>", "<|e|><|e|>"], num_workers=1, progress=False)
+    assert counts == Counter({"xy": 2, "x": 1})
+
+
+words_strategy = st.dictionaries(
+    st.text(alphabet="aab\u00e9\U0001f600", min_size=1, max_size=12).map(lambda s: s.encode("utf-8")),
+    st.integers(min_value=1, max_value=5),
+    max_size=15,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(word_counts=words_strategy, num_merges=st.integers(min_value=0, max_value=40))
+def test_merges_equal_slow_trainer_on_word_counts(word_counts, num_merges):
+    assert bpe_merges_from_counts(word_counts, num_merges, progress=False) == slow_merges(word_counts, num_merges)
+
+
+def test_same_bytes_from_two_merges_is_one_symbol():
+    word_counts = {b"aaab": 3, b"xab": 2, b"aab": 2, b"aaaab": 1, b"ba": 1, b"aaaa": 2}
+    for n in range(12):
+        assert bpe_merges_from_counts(word_counts, n, progress=False) == slow_merges(word_counts, n)
+
+
+docs_strategy = st.lists(
+    st.text(alphabet=st.sampled_from(list("ab cé 1²\n\t'sll!\u00a0\u3000的\U0001f600<|>")), max_size=40),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(docs=docs_strategy, extra=st.integers(min_value=0, max_value=60), specials=st.sampled_from([[], [EOT], [EOT, "<|x|>"]]))
+def test_train_bpe_equals_slow_trainer(tmp_path, docs, extra, specials):
+    sep = specials[0] if specials else ""
+    text = sep.join(docs)
+    if len(specials) > 1:
+        text = text.replace("c", specials[1])
+    path = _write(tmp_path, text)
+    vocab_size = 256 + len(specials) + extra
+    assert train_bpe(path, vocab_size, specials, num_workers=1, progress=False) == slow_train_bpe(text, vocab_size, specials)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=st.characters(max_codepoint=127), max_size=60))
+def test_ascii_pattern_equals_gpt2_pattern(text):
+    assert ASCII_GPT2_REGEX.findall(text) == GPT2_REGEX.findall(text)
+
+
+def test_multi_worker_equals_single_worker(tmp_path, fixtures_dir):
+    base = (fixtures_dir / "tinystories_sample.txt").read_text(encoding="utf-8")
+    docs = [d for d in base.split(EOT) if d.strip()]
+    text = EOT.join(f"{d} ünïcødé {i} 的" for i in range(40) for d in docs)
+    path = _write(tmp_path, text)
+    single = train_bpe(path, 600, [EOT], num_workers=1, progress=False)
+    multi = train_bpe(path, 600, [EOT], num_workers=2, progress=False, chunk_bytes=8 << 10, min_parallel_bytes=0)
+    assert multi == single
+    many = count_pretokens(path, [EOT], num_workers=3, progress=False, chunk_bytes=4 << 10, min_parallel_bytes=0)
+    assert many == count_pretokens(path, [EOT], num_workers=1, progress=False)
+
+
+def test_progress_bars_can_be_shown(tmp_path, capsys):
+    path = _write(tmp_path, "hello world<|endoftext|>hello there")
+    train_bpe(path, 260, [EOT], progress=True)
+    err = capsys.readouterr().err
+    assert "pre-tokenize" in err and "merges" in err
+    train_bpe(path, 260, [EOT], progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_vocab_size_too_small(tmp_path):
+    path = _write(tmp_path, "abc")
+    with pytest.raises(ValueError, match=r"vocab_size=257 .* 258"):
+        train_bpe(path, 257, ["<|a|>", "<|b|>"], progress=False)
+
+
+def test_bad_argument_types(tmp_path):
+    path = _write(tmp_path, "abc")
+    with pytest.raises(TypeError, match="endoftext"):
+        train_bpe(path, 300, EOT, progress=False)
+    with pytest.raises(TypeError, match="300.5"):
+        train_bpe(path, 300.5, [EOT], progress=False)
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        train_bpe(missing, 300, [EOT], progress=False)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_non_utf8_input_names_file_and_offset(tmp_path, workers):
+    good = ("hello world " * 50 + EOT) * 20
+    data = good.encode() + b"bad \xff byte" + good.encode()
+    path = tmp_path / "bad.txt"
+    path.write_bytes(data)
+    offset = len(good.encode()) + 4
+    with pytest.raises(ValueError, match=rf"bad\.txt.*offset {offset}"):
+        train_bpe(path, 300, [EOT], num_workers=workers, progress=False, chunk_bytes=1024, min_parallel_bytes=0)
+
+
+def test_exported():
+    assert fnlm.train_bpe is train_bpe
+
+
+def test_chunks_cut_at_a_special_not_inside_another(tmp_path):
+    text = "".join(f"w{i} x<|a|>v{i} <|a|>" for i in range(300))
+    path = _write(tmp_path, text)
+    specials = ["<|a|>", "x<|a|>"]
+    single = count_pretokens(path, specials, num_workers=1, progress=False)
+    multi = count_pretokens(path, specials, num_workers=2, progress=False, chunk_bytes=64, min_parallel_bytes=0)
+    assert multi == single
+    assert "x" not in single and single["w"] == 300 and single[" "] == 600
