@@ -28,37 +28,23 @@ import gc
 import heapq
 import multiprocessing
 import os
-import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from fnlm.tokenizer.pretokenize import GPT2_REGEX, find_chunk_boundaries, special_tokens_regex
+from fnlm.tokenizer.pretokenize import (
+    ASCII_GPT2_REGEX,
+    GPT2_REGEX,
+    find_chunk_boundaries,
+    special_tokens_regex,
+)
 
 __all__ = ["train_bpe", "count_pretokens", "bpe_merges_from_counts"]
 
 _MAX_TOKENS = 0x110000
 _INVERT = bytes(range(255, -1, -1))
 _END = "\u0100"
-
-
-def _ascii_class(pattern: str) -> str:
-    import regex
-
-    chars = "".join(chr(c) for c in range(128) if regex.fullmatch(pattern, chr(c)))
-    return "".join(re.escape(c) for c in chars)
-
-
-def _ascii_gpt2_regex() -> re.Pattern:
-    letters, numbers, spaces = _ascii_class(r"\p{L}"), _ascii_class(r"\p{N}"), _ascii_class(r"\s")
-    return re.compile(
-        rf"'(?:[sdmt]|ll|ve|re)| ?[{letters}]+| ?[{numbers}]+| ?[^{spaces}{letters}{numbers}]+"
-        rf"|[{spaces}]+(?![^{spaces}])|[{spaces}]+"
-    )
-
-
-ASCII_GPT2_REGEX = _ascii_gpt2_regex()
 
 
 def _count_text(text: str, specials: tuple[str, ...], counts: Counter) -> None:
