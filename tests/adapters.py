@@ -148,14 +148,14 @@ def run_cross_entropy(
 
 def run_gradient_clipping(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float) -> None:
     """Clip the parameters' combined `.grad` to l2 norm `max_l2_norm`, in place."""
-    from fnlm.compat_train import clip_gradients_
+    from fnlm.compat import clip_gradients_
 
     clip_gradients_(parameters, float(max_l2_norm))
 
 
 def get_adamw_cls() -> Any:
     """The `torch.optim.Optimizer` running fnlm's AdamW update."""
-    from fnlm.compat_train import AdamW
+    from fnlm.compat import AdamW
 
     return AdamW
 
@@ -180,7 +180,7 @@ def run_save_checkpoint(
     out: str | os.PathLike | BinaryIO | IO[bytes],
 ):
     """Serialise model, optimizer and iteration to a path or binary file object."""
-    from fnlm.compat_train import save_checkpoint
+    from fnlm.compat import save_checkpoint
 
     save_checkpoint(model, optimizer, iteration, out)
 
@@ -191,7 +191,7 @@ def run_load_checkpoint(
     optimizer: torch.optim.Optimizer,
 ) -> int:
     """Restore model and optimizer from `src`; return the saved iteration."""
-    from fnlm.compat_train import load_checkpoint
+    from fnlm.compat import load_checkpoint
 
     return load_checkpoint(src, model, optimizer)
 
