@@ -29,6 +29,8 @@ from fnlm.types import typecheck_enabled  # noqa: E402
 # --- training maths (loss, optim, schedule, data, checkpoint) ---
 
 # --- tokenizer ---
+from fnlm.tokenizer.tokenizer import Tokenizer  # noqa: E402
+from fnlm.tokenizer.corpus import encode_file  # noqa: E402
 
 # --- generation, accounting ---
 

@@ -18,3 +18,12 @@ import fnlm
 # --- training maths ---
 
 # --- tokenizer ---
+
+
+def get_tokenizer(
+    vocab: dict[int, bytes],
+    merges: list[tuple[bytes, bytes]],
+    special_tokens: list[str] | None = None,
+) -> Any:
+    """A BPE tokenizer from a vocabulary, merges in rank order and special tokens."""
+    return fnlm.Tokenizer(vocab, merges, special_tokens)
