@@ -35,12 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 import fnlm
-from fnlm.tree import Tree, tree_map, tree_size
+from fnlm.tree import Tree, tree_size
 
 __all__ = [
     "TrainConfig",
@@ -227,11 +226,11 @@ def evaluate(
     **Returns:** the mean loss as a float (identical on every rank).
     """
     gen = _eval_generator(seed)
-    total = torch.zeros((), device=device, dtype=torch.float64)
+    total = torch.zeros((), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
     for i in range(batches):
         x, y = fnlm.get_batch(tokens, batch_size, context_length, device, generator=gen)
         if i % parallel.world_size == parallel.rank:
-            total += loss_fn(params, x, y).double()
+            total += loss_fn(params, x, y).to(total.dtype)
     total = parallel.all_reduce_mean(total) * parallel.world_size
     return float(total) / batches
 
@@ -310,6 +309,10 @@ class _Writer:
     def start(self, resume_step: int | None) -> None:
         if not self.enabled:
             return
+        if resume_step is None:
+            for old in [*self.ckpt_dir.glob("step_*.pt"), self.ckpt_dir / "latest.pt"]:
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()
         old = read_metrics(self.metrics_path) if resume_step is not None else []
         self.records = [r for r in old if r.get("step", 0) <= resume_step] if resume_step is not None else []
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
@@ -440,10 +443,12 @@ def train(
             fnlm.restore_rng_state(ck["rng"])
         elapsed_before = float(ck.get("wall_time", 0.0))
         resumed_from = step
+        window = ck.get("log_window") or {}
     else:
         params = init_fn(model_config, seed=tc.seed, device=device)
         opt_state = fnlm.adamw_init(params)
         step = 0
+        window = {}
     writer.start(resumed_from)
     if tc.wandb_project and parallel.is_main:
         cb = _wandb_callback(tc.wandb_project, out, {"model": dataclasses.asdict(model_config), "train": train_cfg_data})
@@ -468,6 +473,7 @@ def train(
         writer.checkpoint(
             at, params=params, opt_state=opt_state, config=model_config, train_config=train_cfg_data,
             world_size=parallel.world_size, tokens_per_step=tokens_per_step, wall_time=wall(),
+            log_window={"loss_sum": loss_sum.cpu(), "norm_sum": norm_sum.cpu(), "steps": window_steps},
             **(extra_checkpoint_data or {}),
         )
         parallel.barrier()
@@ -476,9 +482,10 @@ def train(
                dynamic_ncols=True)
     last = {"train_loss": float("nan"), "val_loss": float("nan")}
     diverged = False
-    loss_sum = torch.zeros((), device=device)
-    norm_sum = torch.zeros((), device=device)
-    window_steps, window_time = 0, 0.0
+    acc = torch.float32 if device.type == "mps" else torch.float64
+    loss_sum = window.get("loss_sum", torch.zeros(())).to(device, acc)
+    norm_sum = window.get("norm_sum", torch.zeros(())).to(device, acc)
+    window_steps, window_time, timed_steps = int(window.get("steps", 0)), 0.0, 0
     tok_s = 0.0
     if parallel.is_main:
         print(f"fnlm: training {n_params / 1e6:.2f}M parameters on {device} for {total} steps "
@@ -499,21 +506,22 @@ def train(
             new_params, new_opt = fnlm.adamw_step(params, opt_state, grads, lr=lr, betas=betas, eps=tc.eps,
                                                   weight_decay=tc.weight_decay)
             params, opt_state, step = new_params, new_opt, step + 1
-            loss_sum += loss.detach().float()
-            norm_sum += norm.detach().float()
+            loss_sum += loss.detach()
+            norm_sum += norm.detach()
             window_steps += 1
+            timed_steps += 1
             bar.update(1)
             record: dict[str, Any] = {}
             if step % tc.log_interval == 0 or step == total:
                 mean_loss = float(loss_sum) / window_steps
                 mean_norm = float(norm_sum) / window_steps
                 window_time += time.perf_counter() - t0
-                tok_s = window_steps * tokens_per_step / max(window_time, 1e-9)
+                tok_s = timed_steps * tokens_per_step / max(window_time, 1e-9)
                 record.update(train_loss=mean_loss, lr=lr, grad_norm=mean_norm, tokens_per_sec=tok_s)
                 last["train_loss"] = mean_loss
                 loss_sum.zero_()
                 norm_sum.zero_()
-                window_steps, window_time = 0, 0.0
+                window_steps, window_time, timed_steps = 0, 0.0, 0
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
                 if not math.isfinite(mean_loss):
                     diverged = True
@@ -526,7 +534,7 @@ def train(
                 bar.set_postfix(loss=f"{last['train_loss']:.3f}", val=f"{val:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
             if record:
                 writer.log({"step": step, "tokens": step * tokens_per_step, "time": round(wall(), 3), **record})
-            if "val_loss" in record:
+            if "val_loss" in record and tc.plot:
                 writer.plot(f"{n_params / 1e6:.2f}M params, {tokens_per_step} tokens/step")
             if step % tc.checkpoint_interval == 0 or step == total or diverged:
                 save(step)
