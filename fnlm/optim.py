@@ -148,7 +148,7 @@ def _adamw_update(
         decayed = [p for p, d in zip(new_params, decay) if d]
         if weight_decay and decayed:
             torch._foreach_mul_(decayed, 1.0 - lr * weight_decay)
-    return new_params, new_m, new_v
+    return list(new_params), list(new_m), list(new_v)
 
 
 def adamw_step(
@@ -273,7 +273,7 @@ def sgd_step(
     new_p: list[Tensor] = []
     if p_list:
         with torch.no_grad():
-            new_p = torch._foreach_add(p_list, g_list, alpha=-lr_t)
+            new_p = list(torch._foreach_add(p_list, g_list, alpha=-lr_t))
             if weight_decay:
                 pairs = [(n, p) for n, p, d in zip(new_p, p_list, decay) if d]
                 if pairs:
@@ -367,7 +367,7 @@ def clip_grad_norm_with_norm(
     names = [n for n, g in flat.items() if g is not None]
     leaves = [flat[n] for n in names]
     with torch.no_grad():
-        scaled = torch._foreach_mul(leaves, coef)
+        scaled = list(torch._foreach_mul(leaves, coef))
     flat.update(zip(names, scaled))
     return tree_unflatten(flat), norm
 
