@@ -2,7 +2,8 @@
 
 `add_dataclass_flags(parser, Config)` adds one ``--field-name`` per field (type from the
 annotation: ``int``, ``float``, ``str``, ``bool`` as ``--x/--no-x``, optional variants, and
-``Literal[...]`` as choices), all defaulting to "not given". `dataclass_overrides(args, Config)`
+``Literal[...]`` as choices; ``bool | None`` is also ``--x/--no-x``, with "not given" meaning
+``None``), all defaulting to "not given". `dataclass_overrides(args, Config)`
 returns the given ones as ``{field: value}``, to apply over a preset with `dataclasses.replace`.
 """
 
@@ -20,15 +21,6 @@ __all__ = ["add_dataclass_flags", "dataclass_overrides", "flag_name"]
 def flag_name(field: str) -> str:
     """``"d_model"`` -> ``"--d-model"``."""
     return "--" + field.replace("_", "-")
-
-
-def _parse_bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -77,10 +69,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGrou
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"default: {default!r}"
         kwargs: dict[str, Any] = {"default": None, "dest": f"{cls.__name__}.{f.name}", "help": help_text}
-        if tp is bool and not optional:
+        if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif tp is bool:
-            kwargs.update(type=_none_or(_parse_bool), metavar="{true,false,none}")
         elif typing.get_origin(tp) is Literal:
             choices = list(typing.get_args(tp))
             kwargs.update(type=_none_or(type(choices[0])) if optional else type(choices[0]),

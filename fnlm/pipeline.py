@@ -85,9 +85,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                          sample_tokens=48),
     },
     "demo": {
-        "model": dict(vocab_size=10_000, context_length=128, d_model=128, num_layers=4, num_heads=4, d_ff=384, rope_theta=10_000.0),
-        "train": dict(batch_size=32, steps=1500, lr=3e-3, min_lr=3e-4, warmup_steps=100, eval_interval=250, eval_batches=20,
-                      checkpoint_interval=250, log_interval=10, weight_decay=0.1),
+        "model": dict(vocab_size=10_000, context_length=256, d_model=128, num_layers=4, num_heads=4, d_ff=384, rope_theta=10_000.0),
+        "train": dict(batch_size=16, steps=400, lr=3e-3, min_lr=3e-4, warmup_steps=30, eval_interval=50, eval_batches=16,
+                      checkpoint_interval=100, log_interval=10, weight_decay=0.1),
         "pipeline": dict(corpus_train_bytes=6_000_000, corpus_valid_bytes=300_000, final_eval_tokens=None, num_samples=4,
                          sample_tokens=256),
     },
