@@ -397,8 +397,11 @@ def _load_params(path: str | os.PathLike, device: torch.device) -> tuple[Any, An
     return ck["params"], fnlm.TransformerConfig(**ck["config"]), ck
 
 
-def stage_evaluate(s: Settings, m: _Manifest, enc: dict[str, Any], train_info: dict[str, Any]) -> dict[str, Any]:
+def stage_evaluate(
+    s: Settings, m: _Manifest, enc: dict[str, Any], train_info: dict[str, Any], model_fn: Callable | None = None
+) -> dict[str, Any]:
     """Score the final checkpoint on consecutive validation windows; writes ``DIR/eval.json``."""
+    model_fn = model_fn or fnlm.transformer_lm
     ckpt = Path(train_info["checkpoint"])
     key = m.key(ckpt=m.file_hash(ckpt), valid=m.file_hash(enc["valid"]), limit=s.pipeline.final_eval_tokens)
     if not s.force and m.fresh("evaluate", key):
@@ -423,7 +426,7 @@ def stage_evaluate(s: Settings, m: _Manifest, enc: dict[str, Any], train_info: d
             x = torch.stack([ids[r * T: r * T + T] for r in rows]).to(device)
             y = torch.stack([ids[r * T + 1: r * T + T + 1] for r in rows]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = fnlm.transformer_lm(params, x, config)
+                logits = model_fn(params, x, config)
             total += float(fnlm.cross_entropy(logits, y)) * x.numel()
             count += x.numel()
     loss = total / count
@@ -489,7 +492,8 @@ def main(
     **Arguments:**
 
     - `argv`: command-line arguments (default `sys.argv[1:]`).
-    - `model_fn`, `init_fn`: passed to the trainer (default: the library's Transformer LM).
+    - `model_fn`, `init_fn`: passed to the trainer and `model_fn` to the evaluation (default: the
+      library's Transformer LM). Samples always use `fnlm.generate`, i.e. the config's model.
     - `parallel`: data-parallel hooks; stages other than `train` run on rank 0 only, the
       others wait at `parallel.barrier()`.
     """
@@ -523,7 +527,7 @@ def main(
     elif {"evaluate", "sample"} & want:
         train_info = _Manifest(s.out).info("train")
     if "evaluate" in want:
-        results["evaluate"] = on_main(stage_evaluate, s, _Manifest(s.out), enc, train_info)
+        results["evaluate"] = on_main(stage_evaluate, s, _Manifest(s.out), enc, train_info, model_fn)
     if "sample" in want:
         results["sample"] = on_main(stage_sample, s, _Manifest(s.out), tok_info, train_info)
     if parallel.is_main:
