@@ -86,4 +86,3 @@ from fnlm import datasets, stories, trainer  # noqa: E402
 from fnlm.trainer import Parallel, TrainConfig, train  # noqa: E402
 
 __version__ = "0.1.0"
-from fnlm.model import TransformerConfig, init_transformer_lm, transformer_lm

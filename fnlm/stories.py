@@ -55,7 +55,7 @@ _ANIMALS = [
     ("dragon", "Sparky Ember Blaze Puff"),
     ("robot", "Beep Bolt Zip Robo"),
 ]
-_CHARACTER_ADJ = "little small kind happy brave curious shy friendly silly gentle clever cheerful busy playful".split()
+_CHARACTER_ADJ = "little small kind happy brave curious shy friendly silly gentle clever cheerful busy playful sleepy funny quiet lively smart helpful".split()
 
 _PARENTS = [("mom", _GIRL), ("dad", _BOY), ("grandma", _GIRL), ("grandpa", _BOY)]
 
@@ -219,7 +219,7 @@ def _context(rng: random.Random) -> tuple[dict[str, str], _Character, _Character
     he, him, his = hero.pronouns
     ctx.update(
         he=he, him=him, his=his, He=he.capitalize(), His=his.capitalize(), kind=hero.kind,
-        cadj=rng.choice(_CHARACTER_ADJ), home=rng.choice(_HOMES), parent=parent,
+        cadj=rng.choice(_CHARACTER_ADJ), home=rng.choice(_HOMES), parent=parent, Parent=parent.capitalize(),
         parent_he="she" if parent_gender == _GIRL else "he",
         Parent_he="She" if parent_gender == _GIRL else "He",
         place=place, place_detail=rng.choice(_PLACES[place]), place_detail2=rng.choice(_PLACES[place]),
@@ -496,7 +496,70 @@ def _plot_treasure(t: _Teller) -> str:
     ])
 
 
-_PLOTS = [_plot_lost, _plot_stuck, _plot_share, _plot_scared, _plot_broken, _plot_new_friend, _plot_rain, _plot_hurt, _plot_race, _plot_bake, _plot_treasure]
+def _plot_seeds(t: _Teller) -> str:
+    plant = t.rng.choice(["sunflower", "tomato plant", "pumpkin", "apple tree", "rose bush", "bean plant"])
+    t.ctx["plant"] = plant
+    t.say("{time}, {his} {parent} gave {name} a little bag of seeds.", "{time}, {name} found some small seeds in an old jar.")
+    t.say('"If you plant them and take care of them, they will grow into a {plant}," said {his} {parent}.', '"What will they be?" asked {name}. "A big {plant}," said {his} {parent}.')
+    t.say("{Name} dug a hole in the garden and put the seeds in the dirt.", "{Name} planted the seeds in a pot by the window.")
+    t.say("{He} gave them water every morning.", "Every day, {he} watered the seeds and sang to them.")
+    t.say("But nothing happened. The dirt was just dirt.", "After three days, {name} looked, but there was nothing there.")
+    t.ctx["f"] = t.feel("angry")
+    t.say('{Name} felt {f}. "Why won\'t you grow?" {he} said to the seeds.', '"This is taking too long," said {name}. {He} felt {f}.')
+    t.say('{His} {parent} smiled. "Good things take time. You have to be patient."', 'Then {friend} the {friend_kind} came by and said, "Seeds are slow. Just wait and see."')
+    t.say("So {name} waited, and kept giving the seeds water and sun.", "{Name} did not give up. {He} kept watering them, day after day.")
+    t.say("One morning, {he} saw a tiny green leaf!", "Then, one day, a small green sprout came up out of the dirt.")
+    t.say("The sprout grew and grew. Soon it was a tall {plant}.", "Week by week it got bigger, until it was a real {plant}.")
+    t.ctx["f2"] = t.feel("proud")
+    t.say('{Name} was {f2}. "I grew it myself!" {he} said.', "{Name} felt {f2} every time {he} looked at {his} {plant}.")
+    return t.rng.choice([
+        "{Name} learned that good things take time and care.",
+        "From that day on, {name} loved to work in the garden.",
+        "{Name} learned to be patient, just like the little seeds.",
+    ])
+
+
+def _plot_bedtime(t: _Teller) -> str:
+    t.say("One night, it was time for bed, but {name} could not sleep.", "That night, {name} lay in bed with {his} eyes wide open.")
+    t.say("The moon was bright, and the house was very quiet.", "Outside the window, the stars were shining.")
+    t.say("{He} heard a strange sound. Tap, tap, tap!", "{He} saw a big shadow on the wall.")
+    t.ctx["f"] = t.feel("scared")
+    t.say('{Name} felt {f}. "{Parent}!" {he} called.', '{Name} pulled the blanket over {his} head. {He} felt {f}.')
+    t.say("{His} {parent} came in and sat on the bed.", "Soon {his} {parent} came in with a little lamp.")
+    t.say('"Let\'s look together," said {his} {parent}. It was only a branch tapping on the window.', 'They looked, and the shadow was only {his} {oadj} {obj} on the chair.')
+    t.say('{Name} laughed. "It was nothing!"', '"Oh!" said {name}, and {he} started to giggle.')
+    t.say("{His} {parent} told {him} a story about a [sleepy bear|little star|brave mouse|kind whale].", "{His} {parent} sang a soft song and gave {him} a kiss.")
+    t.say("Soon {name}'s eyes got heavy, and {he} fell asleep.", "{Name} yawned, closed {his} eyes and dreamed of [the sea|flying|a big cake|the stars].")
+    return t.rng.choice([
+        "{Name} learned that the night is not so scary when you look closely.",
+        "From then on, {name} was not afraid at bedtime.",
+        "And {name} slept well all night long.",
+    ])
+
+
+def _plot_lost_way(t: _Teller) -> str:
+    t.ctx["place"] = t.rng.choice(["forest", "meadow", "hill", "farm"])
+    t.say("{time}, {name} went for a walk in the {place} with {his} friend {friend}.", "{time}, {name} and {friend} the {friend_kind} went to explore the {place}.")
+    t.say("They followed a [pretty butterfly|little rabbit|shiny stream|narrow path] and went very far.", "They played and ran, and did not see how far they went.")
+    t.say("When they stopped, they did not know where they were.", "Soon the trees all looked the same, and they could not find the way back.")
+    t.ctx["f"] = t.feel("worried")
+    t.say('"We are lost," said {friend}. {Friend_He} felt {f}.', '"Which way is home?" asked {name}. {He} felt {f}.')
+    t.say("They walked one way, but it was the wrong way.", "They tried to go back, but they only went in a circle.")
+    t.say('Then {name} had an idea. "Let\'s climb the hill and look around."', '{Name} remembered what {his} {parent} said: "If you get lost, stop and look for something you know."')
+    t.say("From the top, they saw the [red roof of the barn|big old tree|tall bell tower|little blue house].", "Then they saw a big tree they knew.")
+    t.say("They walked toward it, step by step, and soon they were home.", "They followed the path, and at last they saw {name}'s house.")
+    t.say('{His} {parent} gave them both a big hug. "I was so worried!" {parent_he} said.', "They were tired, but very happy to be home.")
+    return t.rng.choice([
+        "{Name} learned to stay on the path and to stay calm when things go wrong.",
+        "From that day on, they always told someone where they were going.",
+        "{Name} and {friend} learned that thinking calmly can help you find your way.",
+    ])
+
+
+_PLOTS = [
+    _plot_lost, _plot_stuck, _plot_share, _plot_scared, _plot_broken, _plot_new_friend, _plot_rain, _plot_hurt,
+    _plot_race, _plot_bake, _plot_treasure, _plot_seeds, _plot_bedtime, _plot_lost_way,
+]
 
 _ENDINGS = ["", "", "", "And they all lived happily ever after.", "The end.", "{Name} went to bed that night with a big smile."]
 
@@ -514,7 +577,7 @@ def generate_story(rng: random.Random) -> str:
     ctx["_tags"] = obj.tags  # type: ignore[assignment]
     t = _Teller(rng, ctx)
     plot = rng.choice(_PLOTS)
-    if plot in (_plot_scared, _plot_broken, _plot_bake):
+    if plot in (_plot_scared, _plot_broken, _plot_bake, _plot_bedtime):
         t.say(*_OPENINGS)
     else:
         _opening(t)
