@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_ids, valid_ids = pipeline.load_token_files(stages["encode"], config)
     base_tc = dataclasses.replace(settings.train, plot=False, checkpoint_interval=10**9, keep_checkpoints=1)
     steps = base_tc.total_steps(config.context_length)
-    base_tc = dataclasses.replace(base_tc, steps=steps, max_tokens=None)
+    base_tc = dataclasses.replace(base_tc, steps=steps, max_tokens=None, warmup_steps=min(base_tc.warmup_steps, steps))
     tokens = steps * base_tc.batch_size * config.context_length
     budget = (f"preset `{args.preset}`, {steps} steps × {base_tc.batch_size} × {config.context_length} tokens = "
               f"{tokens:,} tokens per run, lr {base_tc.lr:g} → {base_tc.min_lr:g}, seed {base_tc.seed}; "
@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
         for n in names:
             for bs in args.batch_sizes:
                 scale = base_tc.batch_size / bs
+                bs_steps = max(1, round(steps * scale))
                 tc = dataclasses.replace(
-                    base_tc, batch_size=bs, steps=max(1, round(steps * scale)),
-                    warmup_steps=round(base_tc.warmup_steps * scale), eval_interval=max(1, round(base_tc.eval_interval * scale)),
+                    base_tc, batch_size=bs, steps=bs_steps, warmup_steps=min(bs_steps, round(base_tc.warmup_steps * scale)), eval_interval=max(1, round(base_tc.eval_interval * scale)),
                     eval_batches=max(1, round(base_tc.eval_batches * scale)), log_interval=max(1, round(base_tc.log_interval * scale)))
                 results.append(run(n, tc, f"{n}_bs{bs}" if len(names) > 1 else f"bs{bs}"))
                 values.append(bs)
