@@ -109,4 +109,8 @@ from fnlm.tokenizer.train import train_bpe  # noqa: E402
 
 # --- generation, accounting ---
 
+# --- end to end (stories, datasets, trainer, pipeline) ---
+from fnlm import datasets, stories, trainer  # noqa: E402
+from fnlm.trainer import Parallel, TrainConfig, train  # noqa: E402
+
 __version__ = "0.1.0"

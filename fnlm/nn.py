@@ -66,6 +66,29 @@ def _upcast(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _classic(fn: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """`fn` in the classic `forward(ctx, *args)` form. torch binds the signature of a
+    `setup_context`-style Function with `inspect` on every call (tens of µs); the classic form
+    skips that but cannot run under torch.func transforms, so `_apply` picks per call."""
+
+    def forward(ctx: Any, *args: Any) -> Any:
+        out = fn.forward(*args)
+        fn.setup_context(ctx, args, out)
+        return out
+
+    return type(fn.__name__ + "Classic", (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(fn.backward)})
+
+
+def _apply(fn: type[torch.autograd.Function], classic: type[torch.autograd.Function], *args: Any) -> Any:
+    if torch._C._are_functorch_transforms_active():
+        return fn.apply(*args)
+    return classic.apply(*args)
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -222,9 +245,12 @@ class _RMSNormFn(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+_RMSNormClassic = _classic(_RMSNormFn)
+
+
 def _rmsnorm(weight: Float[Tensor, "d_model"], x: Float[Tensor, "... d_model"], eps: float) -> Float[Tensor, "... d_model"]:
     x32 = _upcast(x)
-    return _RMSNormFn.apply(x32, weight.to(x32.dtype), eps)[0].to(x.dtype)
+    return _cast(_apply(_RMSNormFn, _RMSNormClassic, x32, _cast(weight, x32.dtype), eps)[0], x.dtype)
 
 
 def rmsnorm(params: dict[str, Tensor], x: Float[Tensor, "... d_model"], *, eps: float = 1e-5) -> Float[Tensor, "... d_model"]:
@@ -264,9 +290,12 @@ class _SiLUFn(torch.autograd.Function):
         return grad * sig * (1 + x * (1 - sig))
 
 
+_SiLUClassic = _classic(_SiLUFn)
+
+
 def silu(x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
     """SiLU (swish): `x · σ(x)`, elementwise (hand-written forward and backward)."""
-    return _SiLUFn.apply(x)
+    return _apply(_SiLUFn, _SiLUClassic, x)
 
 
 def swiglu_d_ff(d_model: int, multiple_of: int = 64) -> int:
@@ -408,7 +437,7 @@ def rope_rotate(
 
     **Returns:** `(..., seq, d_head)`, dtype of `x`.
     """
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    cos, sin = _cast(cos, x.dtype), _cast(sin, x.dtype)
     pairs = x.unflatten(-1, (-1, 2))  # (..., seq, half, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (..., seq, half, 2)
@@ -439,11 +468,11 @@ class _SoftmaxFn(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, dim: int) -> Tensor:
-        row_max = x.amax(dim=dim, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        finfo = torch.finfo(x.dtype)
+        row_max = x.amax(dim=dim, keepdim=True).clamp_min_(finfo.min)  # a fully masked row: -inf -> min
         e = (x - row_max).exp_()
-        total = e.sum(dim=dim, keepdim=True)
-        return e.div_(torch.where(total > 0, total, torch.ones_like(total)))
+        total = e.sum(dim=dim, keepdim=True)  # >= 1, or 0 for a fully masked row
+        return e.div_(total.clamp_min_(finfo.tiny))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, int], output: Tensor) -> None:
@@ -454,6 +483,9 @@ class _SoftmaxFn(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (p,) = ctx.saved_tensors
         return (grad - (grad * p).sum(dim=ctx.dim, keepdim=True)) * p, None
+
+
+_SoftmaxClassic = _classic(_SoftmaxFn)
 
 
 def softmax(x: Float[Tensor, "..."], dim: int = -1) -> Float[Tensor, "..."]:
@@ -472,7 +504,7 @@ def softmax(x: Float[Tensor, "..."], dim: int = -1) -> Float[Tensor, "..."]:
 
     **Returns:** same shape and dtype as `x`; along `dim` each row sums to 1 (or is all zero).
     """
-    return _SoftmaxFn.apply(_upcast(x), dim).to(x.dtype)
+    return _cast(_apply(_SoftmaxFn, _SoftmaxClassic, _upcast(x), dim), x.dtype)
 
 
 def causal_mask(seq_q: int, seq_k: int, *, device: torch.device | str | None = None) -> Bool[Tensor, "seq_q seq_k"]:
@@ -505,7 +537,7 @@ def scaled_dot_product_attention(
     scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (..., queries, keys)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return softmax(scores, dim=-1).to(v.dtype) @ v
+    return _cast(softmax(scores, dim=-1), v.dtype) @ v
 
 
 def split_heads(x: Float[Tensor, "... seq d_model"], num_heads: int) -> Float[Tensor, "... heads seq d_head"]:

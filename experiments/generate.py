@@ -1,0 +1,65 @@
+"""Complete a prompt with a trained checkpoint.
+
+    python experiments/generate.py --checkpoint runs/demo --prompt "Once upon a time"
+    python experiments/generate.py --checkpoint runs/demo/checkpoints/latest.pt --temperature 0.7 --top-p 0.9
+
+The tokenizer is the one saved in the run folder (``RUN/tokenizer``), or ``--tokenizer DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fnlm  # noqa: E402
+from fnlm.trainer import resolve_device  # noqa: E402
+
+EOT = "<|endoftext|>"
+
+
+def find_files(checkpoint: Path, tokenizer: Path | None) -> tuple[Path, Path]:
+    """The checkpoint file and tokenizer folder for a run folder or a checkpoint path."""
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "checkpoints" / "latest.pt"
+    if not checkpoint.is_file():
+        raise SystemExit(f"no checkpoint at {checkpoint}")
+    if tokenizer is None:
+        for folder in (checkpoint.parent.parent, checkpoint.parent):
+            if (folder / "tokenizer" / "vocab.json").is_file():
+                tokenizer = folder / "tokenizer"
+                break
+        else:
+            raise SystemExit(f"no tokenizer folder found beside {checkpoint}; pass --tokenizer DIR")
+    return checkpoint, tokenizer
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint file, or a run folder (uses its latest.pt)")
+    p.add_argument("--tokenizer", type=Path, help="folder with vocab.json and merges.txt (default: the run's)")
+    p.add_argument("--prompt", default="Once upon a time")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    ckpt_path, tok_dir = find_files(args.checkpoint, args.tokenizer)
+    device = resolve_device(args.device)
+    ck = fnlm.load_checkpoint(ckpt_path, map_location=device)
+    config = fnlm.TransformerConfig(**ck["config"])
+    tok = fnlm.Tokenizer.from_files(tok_dir / "vocab.json", tok_dir / "merges.txt", [EOT])
+    eot = tok.encode(EOT)[0]
+    prompt_ids = tok.encode(args.prompt) if args.prompt else [eot]
+    ids = fnlm.generate(ck["params"], config, prompt_ids, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_p=args.top_p, eos_id=eot, seed=args.seed)
+    text = args.prompt + tok.decode(ids)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Train the baseline and the ablations on identical data, seed and token budget; compare them.
+
+    python experiments/run_ablations.py --preset smoke --out runs/ablations-smoke
+    python experiments/run_ablations.py --preset demo --out runs/ablations --only baseline,nope --steps 300
+    python experiments/run_ablations.py --preset demo --out runs/lr --lrs 1e-4,3e-4,1e-3,3e-3,1e-2
+    python experiments/run_ablations.py --preset demo --out runs/bs --batch-sizes 1,4,16,64
+
+The data, tokenizer and token files come from the `train_tinystories.py` pipeline stages, made
+once in DIR and reused by every run (and by later invocations). Every model and training flag of
+`train_tinystories.py` is accepted too (`--d-model 256`, `--lr 2e-3`, `--data DIR`, ...) and
+applies to every run. Outputs in DIR:
+
+- `ablations.png`, `ablations.md`: validation loss against steps and wall-clock, one line per
+  variant; the table of final losses (comparison mode, the default).
+- `lr_sweep.png`, `lr_sweep.md` with `--lrs`: one run per peak learning rate (min lr scaled with
+  it), same steps.
+- `batch_size_sweep.png`, `batch_size_sweep.md` with `--batch-sizes`: the **token budget** is
+  fixed (steps = preset steps × preset batch / batch size; warm-up, evaluation interval and
+  evaluation batches scaled the same way), the learning rate is not changed.
+- `runs/<label>/metrics.jsonl` per run; `summary.json` with every table's rows.
+
+A run stops early and is marked diverged when a logged loss is NaN/inf, exceeds log(vocab)+1,
+or exceeds `--explode-factor` × the lowest training loss so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.ablations import ABLATIONS  # noqa: E402
+from experiments.ablations.runner import (  # noqa: E402
+    DivergenceMonitor,
+    RunResult,
+    plot_comparison,
+    plot_sweep,
+    results_table,
+    train_variant,
+)
+from fnlm import pipeline  # noqa: E402
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    values = _floats(text)
+    if any(v != int(v) or v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return [int(v) for v in values]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Compare fnlm ablations (and sweep learning rate / batch size) on identical data, seed and budget. "
+                    "Any other flag is passed to the train_tinystories.py pipeline (model, training, data flags).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", default="demo", choices=sorted(pipeline.PRESETS), help="the pipeline preset")
+    p.add_argument("--out", help="output folder (default runs/ablations-<preset>)")
+    p.add_argument("--only", help=f"comma-separated variants, from {', '.join(ABLATIONS)} (default: all; "
+                                  "with a sweep: baseline)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (overrides the preset's steps/token budget)")
+    p.add_argument("--lrs", type=_floats, help="learning-rate sweep, e.g. 1e-4,3e-4,1e-3,3e-3,1e-2")
+    p.add_argument("--batch-sizes", type=_ints, help="batch-size sweep at a fixed token budget, e.g. 1,8,32")
+    p.add_argument("--compare", action="store_true", help="also run the variant comparison when sweeping")
+    p.add_argument("--explode-factor", type=float, default=2.0,
+                   help="a loss above this multiple of the best training loss so far counts as divergence")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _variants(args: argparse.Namespace, sweeping: bool) -> list[str]:
+    if not args.only:
+        return ["baseline"] if sweeping else list(ABLATIONS)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise SystemExit(f"run_ablations.py: unknown variant(s) {unknown}; choose from {list(ABLATIONS)}")
+    return names
+
+
+def _rows(results: list[RunResult]) -> list[dict]:
+    return [{"label": r.label, "ablation": r.ablation, "params": r.params, "steps": r.steps,
+             "train_loss": r.last("train_loss"), "val_loss": r.last("val_loss"), "wall_time": r.wall_time,
+             "tokens_per_sec": r.last("tokens_per_sec"), "diverged_at": r.diverged_at, "reason": r.reason,
+             "lr": r.train_config.lr, "batch_size": r.train_config.batch_size,
+             "model": dataclasses.asdict(r.config)} for r in results]
+
+
+def _write(out: Path, stem: str, heading: str, note: str, table: str) -> None:
+    (out / f"{stem}.md").write_text(f"## {heading}\n\n{note}\n\n{table}\n![{heading}]({stem}.png)\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, passthrough = build_parser().parse_known_args(argv)
+    out = Path(args.out) if args.out else Path("runs") / f"ablations-{args.preset}"
+    sweeping = bool(args.lrs or args.batch_sizes)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = _variants(args, sweeping)
+    flags = ["--preset", args.preset, "--out", str(out)] + (["--steps", str(args.steps)] if args.steps else [])
+    flags += (["--quiet"] if args.quiet else []) + passthrough
+    settings = pipeline.resolve_settings(flags + ["--stage", "data,tokenizer,encode"])
+    stages = pipeline.main(flags + ["--stage", "data,tokenizer,encode"])
+    config = pipeline.model_config_for(settings, stages["tokenizer"])
+    train_ids, valid_ids = pipeline.load_token_files(stages["encode"], config)
+    base_tc = dataclasses.replace(settings.train, plot=False, checkpoint_interval=10**9, keep_checkpoints=1)
+    steps = base_tc.total_steps(config.context_length)
+    base_tc = dataclasses.replace(base_tc, steps=steps, max_tokens=None, warmup_steps=min(base_tc.warmup_steps, steps))
+    tokens = steps * base_tc.batch_size * config.context_length
+    budget = (f"preset `{args.preset}`, {steps} steps × {base_tc.batch_size} × {config.context_length} tokens = "
+              f"{tokens:,} tokens per run, lr {base_tc.lr:g} → {base_tc.min_lr:g}, seed {base_tc.seed}; "
+              f"model d_model {config.d_model}, {config.num_layers} layers, {config.num_heads} heads, "
+              f"d_ff {config.d_ff}, context {config.context_length}, vocab {config.vocab_size}")
+    unigram = stages["encode"].get("unigram_entropy", math.nan)
+    summary: dict = {"budget": budget, "unigram_entropy": unigram}
+    t0 = time.perf_counter()
+
+    def run(name: str, tc, label: str) -> RunResult:
+        print(f"[ablations] {label}", file=sys.stderr, flush=True)
+        monitor = DivergenceMonitor(config.vocab_size, factor=args.explode_factor)
+        return train_variant(ABLATIONS[name], config, tc, train_ids, valid_ids, out / "runs" / label, label=label,
+                             monitor=monitor, keep_checkpoints=args.keep_checkpoints)
+
+    if not sweeping or args.compare:
+        results = [run(n, base_tc, n) for n in names]
+        plot_comparison(results, out / "ablations.png", title=f"fnlm ablations: {steps} steps, {tokens:,} tokens per run")
+        legend = "\n".join(f"- `{n}`: {ABLATIONS[n].description}" for n in names)
+        _write(out, "ablations", "Ablations", f"Budget: {budget}. Unigram baseline {unigram:.3f}.\n\n{legend}",
+               results_table(results))
+        summary["ablations"] = _rows(results)
+    if args.lrs:
+        results, values = [], []
+        for n in names:
+            for lr in args.lrs:
+                tc = dataclasses.replace(base_tc, lr=lr, min_lr=lr * base_tc.min_lr / base_tc.lr)
+                results.append(run(n, tc, f"{n}_lr{lr:g}" if len(names) > 1 else f"lr{lr:g}"))
+                values.append(lr)
+        plot_sweep(results, values, out / "lr_sweep.png", name="peak learning rate",
+                   title=f"learning-rate sweep: {steps} steps, batch {base_tc.batch_size}")
+        _write(out, "lr_sweep", "Learning-rate sweep",
+               f"Budget: {budget}. Only the peak learning rate changes (min lr kept at the same fraction of it).",
+               results_table(results, first_column="run"))
+        summary["lr_sweep"] = _rows(results)
+    if args.batch_sizes:
+        results, values = [], []
+        for n in names:
+            for bs in args.batch_sizes:
+                scale = base_tc.batch_size / bs
+                bs_steps = max(1, round(steps * scale))
+                tc = dataclasses.replace(
+                    base_tc, batch_size=bs, steps=bs_steps, warmup_steps=min(bs_steps, round(base_tc.warmup_steps * scale)), eval_interval=max(1, round(base_tc.eval_interval * scale)),
+                    eval_batches=max(1, round(base_tc.eval_batches * scale)), log_interval=max(1, round(base_tc.log_interval * scale)))
+                results.append(run(n, tc, f"{n}_bs{bs}" if len(names) > 1 else f"bs{bs}"))
+                values.append(bs)
+        plot_sweep(results, values, out / "batch_size_sweep.png", name="batch size", x_key="tokens",
+                   title=f"batch-size sweep at a fixed budget of {tokens:,} tokens, lr {base_tc.lr:g}")
+        _write(out, "batch_size_sweep", "Batch-size sweep",
+               f"Budget: {budget}. The token budget is fixed ({tokens:,} tokens): steps, warm-up and evaluation "
+               "intervals scale with 1/batch size; the learning rate does not change.",
+               results_table(results, first_column="run"))
+        summary["batch_size_sweep"] = _rows(results)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    for stem in ("ablations", "lr_sweep", "batch_size_sweep"):
+        if stem in summary:
+            print((out / f"{stem}.md").read_text(encoding="utf-8"))
+    print(f"[ablations] done in {summary['seconds']:.0f}s; outputs in {out}", file=sys.stderr)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
