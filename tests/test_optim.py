@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,3 +334,57 @@ def test_gradient_clipping_adapter_like_the_assignment():
         assert ours[-1].grad is None
         for a, b in zip(ours[:-1], ref[:-1]):
             torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_tensor_lr_equals_float_lr():
+    params = _tree()
+    grads = fnlm.tree_map(torch.randn_like, params)
+    state = fnlm.adamw_init(params)
+    a, sa = fnlm.adamw_step(params, state, grads, lr=0.03, weight_decay=0.2, decay_mask=fnlm.default_decay_mask)
+    b, sb = fnlm.adamw_step(params, state, grads, lr=torch.tensor(0.03), weight_decay=0.2, decay_mask=fnlm.default_decay_mask)
+    for x, y in zip(fnlm.tree_leaves(a) + fnlm.tree_leaves(sa), fnlm.tree_leaves(b) + fnlm.tree_leaves(sb)):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7) if isinstance(x, torch.Tensor) else None
+    with pytest.raises(ValueError, match="0-d"):
+        fnlm.adamw_step(params, state, grads, lr=torch.ones(2))
+
+
+_COMPILE_SCRIPT = """
+import torch, torch._dynamo.testing, fnlm
+assert not fnlm.typecheck_enabled()
+g = torch.Generator().manual_seed(0)
+params = {"emb": {"weight": torch.randn(10, 4, generator=g)}, "ln": [{"weight": torch.ones(4)}],
+          "w": {"weight": torch.randn(6, 4, generator=g)}}
+grads = fnlm.tree_map(torch.randn_like, params)
+state = fnlm.adamw_init(params)
+counter = torch._dynamo.testing.CompileCounter()
+step = torch.compile(fnlm.adamw_step, backend=counter, fullgraph=True)
+lr = torch.tensor(0.0)
+for t in range(6):
+    lr.fill_(fnlm.cosine_schedule(t, 1e-2, 1e-3, 2, 5))
+    new, _ = step(params, state, grads, lr=lr, weight_decay=0.1, decay_mask=fnlm.default_decay_mask)
+    ref, state = fnlm.adamw_step(params, state, grads, lr=lr.item(), weight_decay=0.1, decay_mask=fnlm.default_decay_mask)
+    for x, y in zip(fnlm.tree_leaves(new), fnlm.tree_leaves(ref)):
+        torch.testing.assert_close(x, y)
+    params = ref
+for fn, args in ((fnlm.cross_entropy, (torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3)))),
+                 (fnlm.clip_grad_norm_with_norm, (grads, 1.0))):
+    torch.compile(fn, backend="eager", fullgraph=True)(*args)
+print("frames", counter.frame_count)
+"""
+
+
+def test_compiles_without_graph_breaks_or_per_step_recompiles():
+    """torch.compile graph capture (backend="eager", fullgraph) of the step, the loss and clipping.
+
+    Run in a subprocess with type checks off (jaxtyping/beartype wrappers are not traceable). With a
+    0-d tensor lr changing every step and a growing step count, dynamo compiles the step at most
+    twice (specialised on step 0, then with a dynamic step) and never again.
+    """
+    env = dict(os.environ, FNLM_TYPECHECK="0")
+    out = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], cwd=Path(__file__).resolve().parents[1],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    frames = int(out.stdout.split("frames")[-1])
+    assert 1 <= frames <= 2

@@ -7,9 +7,11 @@ newline ``Ċ``. With that mapping:
 
 - ``vocab.json`` is one JSON object ``{"<token as mapped string>": id, ...}``;
 - ``merges.txt`` has one merge per line, the two parts as mapped strings separated by a single
-  space (``Ġ t``), in merge order (rank 0 first). Lines starting with ``#`` are comments:
-  GPT-2's file starts with ``#version: 0.2``, and fnlm writes its special tokens as
-  ``#special_tokens: ["<|endoftext|>"]`` (a JSON list) so that a saved tokenizer reloads whole.
+  space (``Ġ t``), in merge order (rank 0 first). Before the first merge, a ``#version: ...``
+  line (GPT-2's file starts with ``#version: 0.2``) is skipped, and fnlm writes its special
+  tokens as ``#special_tokens: ["<|endoftext|>"]`` (a JSON list) so that a saved tokenizer
+  reloads whole. Later lines starting with ``#`` are merges (GPT-2 merges ``# #``); the header
+  lines cannot be mistaken for merges because the first merge always joins two single bytes.
 
 No mapped string holds a space, a newline or any other whitespace, so both files are
 unambiguous and can be read and diffed by hand.
@@ -117,7 +119,7 @@ def read_merges(path: str | os.PathLike) -> tuple[list[tuple[bytes, bytes]], lis
 
     **Arguments:**
 
-    - `path`: the text file: one ``"left right"`` merge a line, ``#`` lines are comments.
+    - `path`: the text file: one ``"left right"`` merge a line, after optional header lines.
 
     **Returns:** ``(merges, special_tokens)``: the merges in rank order, and the special tokens
     from a ``#special_tokens: [...]`` line, or ``None`` when the file has none (GPT-2's has none).
@@ -127,12 +129,12 @@ def read_merges(path: str | os.PathLike) -> tuple[list[tuple[bytes, bytes]], lis
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
-            if line.startswith(SPECIALS_PREFIX):
+            if not merges and line.startswith(SPECIALS_PREFIX):
                 specials = json.loads(line[len(SPECIALS_PREFIX) :])
                 if not isinstance(specials, list) or not all(isinstance(s, str) for s in specials):
                     raise ValueError(f"{os.fspath(path)!r} line {lineno}: special tokens must be a JSON list of strings")
                 continue
-            if not line or line.startswith("#"):
+            if not line or (not merges and line.startswith("#version")):
                 continue
             parts = line.split(" ")
             if len(parts) != 2 or not parts[0] or not parts[1]:

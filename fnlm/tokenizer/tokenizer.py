@@ -9,22 +9,32 @@ Encoding works in three stages, the same as GPT-2 and tiktoken:
    pair with the lowest merge rank is merged (every occurrence, left to right), until no
    adjacent pair is a merge.
 
-Pre-token results are kept in a bounded cache, so the BPE loop runs once per distinct word.
+Pre-token results are kept in a bounded cache, so the BPE loop runs once per distinct word;
+pure-ASCII text is pre-tokenized by an equivalent pattern on the faster standard-library ``re``
+(text holding some non-ASCII characters sends only short stretches around them to the slower
+``regex`` engine; the stretches are joined exactly as `encode_iterable` joins chunks).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
-from itertools import chain, islice
+from itertools import chain, islice, repeat
+
+import numpy as np
+from jaxtyping import Integer
+from torch import Tensor
 
 from fnlm.tokenizer import gpt2
-from fnlm.tokenizer.pretokenize import GPT2_REGEX, special_tokens_regex
+from fnlm.tokenizer.pretokenize import ASCII_GPT2_REGEX, GPT2_REGEX, special_tokens_regex
 
 __all__ = ["Tokenizer"]
 
 DEFAULT_CACHE_SIZE = 1 << 18
 DEFAULT_BUFFER_CHARS = 1 << 14
+ISLAND_MARGIN = 48
+_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
 
 
 class _PretokenCache(dict):
@@ -117,7 +127,7 @@ class Tokenizer:
 
         self.merges: list[tuple[bytes, bytes]] = []
         self._ranks: dict[tuple[int, int], int] = {}
-        self._merged: dict[tuple[int, int], int] = {}
+        self._merged_by_rank: list[int] = []
         for rank, merge in enumerate(merges):
             if not (isinstance(merge, tuple | list) and len(merge) == 2 and all(isinstance(p, bytes) for p in merge)):
                 raise TypeError(f"merge {rank} must be a pair of bytes, got {merge!r}")
@@ -127,10 +137,9 @@ class Tokenizer:
                 absent = [t for t, i in zip((left, right, left + right), ids) if i is None]
                 raise ValueError(f"merge {rank} {(left, right)!r}: {absent!r} not in the vocab")
             self.merges.append((left, right))
-            pair = (ids[0], ids[1])
-            if pair not in self._ranks:
-                self._ranks[pair] = rank
-                self._merged[pair] = ids[2]
+            self._merged_by_rank.append(ids[2])
+            self._ranks.setdefault((ids[0], ids[1]), rank)
+        self._no_rank = len(self._merged_by_rank)
 
         self._cache_size = cache_size
         self._special_re = special_tokens_regex(self.special_tokens)
@@ -154,34 +163,33 @@ class Tokenizer:
         return _rebuild, (self.vocab, self.merges, self.special_tokens, self._cache_size)
 
     def _bpe(self, piece: bytes) -> tuple[int, ...]:
-        byte_ids = self._byte_ids
-        ids = [byte_ids[b] for b in piece]
-        ranks = self._ranks
-        while len(ids) > 1:
-            best = None
-            best_rank = len(ranks)
-            for pair in zip(ids, ids[1:]):
-                rank = ranks.get(pair)
-                if rank is not None and rank < best_rank:
-                    best, best_rank = pair, rank
-            if best is None:
+        """Merge the bytes of one pre-token: the leftmost pair of lowest rank first, until none.
+
+        The ranks of adjacent pairs are kept in a list beside the ids, so each merge is a
+        C-level ``min`` and ``index`` plus two dictionary look-ups for the new neighbours.
+        """
+        ids = list(map(self._byte_ids.__getitem__, piece))
+        if len(ids) < 2:
+            return tuple(ids)
+        get = self._ranks.get
+        none = self._no_rank
+        pair_ranks = list(map(get, zip(ids, ids[1:]), repeat(none)))
+        merged = self._merged_by_rank
+        while pair_ranks:
+            rank = min(pair_ranks)
+            if rank == none:
                 break
-            left, right = best
-            new = self._merged[best]
-            merged = []
-            i, n = 0, len(ids)
-            while i < n:
-                if i + 1 < n and ids[i] == left and ids[i + 1] == right:
-                    merged.append(new)
-                    i += 2
-                else:
-                    merged.append(ids[i])
-                    i += 1
-            ids = merged
+            i = pair_ranks.index(rank)
+            ids[i : i + 2] = (merged[rank],)
+            del pair_ranks[i]
+            if i > 0:
+                pair_ranks[i - 1] = get((ids[i - 1], ids[i]), none)
+            if i < len(pair_ranks):
+                pair_ranks[i] = get((ids[i], ids[i + 1]), none)
         return tuple(ids)
 
-    def _encode_ordinary(self, text: str, out: list, start: int, end: int) -> None:
-        out += chain.from_iterable(map(self._cache.__getitem__, GPT2_REGEX.findall(text, start, end)))
+    def _encode_ordinary(self, findall, text: str, out: list, start: int, end: int) -> None:
+        out += chain.from_iterable(map(self._cache.__getitem__, findall(text, start, end)))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a string.
@@ -197,18 +205,52 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        if text.isascii():
+            return self._encode_whole(text)
+        return self._encode_islands(text)
+
+    def _encode_islands(self, text: str) -> list[int]:
+        """`encode` for text with non-ASCII characters, so ASCII stretches still use ``re``.
+
+        The text is cut into pieces: each run of non-ASCII characters with a margin of ASCII
+        on both sides (close runs joined), and the ASCII stretches between them. The pieces are
+        joined by the carry logic of `encode_iterable` (exact for any cut), and each is
+        pre-tokenized by ``re`` when it and the carried text are ASCII, else by ``regex``.
+        """
+        if len(text) < 1024:
+            return self._encode_whole(text)
+        cuts = [0]
+        in_island = False
+        for m in _NON_ASCII_RUN.finditer(text):
+            lo, hi = max(0, m.start() - ISLAND_MARGIN), min(len(text), m.end() + ISLAND_MARGIN)
+            if in_island and lo <= cuts[-1]:
+                cuts[-1] = max(cuts[-1], hi)
+                continue
+            if lo > cuts[-1]:
+                cuts.append(lo)
+            cuts.append(hi)
+            in_island = True
         out: list[int] = []
+        buf = ""
+        for a, b in zip(cuts, cuts[1:]):
+            buf = self._encode_settled(buf + text[a:b], out)
+        out += self._encode_whole(buf + text[cuts[-1] :])
+        return out
+
+    def _encode_whole(self, text: str) -> list[int]:
+        out: list[int] = []
+        findall = ASCII_GPT2_REGEX.findall if text.isascii() else GPT2_REGEX.findall
         if self._special_re is None:
-            self._encode_ordinary(text, out, 0, len(text))
+            self._encode_ordinary(findall, text, out, 0, len(text))
             return out
         start = 0
         for m in self._special_re.finditer(text):
             if m.start() > start:
-                self._encode_ordinary(text, out, start, m.start())
+                self._encode_ordinary(findall, text, out, start, m.start())
             out.append(self.special_ids[m.group()])
             start = m.end()
         if start < len(text):
-            self._encode_ordinary(text, out, start, len(text))
+            self._encode_ordinary(findall, text, out, start, len(text))
         return out
 
     def _encode_settled(self, buf: str, out: list) -> str:
@@ -221,17 +263,18 @@ class Tokenizer:
         ``'`` + ``l`` into the contraction ``'ll``.
         """
         start, end = 0, len(buf)
+        findall = ASCII_GPT2_REGEX.findall if buf.isascii() else GPT2_REGEX.findall
         if self._special_re is not None:
             limit = end - self._max_special_len
             for m in self._special_re.finditer(buf):
                 if m.start() > limit:
                     break
                 if m.start() > start:
-                    self._encode_ordinary(buf, out, start, m.start())
+                    self._encode_ordinary(findall, buf, out, start, m.start())
                 out.append(self.special_ids[m.group()])
                 start = m.end()
             end = max(start, limit + 1)
-        pieces = GPT2_REGEX.findall(buf, start, end)
+        pieces = findall(buf, start, end)
         if len(pieces) < 2:
             return buf[start:]
         out += chain.from_iterable(map(self._cache.__getitem__, islice(pieces, len(pieces) - 2)))
@@ -266,27 +309,31 @@ class Tokenizer:
                 yield from out
                 out.clear()
         if buf:
-            yield from self.encode(buf)
+            yield from self._encode_whole(buf)
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int] | Integer[np.ndarray, " seq"] | Integer[Tensor, " seq"]) -> str:
         """The text of a sequence of ids; byte sequences that are not valid UTF-8 become U+FFFD.
 
         **Arguments:**
 
-        - `ids`: token ids (a list, tuple, numpy array, ...).
+        - `ids`: token ids (a list, a tuple, a 1-D numpy array or torch tensor, ...).
 
         **Returns:** the decoded string. An id not in the vocab raises ValueError naming it.
         """
         if isinstance(ids, str | bytes):
             raise TypeError(f"decode takes a sequence of int ids, got {type(ids).__name__} {ids!r:.40}")
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
         try:
             data = b"".join(map(self.vocab.__getitem__, ids))
         except KeyError as e:
             raise ValueError(f"decode: unknown token id {e.args[0]!r} (ids are 0..{max(self.vocab)})") from None
         return data.decode("utf-8", errors="replace")
 
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+    def decode_bytes(self, ids: Iterable[int] | Integer[np.ndarray, " seq"] | Integer[Tensor, " seq"]) -> bytes:
         """The raw bytes of a sequence of ids (no UTF-8 decoding); ValueError on an unknown id."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
         try:
             return b"".join(map(self.vocab.__getitem__, ids))
         except KeyError as e:
