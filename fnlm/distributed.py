@@ -119,7 +119,7 @@ def _reduce_op(group: Any) -> tuple[Any, bool]:
     return dist.ReduceOp.SUM, True
 
 
-def all_reduce_grads(grads: Tree, *, group: Any = None, bucket_mb: float = DEFAULT_BUCKET_MB) -> Tree:
+def all_reduce_grads(grads: Tree, *, group: Any = None, bucket_mb: int | float = DEFAULT_BUCKET_MB) -> Tree:
     """The mean of a gradient tree over all ranks, in a few flattened `all_reduce` calls.
 
     Tensor leaves are grouped by device and dtype and packed (`_flatten_dense_tensors`) into
@@ -216,10 +216,10 @@ def _threads_for(device: torch.device, local_world: int) -> int | None:
 def init_distributed(
     *,
     device: str = "auto",
-    startup_timeout: float | None = None,
-    timeout: float | None = None,
-    wait_timeout: float | None = None,
-    bucket_mb: float = DEFAULT_BUCKET_MB,
+    startup_timeout: int | float | None = None,
+    timeout: int | float | None = None,
+    wait_timeout: int | float | None = None,
+    bucket_mb: int | float = DEFAULT_BUCKET_MB,
 ) -> Parallel:
     """Join the process group torchrun describes in the environment; return the trainer's hooks.
 
