@@ -534,16 +534,19 @@ def train(
         return evaluate(loss_fn, params, valid_tokens, batch_size=tc.batch_size, context_length=context_length,
                         batches=tc.eval_batches, seed=tc.seed, device=device, parallel=parallel)
 
-    def save(at: int) -> None:
-        rank_rng = parallel.all_gather_object(fnlm.capture_rng_state()) if parallel.world_size > 1 else None
+    def save(at: int, collective: bool = True) -> None:
+        together = collective and parallel.world_size > 1
+        rank_rng = parallel.all_gather_object(fnlm.capture_rng_state()) if together else None
+        window_loss = parallel.all_reduce_mean(loss_sum) if together else loss_sum
         writer.checkpoint(
             at, params=params, opt_state=opt_state, config=model_config, train_config=train_cfg_data,
             world_size=parallel.world_size, global_batch_size=tc.batch_size, data_shards=data_shards,
             rank_rng=rank_rng, tokens_per_step=tokens_per_step, wall_time=wall(),
-            log_window={"loss_sum": loss_sum.cpu(), "norm_sum": norm_sum.cpu(), "steps": window_steps},
+            log_window={"loss_sum": window_loss.cpu(), "norm_sum": norm_sum.cpu(), "steps": window_steps},
             **(extra_checkpoint_data or {}),
         )
-        parallel.barrier()
+        if collective:
+            parallel.barrier()
 
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not (tc.progress and parallel.is_main),
                dynamic_ncols=True)
@@ -580,7 +583,7 @@ def train(
             bar.update(1)
             record: dict[str, Any] = {}
             if step % tc.log_interval == 0 or step == total:
-                mean_loss = float(loss_sum) / window_steps
+                mean_loss = float(parallel.all_reduce_mean(loss_sum)) / window_steps
                 mean_norm = float(norm_sum) / window_steps
                 window_time += time.perf_counter() - t0
                 tok_s = timed_steps * tokens_per_step / max(window_time, 1e-9)
@@ -610,7 +613,7 @@ def train(
                     print(f"fnlm: loss is not finite at step {step}; stopping (diverged)", file=sys.stderr)
                 break
     except KeyboardInterrupt:
-        save(step)
+        save(step, collective=False)
         raise
     finally:
         bar.close()

@@ -134,6 +134,7 @@ def test_two_ranks_equal_one_process_over_the_same_global_batch(two_ranks, tmp_p
     for r in (r0, r1):
         assert r["result"]["step"] == K and r["result"]["tokens"] == K * 8 * CFG.context_length
         assert r["result"]["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
+        assert r["result"]["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
     assert r0["result"]["val_loss"] == r1["result"]["val_loss"]
 
 
