@@ -56,11 +56,7 @@ def main(argv: list[str] | None = None) -> str:
     prompt_ids = tok.encode(args.prompt) if args.prompt else [eot]
     ids = fnlm.generate(ck["params"], config, prompt_ids, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p, eos_id=eot, seed=args.seed)
-    ids = list(ids)
-    new = ids[len(prompt_ids):] if ids[: len(prompt_ids)] == prompt_ids else ids
-    if new and new[-1] == eot:
-        new = new[:-1]
-    text = args.prompt + tok.decode(new)
+    text = args.prompt + tok.decode(ids)
     print(text)
     return text
 

@@ -468,10 +468,8 @@ def stage_sample(s: Settings, m: _Manifest, tok_info: dict[str, Any], train_info
         prompt_ids = tok.encode(prompt) if prompt else [eot]
         ids = fnlm.generate(params, config, prompt_ids, max_new_tokens=pc.sample_tokens, temperature=pc.temperature,
                             top_p=pc.top_p, eos_id=eot, seed=pc.sample_seed + i)
-        new = list(ids)[len(prompt_ids):] if list(ids)[: len(prompt_ids)] == list(prompt_ids) else list(ids)
+        new = list(ids)
         generated += len(new)
-        if new and new[-1] == eot:
-            new = new[:-1]
         text = (prompt + tok.decode(new)).strip()
         pieces.append(f"\n--- sample {i + 1} (prompt: {prompt!r})\n{text}\n")
     out_path.write_text("".join(pieces), encoding="utf-8")
