@@ -162,12 +162,12 @@ def main() -> None:
         r["all"] = [round(x["tokens_per_sec"]) for x in trials[key]]
         runs.append(r)
         extra = f", one gradient all-reduce {r['allreduce_s'] * 1e3:.1f} ms" if "allreduce_s" in r else ""
-        print(f"  {p} proc x {r['threads']} thread(s): {r['tokens_per_sec']:>10,.0f} tokens/s "
+        print(f"  {r['procs']} proc x {r['threads']} thread(s): {r['tokens_per_sec']:>10,.0f} tokens/s "
               f"(median of {r['windows']} windows; runs {r['all']}; {r['wall_s']:.0f}s with start-up){extra}", flush=True)
-    base = runs[0]["tokens_per_sec"]
-    for r in runs[1:]:
-        print(f"  ratio {r['procs']} proc x {r['threads']} / 1 proc x {runs[0]['threads']}: "
-              f"{r['tokens_per_sec'] / base:.2f}")
+    for i, r in enumerate(runs):
+        for b in runs[:i]:
+            print(f"  ratio {r['procs']} proc x {r['threads']} / {b['procs']} proc x {b['threads']}: "
+                  f"{r['tokens_per_sec'] / b['tokens_per_sec']:.2f}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from fnlm.tree import Tree, tree_leaves, tree_map
+from fnlm.types import Float
 from fnlm.trainer import Parallel
 
 __all__ = [
@@ -184,7 +185,7 @@ def broadcast_tree(tree: Tree, *, src: int = 0, group: Any = None) -> Tree:
     return tree_map(lambda x: next(it) if isinstance(x, Tensor) else x, tree)
 
 
-def all_reduce_mean(t: Tensor, *, group: Any = None) -> Tensor:
+def all_reduce_mean(t: Float[Tensor, "*shape"], *, group: Any = None) -> Float[Tensor, "*shape"]:
     """The mean of `t` over all ranks (a new tensor; `t` is not modified).
 
     **Arguments:**
