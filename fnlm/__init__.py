@@ -113,4 +113,7 @@ from fnlm.tokenizer.train import train_bpe  # noqa: E402
 from fnlm import datasets, stories, trainer  # noqa: E402
 from fnlm.trainer import Parallel, TrainConfig, train  # noqa: E402
 
+# --- distributed ---
+from fnlm import distributed  # noqa: E402
+
 __version__ = "0.1.0"

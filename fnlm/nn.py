@@ -73,7 +73,8 @@ def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
 def _classic(fn: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
     """`fn` in the classic `forward(ctx, *args)` form. torch binds the signature of a
     `setup_context`-style Function with `inspect` on every call (tens of µs); the classic form
-    skips that but cannot run under torch.func transforms, so `_apply` picks per call."""
+    skips that but cannot run under torch.func transforms (nor be traced by dynamo without
+    grad), so `_apply` picks per call."""
 
     def forward(ctx: Any, *args: Any) -> Any:
         out = fn.forward(*args)
@@ -84,7 +85,7 @@ def _classic(fn: type[torch.autograd.Function]) -> type[torch.autograd.Function]
 
 
 def _apply(fn: type[torch.autograd.Function], classic: type[torch.autograd.Function], *args: Any) -> Any:
-    if torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return fn.apply(*args)
     return classic.apply(*args)
 

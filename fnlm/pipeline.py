@@ -377,9 +377,10 @@ def stage_train(
     latest = s.out / "checkpoints" / "latest.pt"
     if not s.force and m.fresh("train", key):
         info = m.info("train")
-        _log(f"train: cached (step {info['step']}, val loss {info['val_loss']:.4f})")
+        if parallel.is_main:
+            _log(f"train: cached (step {info['step']}, val loss {info['val_loss']:.4f})")
         return info
-    if latest.exists() and not s.resume:
+    if latest.exists() and not s.resume and parallel.is_main:
         _log(f"train: starting a fresh run in {s.out} (an earlier checkpoint is there; --resume continues it)")
     train_tokens, valid_tokens = load_token_files(enc, config)
     result = trainer.train(config, s.train, train_tokens, valid_tokens, s.out, model_fn=model_fn, init_fn=init_fn,

@@ -9,10 +9,13 @@ comes from the library's pure functions and can be swapped:
   (default `fnlm.transformer_lm` / `fnlm.init_transformer_lm`): pass another block or a whole
   other model for an ablation.
 - `parallel=Parallel(rank, world_size, sync_grads=..., all_reduce_mean=...)`: data-parallel runs
-  average gradients in `sync_grads` (between backward and clipping); only rank 0 writes files.
+  (`fnlm.distributed`) average gradients in `sync_grads` (between backward and clipping); only
+  rank 0 writes files. `batch_size` is the global batch; each rank draws its share.
 
-**Exact resumption.** The batch of step `t` on rank `r` is drawn by `get_batch` from a CPU
-`torch.Generator` seeded with a hash of `(seed, r, t)`, and the evaluation batches from one
+**Exact resumption.** The global batch of step `t` is cut into `data_shards` equal shards (default:
+one per process); shard `s` is drawn by `get_batch` from a CPU `torch.Generator` seeded with a
+hash of `(seed, s, t)`, and rank `r` of `W` draws shards `r*S/W .. (r+1)*S/W - 1`. So one process
+with `data_shards=S` sees exactly the union of the batches of an `S`-process run, and the evaluation batches from one
 seeded with `(seed, "eval")`; the learning rate is a function of `t`. A checkpoint holds the
 params, the optimizer state, `t`, the configs and the global RNG states. So the computation of
 step `t` does not depend on whether the run was resumed, and a run killed at any moment and
@@ -50,6 +53,7 @@ __all__ = [
     "read_metrics",
     "plot_runs",
     "batch_generator",
+    "draw_batch",
 ]
 
 _HARMLESS_FIELDS = {
@@ -64,9 +68,13 @@ class TrainConfig:
 
     **Fields:**
 
-    - `batch_size`: sequences per step on each process.
+    - `batch_size`: sequences per optimizer step, summed over all processes (the global batch);
+      each of `W` data-parallel processes computes `batch_size / W` of them.
+    - `data_shards`: the global batch is drawn as this many equal shards, each from its own
+      random stream; `None` means one per process. Set it to replay a `W`-process run in fewer
+      processes (or resume it with another process count dividing it).
     - `steps`: optimizer steps; when `max_tokens` is set, `steps` is derived from it instead.
-    - `max_tokens`: token budget, `steps = max_tokens // (batch_size * context_length * world_size)`.
+    - `max_tokens`: token budget, `steps = max_tokens // (batch_size * context_length)`.
     - `lr`, `min_lr`: peak and final learning rates of the cosine schedule.
     - `warmup_steps`: linear warm-up; `cosine_steps`: end of the cosine (default: `steps`).
     - `beta1`, `beta2`, `eps`, `weight_decay`: AdamW.
@@ -84,6 +92,7 @@ class TrainConfig:
     """
 
     batch_size: int = 32
+    data_shards: int | None = None
     steps: int = 5000
     max_tokens: int | None = None
     lr: float = 1e-3
@@ -113,6 +122,8 @@ class TrainConfig:
         bad = {k: getattr(self, k) for k in positive if getattr(self, k) < 1}
         if self.steps < 0:
             bad["steps"] = self.steps
+        if self.data_shards is not None and (self.data_shards < 1 or self.batch_size % self.data_shards):
+            bad["data_shards (must divide batch_size)"] = (self.data_shards, self.batch_size)
         if self.max_tokens is not None and self.max_tokens < 1:
             bad["max_tokens"] = self.max_tokens
         if not 0 <= self.min_lr <= self.lr:
@@ -127,15 +138,29 @@ class TrainConfig:
         if bad:
             raise ValueError(f"invalid TrainConfig values: {bad}")
 
-    def total_steps(self, context_length: int, world_size: int = 1) -> int:
+    def total_steps(self, context_length: int) -> int:
         """The number of optimizer steps: `steps`, or the token budget divided by tokens per step."""
         if self.max_tokens is None:
             return self.steps
-        return max(1, self.max_tokens // (self.batch_size * context_length * world_size))
+        return max(1, self.max_tokens // (self.batch_size * context_length))
+
+    def shards(self, world_size: int = 1) -> tuple[int, int]:
+        """`(data_shards, sequences per shard)` for `world_size` processes; `ValueError` if they do not divide."""
+        shards = self.data_shards if self.data_shards is not None else world_size
+        if self.batch_size % world_size or shards % world_size or self.batch_size % shards:
+            raise ValueError(
+                f"the global batch_size {self.batch_size} must split evenly over world_size {world_size} processes "
+                f"and data_shards {shards} (batch_size % world_size = {self.batch_size % world_size}, "
+                f"data_shards % world_size = {shards % world_size}); choose a batch size divisible by both")
+        return shards, self.batch_size // shards
 
 
 def _identity(x):
     return x
+
+
+def _gather_one(x):
+    return [x]
 
 
 @dataclass(frozen=True)
@@ -146,6 +171,9 @@ class Parallel:
     - `sync_grads(grads) -> grads`: average a gradient tree over all ranks.
     - `all_reduce_mean(t) -> t`: average a tensor over all ranks (validation loss).
     - `barrier()`: wait for all ranks (after rank 0 writes a checkpoint).
+    - `broadcast(tree) -> tree`: rank 0's tensors on every rank (params and optimizer state at start).
+    - `all_gather_object(obj) -> list`: every rank's `obj`, by rank (RNG states for checkpoints).
+    - `device`: this process's device (e.g. `cuda:LOCAL_RANK`); `None` uses `TrainConfig.device`.
 
     Only rank 0 (`is_main`) writes metrics, plots and checkpoints; every rank computes.
     """
@@ -155,6 +183,9 @@ class Parallel:
     sync_grads: Callable[[Tree], Tree] = _identity
     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = _identity
     barrier: Callable[[], None] = field(default=lambda: None)
+    broadcast: Callable[[Tree], Tree] = _identity
+    all_gather_object: Callable[[Any], list] = _gather_one
+    device: str | None = None
 
     @property
     def is_main(self) -> bool:
@@ -181,13 +212,37 @@ def _mix(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def batch_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """The CPU generator `get_batch` uses for `step` on `rank`: a pure function of the three."""
-    return torch.Generator().manual_seed(_mix(seed, rank, step))
+def batch_generator(seed: int, shard: int, step: int) -> torch.Generator:
+    """The CPU generator `get_batch` uses for data shard `shard` of `step`: a pure function of the three."""
+    return torch.Generator().manual_seed(_mix(seed, shard, step))
 
 
 def _eval_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(_mix(seed, 0x45564C, 1 << 40))
+
+
+def draw_batch(
+    tokens: Any, train_config: TrainConfig, context_length: int, step: int, device: torch.device,
+    *, rank: int = 0, world_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of the global batch of `step`: its data shards, concatenated.
+
+    **Arguments:**
+
+    - `tokens`: 1-D token ids.
+    - `train_config`: gives `seed`, `batch_size` (global) and `data_shards`.
+    - `context_length`, `step`, `device`: window length, optimizer step, where the batch goes.
+    - `rank`, `world_size`: this process and the number of processes.
+
+    **Returns:** `(x, y)`, int64 `(batch_size / world_size, context_length)` tensors.
+    """
+    shards, per_shard = train_config.shards(world_size)
+    mine = range(rank * shards // world_size, (rank + 1) * shards // world_size)
+    parts = [fnlm.get_batch(tokens, per_shard, context_length, device,
+                            generator=batch_generator(train_config.seed, s, step)) for s in mine]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _loss_fn(model_fn: Callable, model_config: Any, autocast: torch.autocast | None) -> Callable:
@@ -221,17 +276,23 @@ def evaluate(
     - `tokens`: 1-D token ids (memmap, array or tensor).
     - `batch_size`, `context_length`, `batches`: the size of the estimate.
     - `seed`: fixes which windows are drawn.
-    - `parallel`: ranks share the batches (batch `i` on rank `i % world_size`).
+    - `parallel`: each rank scores its `batch_size / world_size` rows of every batch (so the windows
+      do not depend on the number of processes).
 
     **Returns:** the mean loss as a float (identical on every rank).
     """
     gen = _eval_generator(seed)
     total = torch.zeros((), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
-    for i in range(batches):
-        x, y = fnlm.get_batch(tokens, batch_size, context_length, device, generator=gen)
-        if i % parallel.world_size == parallel.rank:
-            total += loss_fn(params, x, y).to(total.dtype)
-    total = parallel.all_reduce_mean(total) * parallel.world_size
+    world, rank = parallel.world_size, parallel.rank
+    if batch_size % world:
+        raise ValueError(f"evaluation batch_size {batch_size} does not split over world_size {world} processes")
+    rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+    for _ in range(batches):
+        x, y = fnlm.get_batch(tokens, batch_size, context_length, "cpu" if world > 1 else device, generator=gen)
+        if world > 1:
+            x, y = x[rows].to(device), y[rows].to(device)
+        total += loss_fn(params, x, y).to(total.dtype)
+    total = parallel.all_reduce_mean(total)
     return float(total) / batches
 
 
@@ -414,11 +475,12 @@ def train(
     init_fn = init_fn or fnlm.init_transformer_lm
     tc = train_config
     out = Path(out_dir)
-    device = resolve_device(tc.device)
+    device = resolve_device(parallel.device or tc.device)
     context_length = model_config.context_length
-    total = tc.total_steps(context_length, parallel.world_size)
+    total = tc.total_steps(context_length)
     cosine_steps = tc.cosine_steps if tc.cosine_steps is not None else total
-    tokens_per_step = tc.batch_size * context_length * parallel.world_size
+    tokens_per_step = tc.batch_size * context_length
+    data_shards, _ = tc.shards(parallel.world_size)
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -437,10 +499,12 @@ def train(
     elapsed_before = 0.0
     if resume and latest.exists():
         ck = fnlm.load_checkpoint(latest, map_location=device)
-        _check_resume(ck, model_config, train_cfg_data, parallel.world_size, latest)
+        _check_resume(ck, model_config, train_cfg_data, parallel.world_size, data_shards, latest)
         params, opt_state, step = ck["params"], ck["opt_state"], ck["step"]
-        if ck.get("rng") is not None:
-            fnlm.restore_rng_state(ck["rng"])
+        rank_rng = ck.get("rank_rng") or []
+        rng = rank_rng[parallel.rank] if len(rank_rng) == parallel.world_size else ck.get("rng")
+        if rng is not None:
+            fnlm.restore_rng_state(rng)
         elapsed_before = float(ck.get("wall_time", 0.0))
         resumed_from = step
         window = ck.get("log_window") or {}
@@ -449,6 +513,7 @@ def train(
         opt_state = fnlm.adamw_init(params)
         step = 0
         window = {}
+    params, opt_state = parallel.broadcast(params), parallel.broadcast(opt_state)
     writer.start(resumed_from)
     if tc.wandb_project and parallel.is_main:
         cb = _wandb_callback(tc.wandb_project, out, {"model": dataclasses.asdict(model_config), "train": train_cfg_data})
@@ -469,14 +534,19 @@ def train(
         return evaluate(loss_fn, params, valid_tokens, batch_size=tc.batch_size, context_length=context_length,
                         batches=tc.eval_batches, seed=tc.seed, device=device, parallel=parallel)
 
-    def save(at: int) -> None:
+    def save(at: int, collective: bool = True) -> None:
+        together = collective and parallel.world_size > 1
+        rank_rng = parallel.all_gather_object(fnlm.capture_rng_state()) if together else None
+        window_loss = parallel.all_reduce_mean(loss_sum) if together else loss_sum
         writer.checkpoint(
             at, params=params, opt_state=opt_state, config=model_config, train_config=train_cfg_data,
-            world_size=parallel.world_size, tokens_per_step=tokens_per_step, wall_time=wall(),
-            log_window={"loss_sum": loss_sum.cpu(), "norm_sum": norm_sum.cpu(), "steps": window_steps},
+            world_size=parallel.world_size, global_batch_size=tc.batch_size, data_shards=data_shards,
+            rank_rng=rank_rng, tokens_per_step=tokens_per_step, wall_time=wall(),
+            log_window={"loss_sum": window_loss.cpu(), "norm_sum": norm_sum.cpu(), "steps": window_steps},
             **(extra_checkpoint_data or {}),
         )
-        parallel.barrier()
+        if collective:
+            parallel.barrier()
 
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not (tc.progress and parallel.is_main),
                dynamic_ncols=True)
@@ -495,8 +565,8 @@ def train(
         while step < total:
             t0 = time.perf_counter()
             lr = lr_at(step)
-            x, y = fnlm.get_batch(train_tokens, tc.batch_size, context_length, device,
-                                  generator=batch_generator(tc.seed, parallel.rank, step))
+            x, y = draw_batch(train_tokens, tc, context_length, step, device, rank=parallel.rank,
+                              world_size=parallel.world_size)
             loss, grads = value_and_grad(params, x, y)
             grads = parallel.sync_grads(grads)
             if tc.grad_clip > 0:
@@ -513,7 +583,7 @@ def train(
             bar.update(1)
             record: dict[str, Any] = {}
             if step % tc.log_interval == 0 or step == total:
-                mean_loss = float(loss_sum) / window_steps
+                mean_loss = float(parallel.all_reduce_mean(loss_sum)) / window_steps
                 mean_norm = float(norm_sum) / window_steps
                 window_time += time.perf_counter() - t0
                 tok_s = timed_steps * tokens_per_step / max(window_time, 1e-9)
@@ -543,7 +613,7 @@ def train(
                     print(f"fnlm: loss is not finite at step {step}; stopping (diverged)", file=sys.stderr)
                 break
     except KeyboardInterrupt:
-        save(step)
+        save(step, collective=False)
         raise
     finally:
         bar.close()
@@ -569,7 +639,9 @@ def _ppl(loss: float) -> float:
     return math.exp(loss) if math.isfinite(loss) and loss < 700 else float("inf")
 
 
-def _check_resume(ck: dict[str, Any], model_config: Any, train_cfg: dict[str, Any], world_size: int, where: Path) -> None:
+def _check_resume(
+    ck: dict[str, Any], model_config: Any, train_cfg: dict[str, Any], world_size: int, data_shards: int, where: Path
+) -> None:
     want_model, _ = fnlm.checkpoint.config_to_data(model_config)
     problems = {}
     for k in sorted(set(want_model) | set(ck["config"])):
@@ -577,9 +649,15 @@ def _check_resume(ck: dict[str, Any], model_config: Any, train_cfg: dict[str, An
             problems[f"model.{k}"] = (ck["config"].get(k), want_model.get(k))
     stored_train = ck.get("train_config") or {}
     for k in sorted(set(train_cfg) | set(stored_train)):
-        if k not in _HARMLESS_FIELDS and train_cfg.get(k) != stored_train.get(k):
+        if k not in _HARMLESS_FIELDS and k != "data_shards" and train_cfg.get(k) != stored_train.get(k):
             problems[f"train.{k}"] = (stored_train.get(k), train_cfg.get(k))
-    if ck.get("world_size", 1) != world_size:
-        problems["world_size"] = (ck.get("world_size", 1), world_size)
+    stored_shards = ck.get("data_shards", ck.get("world_size", 1))
+    if stored_shards != data_shards:
+        problems["world_size, data_shards"] = ((ck.get("world_size", 1), stored_shards), (world_size, data_shards))
     if problems:
-        raise ValueError(f"cannot resume from {where}: settings differ (checkpoint, now): {problems}")
+        hint = ""
+        if "world_size, data_shards" in problems:
+            hint = (f"; the checkpoint was made by {ck.get('world_size', 1)} process(es) drawing {stored_shards} data "
+                    f"shard(s) per step: resume with the same number of processes, or pass --data-shards "
+                    f"{stored_shards} with a process count that divides it")
+        raise ValueError(f"cannot resume from {where}: settings differ (checkpoint, now): {problems}{hint}")
