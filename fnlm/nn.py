@@ -272,23 +272,25 @@ def rmsnorm(params: dict[str, Tensor], x: Float[Tensor, "... d_model"], *, eps: 
 
 
 class _SiLUFn(torch.autograd.Function):
-    """SiLU with a hand-written backward: `d/dx x·σ(x) = σ(x) · (1 + x · (1 - σ(x)))`; keeps only `x`."""
+    """SiLU with a hand-written backward: with `s = σ(x)` and `y = x·s`,
+    `dy/dx = s + x·s·(1 - s) = s + y·(1 - s)`; keeps `s` and `y`."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return x * torch.sigmoid(x)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
         sig = torch.sigmoid(x)
-        return grad * sig * (1 + x * (1 - sig))
+        return x * sig, sig
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(*output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _grad_sig: Tensor) -> Tensor:
+        y, sig = ctx.saved_tensors
+        return (1 - sig).mul_(y).add_(sig).mul_(grad)
 
 
 _SiLUClassic = _classic(_SiLUFn)
@@ -296,7 +298,7 @@ _SiLUClassic = _classic(_SiLUFn)
 
 def silu(x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
     """SiLU (swish): `x · σ(x)`, elementwise (hand-written forward and backward)."""
-    return _apply(_SiLUFn, _SiLUClassic, x)
+    return _apply(_SiLUFn, _SiLUClassic, x)[0]
 
 
 def swiglu_d_ff(d_model: int, multiple_of: int = 64) -> int:
@@ -483,7 +485,8 @@ class _SoftmaxFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (p,) = ctx.saved_tensors
-        return (grad - (grad * p).sum(dim=ctx.dim, keepdim=True)) * p, None
+        grad_x = grad * p
+        return torch.addcmul(grad_x, p, grad_x.sum(dim=ctx.dim, keepdim=True), value=-1), None
 
 
 _SoftmaxClassic = _classic(_SoftmaxFn)
