@@ -31,5 +31,14 @@ from fnlm.types import typecheck_enabled  # noqa: E402
 # --- tokenizer ---
 
 # --- generation, accounting ---
+from fnlm import accounting  # noqa: E402
+from fnlm.accounting import (  # noqa: E402
+    adamw_memory,
+    forward_flops,
+    measure_matmul_peak,
+    mfu,
+    parameter_count,
+    training_flops,
+)
 
 __version__ = "0.1.0"
