@@ -27,6 +27,27 @@ from fnlm.types import typecheck_enabled  # noqa: E402
 # --- core (nn, model) ---
 
 # --- training maths (loss, optim, schedule, data, checkpoint) ---
+from fnlm.autodiff import value_and_grad  # noqa: E402
+from fnlm.checkpoint import (  # noqa: E402
+    capture_rng_state,
+    check_params_match,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from fnlm.data import get_batch, load_tokens  # noqa: E402
+from fnlm.loss import cross_entropy, perplexity  # noqa: E402
+from fnlm.optim import (  # noqa: E402
+    adamw_init,
+    adamw_step,
+    clip_grad_norm,
+    clip_grad_norm_with_norm,
+    cosine_schedule,
+    default_decay_mask,
+    global_norm,
+    sgd_init,
+    sgd_step,
+)
 
 # --- tokenizer ---
 

@@ -1,0 +1,170 @@
+"""Token files and language-modelling batches.
+
+Token files hold one flat array of token ids: `.npy` (any integer dtype, opened with
+`np.load(mmap_mode="r")`) or raw `.bin` (headerless little-endian ints, `uint16` by default, opened
+with `np.memmap`). Nothing is read into memory up front: batches read only the rows they sample.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fnlm.types import Int, Tensor
+
+__all__ = ["get_batch", "load_tokens"]
+
+DEFAULT_BIN_DTYPE = np.uint16
+
+
+def _check_batch_args(n: int, batch_size: int, context_length: int) -> None:
+    if batch_size < 1 or context_length < 1:
+        raise ValueError(f"batch_size and context_length must be >= 1, got {batch_size}, {context_length}")
+    if n < context_length + 1:
+        raise ValueError(
+            f"need at least context_length + 1 = {context_length + 1} tokens to make a batch, got {n}"
+        )
+
+
+def get_batch(
+    tokens: np.ndarray | Int[Tensor, " tokens"],
+    batch_size: int,
+    context_length: int,
+    device: str | torch.device,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
+    """Sample `batch_size` windows uniformly from `tokens`: inputs and next-token targets.
+
+    Start positions are drawn uniformly from `[0, len(tokens) - context_length)` with
+    `torch.randint` (from `generator` when given, else torch's global generator), so a run is
+    reproducible from that generator's state. `x[b] = tokens[s_b : s_b + context_length]` and
+    `y[b] = tokens[s_b + 1 : s_b + context_length + 1]`. Only the sampled windows are read from a
+    memmap. On a CUDA device the batch goes through pinned memory with a non-blocking copy.
+
+    **Arguments:**
+
+    - `tokens`: a 1-D integer array: `np.ndarray`, `np.memmap` (see :func:`load_tokens`) or tensor.
+    - `batch_size`: number of windows.
+    - `context_length`: tokens per window.
+    - `device`: where to put the batch, e.g. `"cpu"` or `"cuda:0"`.
+    - `generator`: a CPU `torch.Generator` for the start positions.
+
+    **Returns:**
+
+    `(x, y)`, int64 tensors of shape `(batch_size, context_length)` on `device`.
+    """
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be a 1-D array of ids, got shape {tuple(tokens.shape)}")
+    if isinstance(tokens, np.ndarray):
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must hold integers, got dtype {tokens.dtype}")
+    elif tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must hold integers, got dtype {tokens.dtype}")
+    n = int(tokens.shape[0])
+    _check_batch_args(n, batch_size, context_length)
+    starts = torch.randint(0, n - context_length, (batch_size,), generator=generator)
+    offsets = torch.arange(context_length + 1)
+    if isinstance(tokens, np.ndarray):
+        rows = starts.numpy()[:, None] + offsets.numpy()[None, :]
+        windows = torch.from_numpy(np.asarray(tokens[rows], dtype=np.int64))
+    else:
+        windows = tokens[(starts[:, None] + offsets[None, :]).to(tokens.device)].to(torch.int64)
+    x = windows[:, :-1].contiguous()
+    y = windows[:, 1:].contiguous()
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu" and torch.cuda.is_available():
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def load_tokens(
+    path: str | os.PathLike,
+    *,
+    dtype: str | np.dtype | type | None = None,
+    vocab_size: int | None = None,
+    context_length: int | None = None,
+    chunk_size: int = 1 << 24,
+    progress: bool = False,
+) -> np.ndarray:
+    """Open a token file memory-mapped (read-only) and validate it.
+
+    Checks, each failing with a `ValueError` that names the file: the extension is `.npy` or
+    `.bin`; the array is 1-D with an integer dtype (equal to `dtype` when given); a `.bin` file's
+    size is a multiple of the item size; there are at least `context_length + 1` tokens; all ids
+    lie in `[0, vocab_size)`. The id range is scanned in chunks of `chunk_size` tokens, so memory
+    stays bounded for files larger than RAM.
+
+    **Arguments:**
+
+    - `path`: a `.npy` or `.bin` file.
+    - `dtype`: the expected dtype of a `.npy`, or the element type of a `.bin` (default `uint16`).
+    - `vocab_size`: when given, every id must be below it.
+    - `context_length`: when given, the file must hold at least `context_length + 1` tokens.
+    - `chunk_size`: tokens per chunk for the id-range scan.
+    - `progress`: show a tqdm bar during the scan.
+
+    **Returns:**
+
+    A read-only 1-D `np.memmap` of token ids, ready for :func:`get_batch`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token file {str(path)!r} does not exist")
+    want = np.dtype(dtype) if dtype is not None else None
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"{str(path)!r} is not a readable .npy array: {err}") from err
+        if want is not None and tokens.dtype != want:
+            raise ValueError(f"{str(path)!r} holds dtype {tokens.dtype}, expected {want}")
+    elif suffix == ".bin":
+        want = want if want is not None else np.dtype(DEFAULT_BIN_DTYPE)
+        size = path.stat().st_size
+        if size % want.itemsize:
+            raise ValueError(
+                f"{str(path)!r} has {size} bytes, not a multiple of the {want} item size {want.itemsize}"
+            )
+        if size == 0:
+            raise ValueError(f"{str(path)!r} is empty")
+        tokens = np.memmap(path, dtype=want, mode="r")
+    else:
+        raise ValueError(f"{str(path)!r}: token files must end in .npy or .bin, got {path.suffix!r}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"{str(path)!r} holds dtype {tokens.dtype}; token ids must be integers")
+    if tokens.ndim != 1:
+        raise ValueError(f"{str(path)!r} holds an array of shape {tokens.shape}; expected 1-D")
+    n = tokens.shape[0]
+    if context_length is not None and n < context_length + 1:
+        raise ValueError(
+            f"{str(path)!r} holds {n} tokens; context_length={context_length} needs at least {context_length + 1}"
+        )
+    if n == 0:
+        raise ValueError(f"{str(path)!r} holds no tokens")
+    if vocab_size is not None or np.issubdtype(tokens.dtype, np.signedinteger):
+        _check_id_range(tokens, vocab_size, chunk_size, progress, str(path))
+    return tokens
+
+
+def _check_id_range(tokens: np.ndarray, vocab_size: int | None, chunk_size: int, progress: bool, name: str) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    lo, hi = None, None
+    starts = range(0, tokens.shape[0], chunk_size)
+    for start in tqdm(starts, desc=f"checking ids in {Path(name).name}", disable=not progress, unit="chunk"):
+        chunk = tokens[start : start + chunk_size]
+        cmin, cmax = int(chunk.min()), int(chunk.max())
+        lo = cmin if lo is None else min(lo, cmin)
+        hi = cmax if hi is None else max(hi, cmax)
+        if lo < 0:
+            raise ValueError(f"{name!r} holds a negative token id ({lo}) near position {start}")
+        if vocab_size is not None and hi >= vocab_size:
+            raise ValueError(
+                f"{name!r} holds token id {hi} near position {start}, not below vocab_size={vocab_size}"
+            )

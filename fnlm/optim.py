@@ -1,0 +1,389 @@
+"""Optimizers as pairs of pure functions, a learning-rate schedule and gradient clipping.
+
+An optimizer is `init(params) -> state` and `step(params, state, grads, **hyper) -> (params, state)`.
+The state mirrors the params tree (plus an integer step count) and holds only tensors and ints, so
+`torch.save(state)` loads back with `weights_only=True`. Steps never modify their inputs: they
+build new tensors with multi-tensor (`torch._foreach_*`) kernels under `torch.no_grad()`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fnlm.tree import Tree, tree_flatten, tree_map, tree_unflatten
+from fnlm.types import Float, Tensor
+
+__all__ = [
+    "DecayMask",
+    "adamw_init",
+    "adamw_step",
+    "sgd_init",
+    "sgd_step",
+    "cosine_schedule",
+    "global_norm",
+    "clip_grad_norm",
+    "clip_grad_norm_with_norm",
+    "default_decay_mask",
+]
+
+DecayMask = Any
+"""`None` (decay every leaf), a tree of bools mirroring params, or `fn(name, leaf) -> bool`."""
+
+CLIP_EPS = 1e-6
+
+
+def _flat_like(params_flat: dict[str, Any], tree: Tree, what: str) -> list[Any]:
+    flat = tree_flatten(tree)
+    if flat.keys() != params_flat.keys():
+        missing = sorted(params_flat.keys() - flat.keys())
+        extra = sorted(flat.keys() - params_flat.keys())
+        raise ValueError(f"{what} does not mirror params: missing {missing[:8]}, unexpected {extra[:8]}")
+    return list(flat.values())
+
+
+def _check_shapes(params: list[Tensor], others: list[Tensor], names: list[str], what: str) -> None:
+    for name, p, o in zip(names, params, others):
+        if not isinstance(o, Tensor) or o.shape != p.shape:
+            got = tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__
+            raise ValueError(f"{what}[{name!r}] has shape {got}, param has {tuple(p.shape)}")
+
+
+def default_decay_mask(name: str, leaf: Tensor) -> bool:
+    """A decay-mask predicate: decay matrices, but not 1-D gains/biases nor embeddings.
+
+    Example: `adamw_step(..., decay_mask=default_decay_mask)` skips `ln1.weight` and
+    `token_embeddings.weight` and decays `layers.0.attn.q_proj.weight` and `lm_head.weight`.
+
+    **Arguments:**
+
+    - `name`: the leaf's dotted flat name.
+    - `leaf`: the parameter tensor.
+
+    **Returns:**
+
+    True when the leaf should receive weight decay.
+    """
+    return leaf.ndim >= 2 and "embedding" not in name
+
+
+def _decay_flags(params_flat: dict[str, Any], decay_mask: DecayMask) -> list[bool]:
+    if decay_mask is None:
+        return [True] * len(params_flat)
+    if callable(decay_mask):
+        flags = [decay_mask(name, leaf) for name, leaf in params_flat.items()]
+    else:
+        flags = _flat_like(params_flat, decay_mask, "decay_mask")
+    for name, flag in zip(params_flat, flags):
+        if not isinstance(flag, bool):
+            raise TypeError(f"decay_mask must give a bool for {name!r}, got {flag!r}")
+    return flags
+
+
+def _check_hyper(**values: float) -> None:
+    for key, value in values.items():
+        lo, hi = (0.0, 1.0) if key.startswith("beta") else (0.0, math.inf)
+        if not (lo <= value < hi) or math.isnan(value):
+            raise ValueError(f"{key} must be in [{lo}, {hi}), got {value!r}")
+
+
+def _check_step_count(state: Any, keys: tuple[str, ...], what: str) -> int:
+    if not isinstance(state, dict) or set(keys) - state.keys():
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{what} state must be a dict with keys {list(keys)}, got {got}")
+    step = state["step"]
+    if isinstance(step, Tensor):
+        step = int(step.item())
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"{what} state['step'] must be a non-negative int, got {step!r}")
+    return step
+
+
+def adamw_init(params: Tree) -> dict[str, Any]:
+    """Fresh AdamW state: zero first and second moments mirroring `params`, and `step = 0`.
+
+    **Arguments:**
+
+    - `params`: the params tree (nested dict/list of tensors).
+
+    **Returns:**
+
+    `{"step": 0, "m": zeros_like(params), "v": zeros_like(params)}`.
+    """
+    return {
+        "step": 0,
+        "m": tree_map(torch.zeros_like, params),
+        "v": tree_map(torch.zeros_like, params),
+    }
+
+
+def _adamw_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    m: list[Tensor],
+    v: list[Tensor],
+    decay: list[bool],
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Algorithm 2 of the CS336 handout on flat lists; `step` is t >= 1. Returns new tensors."""
+    if not params:
+        return [], [], []
+    with torch.no_grad():
+        new_m = torch._foreach_lerp(m, grads, 1.0 - beta1)
+        new_v = torch._foreach_mul(v, beta2)
+        torch._foreach_addcmul_(new_v, grads, grads, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(new_v)
+        torch._foreach_add_(denom, eps)
+        alpha_t = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+        new_params = torch._foreach_addcdiv(params, new_m, denom, value=-alpha_t)
+        decayed = [p for p, d in zip(new_params, decay) if d]
+        if weight_decay and decayed:
+            torch._foreach_mul_(decayed, 1.0 - lr * weight_decay)
+    return new_params, new_m, new_v
+
+
+def adamw_step(
+    params: Tree,
+    state: dict[str, Any],
+    grads: Tree,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    decay_mask: DecayMask = None,
+) -> tuple[Tree, dict[str, Any]]:
+    """One AdamW update (Loshchilov & Hutter; Algorithm 2 of the CS336 assignment 1 handout).
+
+    With `t = state["step"] + 1`:
+
+    ```
+    m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+    a_t = lr sqrt(1 - b2^t) / (1 - b1^t)
+    p <- p - a_t m / (sqrt(v) + eps)
+    p <- p - lr wd p            (decoupled decay, applied to the updated p, only where masked in)
+    ```
+
+    This differs from `torch.optim.AdamW` at second order: torch decays before the Adam step and
+    adds `eps` to the bias-corrected `sqrt(v_hat)`; see `tests/test_optim.py` for the comparison.
+    Pure: `params`, `state` and `grads` are not modified; no autograd graph is recorded.
+
+    **Arguments:**
+
+    - `params`: the params tree.
+    - `state`: from :func:`adamw_init` or a previous step.
+    - `grads`: a tree with the same flat names and shapes as `params`.
+    - `lr`: the learning rate (e.g. from :func:`cosine_schedule`).
+    - `betas`: `(b1, b2)`, each in `[0, 1)`.
+    - `eps`: added to `sqrt(v)`.
+    - `weight_decay`: the decoupled decay rate `wd`.
+    - `decay_mask`: which leaves decay: `None` (all), a tree of bools mirroring `params`, or a
+      predicate `fn(name, leaf) -> bool` such as :func:`default_decay_mask`.
+
+    **Returns:**
+
+    `(new_params, new_state)`, new trees of new tensors.
+    """
+    beta1, beta2 = betas
+    _check_hyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    step = _check_step_count(state, ("step", "m", "v"), "adamw") + 1
+    p_flat = tree_flatten(params)
+    names = list(p_flat)
+    p_list = list(p_flat.values())
+    g_list = _flat_like(p_flat, grads, "grads")
+    m_list = _flat_like(p_flat, state["m"], "state['m']")
+    v_list = _flat_like(p_flat, state["v"], "state['v']")
+    for what, others in (("grads", g_list), ("state['m']", m_list), ("state['v']", v_list)):
+        _check_shapes(p_list, others, names, what)
+    decay = _decay_flags(p_flat, decay_mask)
+    new_p, new_m, new_v = _adamw_update(
+        p_list, g_list, m_list, v_list, decay,
+        step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+    )
+    new_state = {
+        "step": step,
+        "m": tree_unflatten(dict(zip(names, new_m))),
+        "v": tree_unflatten(dict(zip(names, new_v))),
+    }
+    return tree_unflatten(dict(zip(names, new_p))), new_state
+
+
+def sgd_init(params: Tree) -> dict[str, Any]:
+    """Fresh SGD state: `{"step": 0}` (plain SGD keeps no per-parameter buffers).
+
+    **Arguments:**
+
+    - `params`: the params tree (unused; taken for symmetry with :func:`adamw_init`).
+
+    **Returns:**
+
+    `{"step": 0}`.
+    """
+    del params
+    return {"step": 0}
+
+
+def sgd_step(
+    params: Tree,
+    state: dict[str, Any],
+    grads: Tree,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    decay_mask: DecayMask = None,
+    inverse_sqrt: bool = False,
+) -> tuple[Tree, dict[str, Any]]:
+    """One SGD update `p <- p - lr_t (g + wd p)`, with `lr_t = lr` or `lr / sqrt(t + 1)`.
+
+    `inverse_sqrt=True` is the decaying-rate SGD of the CS336 handout's optimizer example, where
+    `t = state["step"]` counts the updates done so far (0 on the first call).
+
+    **Arguments:**
+
+    - `params`: the params tree.
+    - `state`: from :func:`sgd_init` or a previous step.
+    - `grads`: a tree with the same flat names and shapes as `params`.
+    - `lr`: the base learning rate.
+    - `weight_decay`: L2 decay rate (for SGD, the same as decoupled decay).
+    - `decay_mask`: which leaves decay, as in :func:`adamw_step`.
+    - `inverse_sqrt`: scale the rate by `1 / sqrt(t + 1)`.
+
+    **Returns:**
+
+    `(new_params, {"step": t + 1})`.
+    """
+    _check_hyper(lr=lr, weight_decay=weight_decay)
+    t = _check_step_count(state, ("step",), "sgd")
+    lr_t = lr / math.sqrt(t + 1) if inverse_sqrt else lr
+    p_flat = tree_flatten(params)
+    names = list(p_flat)
+    p_list = list(p_flat.values())
+    g_list = _flat_like(p_flat, grads, "grads")
+    _check_shapes(p_list, g_list, names, "grads")
+    decay = _decay_flags(p_flat, decay_mask)
+    new_p: list[Tensor] = []
+    if p_list:
+        with torch.no_grad():
+            new_p = torch._foreach_add(p_list, g_list, alpha=-lr_t)
+            if weight_decay:
+                pairs = [(n, p) for n, p, d in zip(new_p, p_list, decay) if d]
+                if pairs:
+                    torch._foreach_add_([n for n, _ in pairs], [p for _, p in pairs], alpha=-lr_t * weight_decay)
+    return tree_unflatten(dict(zip(names, new_p))), {"step": t + 1}
+
+
+def cosine_schedule(
+    t: int, max_lr: float, min_lr: float, warmup_iters: int, cosine_cycle_iters: int
+) -> float:
+    """Learning rate at iteration `t`: linear warm-up, cosine decay, then constant.
+
+    - `t < warmup_iters`: `t / warmup_iters * max_lr`;
+    - `warmup_iters <= t <= cosine_cycle_iters`:
+      `min_lr + (1 + cos(pi (t - warmup_iters) / (cosine_cycle_iters - warmup_iters))) / 2 * (max_lr - min_lr)`;
+    - `t > cosine_cycle_iters`: `min_lr`.
+
+    Example: `cosine_schedule(0, 1.0, 0.1, 7, 21) == 0.0`, `cosine_schedule(7, 1.0, 0.1, 7, 21) == 1.0`,
+    `cosine_schedule(14, 1.0, 0.1, 7, 21) == 0.55`, `cosine_schedule(30, 1.0, 0.1, 7, 21) == 0.1`.
+
+    **Arguments:**
+
+    - `t`: the iteration, `>= 0`.
+    - `max_lr`, `min_lr`: the peak and final rates.
+    - `warmup_iters`: `T_w >= 0`.
+    - `cosine_cycle_iters`: `T_c >= T_w`, the iteration where the cosine reaches `min_lr`.
+
+    **Returns:**
+
+    The learning rate, a float.
+    """
+    if t < 0 or warmup_iters < 0 or cosine_cycle_iters < warmup_iters:
+        raise ValueError(
+            "need t >= 0 and 0 <= warmup_iters <= cosine_cycle_iters, got "
+            f"t={t}, warmup_iters={warmup_iters}, cosine_cycle_iters={cosine_cycle_iters}"
+        )
+    if t < warmup_iters:
+        return t / warmup_iters * max_lr
+    if t > cosine_cycle_iters:
+        return float(min_lr)
+    if cosine_cycle_iters == warmup_iters:
+        return float(max_lr)
+    progress = (t - warmup_iters) / (cosine_cycle_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def global_norm(grads: Tree) -> Float[Tensor, ""]:
+    """The l2 norm of all leaves of `grads` taken together, `sqrt(sum_i ||g_i||^2)`.
+
+    Accumulates in float32 (float64 if any leaf is float64), so bf16/fp16 gradients do not
+    overflow or lose precision in the sum. Does not synchronise with the device.
+
+    **Arguments:**
+
+    - `grads`: a tree of tensors (all on one device).
+
+    **Returns:**
+
+    A 0-d tensor on the leaves' device.
+    """
+    leaves = [g for g in tree_flatten(grads).values() if g is not None]
+    if not leaves:
+        raise ValueError("global_norm of a tree with no tensor leaves")
+    acc = torch.float64 if any(g.dtype == torch.float64 for g in leaves) else torch.float32
+    norms = torch._foreach_norm(leaves, 2, dtype=acc)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def clip_grad_norm_with_norm(
+    grads: Tree, max_norm: float
+) -> tuple[Tree, Float[Tensor, ""]]:
+    """Rescale `grads` so their global l2 norm is at most `max_norm`; also return the norm.
+
+    Every leaf is multiplied by `min(1, max_norm / (norm + 1e-6))`, as `torch.nn.utils.clip_grad_norm_`
+    does: no data-dependent branch, so no device sync. Pure: `grads` is not modified.
+
+    **Arguments:**
+
+    - `grads`: a tree of gradient tensors.
+    - `max_norm`: the largest allowed global norm, `>= 0`.
+
+    **Returns:**
+
+    `(clipped_grads, norm)`: a new tree, and the global norm *before* clipping (0-d tensor).
+    """
+    if not max_norm >= 0:
+        raise ValueError(f"max_norm must be >= 0, got {max_norm!r}")
+    flat = tree_flatten(grads)
+    norm = global_norm(grads)
+    coef = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)
+    names = [n for n, g in flat.items() if g is not None]
+    leaves = [flat[n] for n in names]
+    with torch.no_grad():
+        scaled = torch._foreach_mul(leaves, coef)
+    flat.update(zip(names, scaled))
+    return tree_unflatten(flat), norm
+
+
+def clip_grad_norm(grads: Tree, max_norm: float) -> Tree:
+    """Rescale `grads` so their global l2 norm is at most `max_norm` (eps 1e-6); pure.
+
+    See :func:`clip_grad_norm_with_norm`, which also returns the norm for logging.
+
+    **Arguments:**
+
+    - `grads`: a tree of gradient tensors.
+    - `max_norm`: the largest allowed global norm, `>= 0`.
+
+    **Returns:**
+
+    A new tree of clipped gradients.
+    """
+    return clip_grad_norm_with_norm(grads, max_norm)[0]
