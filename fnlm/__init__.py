@@ -25,6 +25,32 @@ from fnlm.tree import (  # noqa: E402
 from fnlm.types import typecheck_enabled  # noqa: E402
 
 # --- core (nn, model) ---
+from fnlm.nn import (  # noqa: E402
+    RopeCache,
+    causal_mask,
+    embedding,
+    init_embedding,
+    init_linear,
+    init_multihead_self_attention,
+    init_rmsnorm,
+    init_silu_ffn,
+    init_swiglu,
+    linear,
+    merge_heads,
+    multihead_self_attention,
+    rmsnorm,
+    rope,
+    rope_cache,
+    rope_cos_sin,
+    rope_rotate,
+    scaled_dot_product_attention,
+    silu,
+    silu_ffn,
+    softmax,
+    split_heads,
+    swiglu,
+    swiglu_d_ff,
+)
 
 # --- training maths (loss, optim, schedule, data, checkpoint) ---
 from fnlm.autodiff import value_and_grad  # noqa: E402

@@ -15,6 +15,92 @@ import fnlm
 
 # --- core (nn, model) ---
 
+
+def run_linear(d_in: int, d_out: int, weights: Float[Tensor, " d_out d_in"], in_features: Float[Tensor, " ... d_in"]) -> Float[Tensor, " ... d_out"]:
+    return fnlm.linear({"weight": weights}, in_features)
+
+
+def run_embedding(vocab_size: int, d_model: int, weights: Float[Tensor, " vocab_size d_model"], token_ids: Int[Tensor, " ..."]) -> Float[Tensor, " ... d_model"]:
+    return fnlm.embedding({"weight": weights}, token_ids)
+
+
+def run_swiglu(
+    d_model: int,
+    d_ff: int,
+    w1_weight: Float[Tensor, " d_ff d_model"],
+    w2_weight: Float[Tensor, " d_model d_ff"],
+    w3_weight: Float[Tensor, " d_ff d_model"],
+    in_features: Float[Tensor, " ... d_model"],
+) -> Float[Tensor, " ... d_model"]:
+    params = {"w1": {"weight": w1_weight}, "w2": {"weight": w2_weight}, "w3": {"weight": w3_weight}}
+    return fnlm.swiglu(params, in_features)
+
+
+def run_scaled_dot_product_attention(
+    Q: Float[Tensor, " ... queries d_k"],
+    K: Float[Tensor, " ... keys d_k"],
+    V: Float[Tensor, " ... values d_v"],
+    mask: Bool[Tensor, " ... queries keys"] | None = None,
+) -> Float[Tensor, " ... queries d_v"]:
+    return fnlm.scaled_dot_product_attention(Q, K, V, mask if mask is None else mask.bool())
+
+
+def run_multihead_self_attention(
+    d_model: int,
+    num_heads: int,
+    q_proj_weight: Float[Tensor, " d_k d_in"],
+    k_proj_weight: Float[Tensor, " d_k d_in"],
+    v_proj_weight: Float[Tensor, " d_v d_in"],
+    o_proj_weight: Float[Tensor, " d_model d_v"],
+    in_features: Float[Tensor, " ... sequence_length d_in"],
+) -> Float[Tensor, " ... sequence_length d_out"]:
+    params = _attention_params(q_proj_weight, k_proj_weight, v_proj_weight, o_proj_weight)
+    return fnlm.multihead_self_attention(params, in_features, num_heads=num_heads)
+
+
+def run_multihead_self_attention_with_rope(
+    d_model: int,
+    num_heads: int,
+    max_seq_len: int,
+    theta: float,
+    q_proj_weight: Float[Tensor, " d_k d_in"],
+    k_proj_weight: Float[Tensor, " d_k d_in"],
+    v_proj_weight: Float[Tensor, " d_v d_in"],
+    o_proj_weight: Float[Tensor, " d_model d_v"],
+    in_features: Float[Tensor, " ... sequence_length d_in"],
+    token_positions: Int[Tensor, " ... sequence_length"] | None = None,
+) -> Float[Tensor, " ... sequence_length d_out"]:
+    params = _attention_params(q_proj_weight, k_proj_weight, v_proj_weight, o_proj_weight)
+    cache = fnlm.rope_cache(d_model // num_heads, max_seq_len, theta, device=in_features.device)
+    return fnlm.multihead_self_attention(params, in_features, num_heads=num_heads, rope_cache=cache, positions=token_positions)
+
+
+def _attention_params(q: Tensor, k: Tensor, v: Tensor, o: Tensor) -> dict[str, dict[str, Tensor]]:
+    return {"q_proj": {"weight": q}, "k_proj": {"weight": k}, "v_proj": {"weight": v}, "output_proj": {"weight": o}}
+
+
+def run_rope(
+    d_k: int,
+    theta: float,
+    max_seq_len: int,
+    in_query_or_key: Float[Tensor, " ... sequence_length d_k"],
+    token_positions: Int[Tensor, " ... sequence_length"],
+) -> Float[Tensor, " ... sequence_length d_k"]:
+    return fnlm.rope(in_query_or_key, token_positions, fnlm.rope_cache(d_k, max_seq_len, theta, device=in_query_or_key.device))
+
+
+def run_rmsnorm(d_model: int, eps: float, weights: Float[Tensor, " d_model"], in_features: Float[Tensor, " ... d_model"]) -> Float[Tensor, " ... d_model"]:
+    return fnlm.rmsnorm({"weight": weights}, in_features, eps=eps)
+
+
+def run_silu(in_features: Float[Tensor, " ..."]) -> Float[Tensor, " ..."]:
+    return fnlm.silu(in_features)
+
+
+def run_softmax(in_features: Float[Tensor, " ..."], dim: int) -> Float[Tensor, " ..."]:
+    return fnlm.softmax(in_features, dim)
+
+
 # --- training maths ---
 
 
