@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import random
 import struct
@@ -37,7 +38,7 @@ FORMAT = "fnlm-checkpoint"
 VERSION = 1
 RESERVED = ("params", "opt_state", "step", "config", "config_class", "rng")
 
-PathOrFile = str | os.PathLike | BinaryIO | IO[bytes]
+PathOrFile = str | os.PathLike | io.IOBase | BinaryIO | IO[bytes]
 _SCALARS = (int, float, str, bytes, bool, type(None), torch.dtype, torch.device)
 
 

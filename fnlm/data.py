@@ -155,16 +155,14 @@ def load_tokens(
 def _check_id_range(tokens: np.ndarray, vocab_size: int | None, chunk_size: int, progress: bool, name: str) -> None:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    lo, hi = None, None
     starts = range(0, tokens.shape[0], chunk_size)
     for start in tqdm(starts, desc=f"checking ids in {Path(name).name}", disable=not progress, unit="chunk"):
         chunk = tokens[start : start + chunk_size]
-        cmin, cmax = int(chunk.min()), int(chunk.max())
-        lo = cmin if lo is None else min(lo, cmin)
-        hi = cmax if hi is None else max(hi, cmax)
-        if lo < 0:
-            raise ValueError(f"{name!r} holds a negative token id ({lo}) near position {start}")
-        if vocab_size is not None and hi >= vocab_size:
+        if int(chunk.min()) < 0:
+            pos = start + int(np.argmax(chunk < 0))
+            raise ValueError(f"{name!r} holds a negative token id ({int(tokens[pos])}) at position {pos}")
+        if vocab_size is not None and int(chunk.max()) >= vocab_size:
+            pos = start + int(np.argmax(chunk >= vocab_size))
             raise ValueError(
-                f"{name!r} holds token id {hi} near position {start}, not below vocab_size={vocab_size}"
+                f"{name!r} holds token id {int(tokens[pos])} at position {pos}, not below vocab_size={vocab_size}"
             )

@@ -9,7 +9,6 @@ build new tensors with multi-tensor (`torch._foreach_*`) kernels under `torch.no
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,8 +82,14 @@ def _decay_flags(params_flat: dict[str, Any], decay_mask: DecayMask) -> list[boo
     return flags
 
 
-def _check_hyper(**values: float) -> None:
+def _check_hyper(**values: float | Tensor) -> None:
+    if torch.compiler.is_compiling():
+        return
     for key, value in values.items():
+        if isinstance(value, Tensor):
+            if value.ndim != 0 or not value.is_floating_point():
+                raise ValueError(f"{key} must be a float or a floating 0-d tensor, got {value!r}")
+            continue
         lo, hi = (0.0, 1.0) if key.startswith("beta") else (0.0, math.inf)
         if not (lo <= value < hi) or math.isnan(value):
             raise ValueError(f"{key} must be in [{lo}, {hi}), got {value!r}")
@@ -128,7 +133,7 @@ def _adamw_update(
     decay: list[bool],
     *,
     step: int,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -143,12 +148,18 @@ def _adamw_update(
         torch._foreach_addcmul_(new_v, grads, grads, value=1.0 - beta2)
         denom = torch._foreach_sqrt(new_v)
         torch._foreach_add_(denom, eps)
-        alpha_t = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-        new_params = torch._foreach_addcdiv(params, new_m, denom, value=-alpha_t)
+        alpha_t = lr * (math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step))
+        if isinstance(lr, Tensor):
+            new_params = torch._foreach_div(new_m, denom)
+            torch._foreach_mul_(new_params, alpha_t.to(params[0].device))
+            new_params = torch._foreach_sub(params, new_params)
+        else:
+            new_params = torch._foreach_addcdiv(params, new_m, denom, value=-alpha_t)
         decayed = [p for p, d in zip(new_params, decay) if d]
         if weight_decay and decayed:
-            torch._foreach_mul_(decayed, 1.0 - lr * weight_decay)
-    return new_params, new_m, new_v
+            factor = 1.0 - lr * weight_decay
+            torch._foreach_mul_(decayed, factor.to(params[0].device) if isinstance(factor, Tensor) else factor)
+    return list(new_params), list(new_m), list(new_v)
 
 
 def adamw_step(
@@ -156,7 +167,7 @@ def adamw_step(
     state: dict[str, Any],
     grads: Tree,
     *,
-    lr: float,
+    lr: float | Tensor,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.01,
@@ -182,7 +193,9 @@ def adamw_step(
     - `params`: the params tree.
     - `state`: from :func:`adamw_init` or a previous step.
     - `grads`: a tree with the same flat names and shapes as `params`.
-    - `lr`: the learning rate (e.g. from :func:`cosine_schedule`).
+    - `lr`: the learning rate (e.g. from :func:`cosine_schedule`). Under `torch.compile`, a Python
+      float that changes every step forces a recompile each step; pass a 0-d float tensor
+      (updated in place or made anew each step) to compile the step once.
     - `betas`: `(b1, b2)`, each in `[0, 1)`.
     - `eps`: added to `sqrt(v)`.
     - `weight_decay`: the decoupled decay rate `wd`.
@@ -273,7 +286,7 @@ def sgd_step(
     new_p: list[Tensor] = []
     if p_list:
         with torch.no_grad():
-            new_p = torch._foreach_add(p_list, g_list, alpha=-lr_t)
+            new_p = list(torch._foreach_add(p_list, g_list, alpha=-lr_t))
             if weight_decay:
                 pairs = [(n, p) for n, p, d in zip(new_p, p_list, decay) if d]
                 if pairs:
@@ -367,7 +380,7 @@ def clip_grad_norm_with_norm(
     names = [n for n, g in flat.items() if g is not None]
     leaves = [flat[n] for n in names]
     with torch.no_grad():
-        scaled = torch._foreach_mul(leaves, coef)
+        scaled = list(torch._foreach_mul(leaves, coef))
     flat.update(zip(names, scaled))
     return tree_unflatten(flat), norm
 
