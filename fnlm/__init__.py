@@ -51,6 +51,32 @@ from fnlm.nn import (  # noqa: E402
     swiglu,
     swiglu_d_ff,
 )
+from fnlm.model import (  # noqa: E402
+    ATTENTIONS,
+    BLOCKS,
+    FFNS,
+    NORMS,
+    AttentionContext,
+    KVCache,
+    LayerKV,
+    TransformerConfig,
+    attention_context,
+    block_from_config,
+    init_kv_cache,
+    init_transformer_block,
+    init_transformer_lm,
+    kv_append,
+    no_norm,
+    no_position,
+    nope_self_attention,
+    param_names,
+    post_norm_block,
+    rope_position,
+    self_attention,
+    transformer_block,
+    transformer_lm,
+)
+from fnlm import compat  # noqa: E402  (nn.Module shims: fnlm.compat.Linear, ..., TransformerLM)
 
 # --- training maths (loss, optim, schedule, data, checkpoint) ---
 from fnlm.autodiff import value_and_grad  # noqa: E402

@@ -101,6 +101,34 @@ def run_softmax(in_features: Float[Tensor, " ..."], dim: int) -> Float[Tensor, "
     return fnlm.softmax(in_features, dim)
 
 
+def run_transformer_block(
+    d_model: int,
+    num_heads: int,
+    d_ff: int,
+    max_seq_len: int,
+    theta: float,
+    weights: dict[str, Tensor],
+    in_features: Float[Tensor, " batch sequence_length d_model"],
+) -> Float[Tensor, " batch sequence_length d_model"]:
+    ctx = fnlm.attention_context(num_heads=num_heads, seq_len=in_features.shape[-2], d_head=d_model // num_heads, rope_theta=theta, device=in_features.device)
+    return fnlm.transformer_block(fnlm.tree_unflatten(weights), in_features, ctx)
+
+
+def run_transformer_lm(
+    vocab_size: int,
+    context_length: int,
+    d_model: int,
+    num_layers: int,
+    num_heads: int,
+    d_ff: int,
+    rope_theta: float,
+    weights: dict[str, Tensor],
+    in_indices: Int[Tensor, " batch_size sequence_length"],
+) -> Float[Tensor, " batch_size sequence_length vocab_size"]:
+    config = fnlm.TransformerConfig(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, rope_theta)
+    return fnlm.transformer_lm(fnlm.tree_unflatten(weights), in_indices, config)
+
+
 # --- training maths ---
 
 

@@ -1,0 +1,529 @@
+"""The Transformer language model as pure functions over a parameter tree.
+
+```python
+config = TransformerConfig(vocab_size=10_000, context_length=256, d_model=512, num_layers=4,
+                           num_heads=16, d_ff=1344)
+params = init_transformer_lm(config, seed=0)
+logits = transformer_lm(params, token_ids, config)          # (..., seq, vocab)
+```
+
+**Composition.** `transformer_lm` runs `token embedding → blocks → final norm → LM head`. Each
+block is a function `block(layer_params, x, ctx) -> x`, and the default blocks take their parts
+as keyword arguments:
+
+- `norm(params_or_None, x) -> x` (`rmsnorm`, or the ablation `no_norm`),
+- `attention(params, x, ctx) -> x` (`self_attention` with RoPE, or `nope_self_attention`),
+  itself built from a positional function `position(q, k, ctx) -> (q, k)`
+  (`rope_position`, `no_position`),
+- `ffn(params, x) -> x` (`swiglu`, or the ablation `silu_ffn`).
+
+`ctx` is an `AttentionContext`: what every layer's attention needs and nothing else — the head
+count, the RoPE cosines/sines at the token positions (computed once per `transformer_lm` call),
+the causal mask (built once per call), and this layer's slice of the KV cache when decoding.
+
+The config's name fields (`norm`, `norm_position`, `position`, `ffn`) pick the defaults; passing
+`block=` replaces them. A parallel attention + feed-forward block, for example:
+
+```python
+def parallel_block(params, x, ctx):
+    h = rmsnorm(params["ln1"], x)
+    return x + self_attention(params["attn"], h, ctx) + swiglu(params["ffn"], h)
+
+logits = transformer_lm(params, token_ids, config, block=parallel_block)
+```
+
+A block that needs other parameters comes with its own `init_block` for `init_transformer_lm`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from fnlm.nn import (
+    causal_mask,
+    embedding,
+    init_embedding,
+    init_linear,
+    init_multihead_self_attention,
+    init_rmsnorm,
+    init_silu_ffn,
+    init_swiglu,
+    linear,
+    merge_heads,
+    rmsnorm,
+    rope_cos_sin,
+    rope_rotate,
+    scaled_dot_product_attention,
+    silu_ffn,
+    split_heads,
+    swiglu,
+)
+from fnlm.types import Float, Int, Tensor
+
+__all__ = [
+    "TransformerConfig",
+    "AttentionContext",
+    "LayerKV",
+    "KVCache",
+    "attention_context",
+    "init_kv_cache",
+    "kv_append",
+    "rope_position",
+    "no_position",
+    "self_attention",
+    "nope_self_attention",
+    "no_norm",
+    "transformer_block",
+    "post_norm_block",
+    "init_transformer_block",
+    "block_from_config",
+    "init_transformer_lm",
+    "transformer_lm",
+    "param_names",
+    "NORMS",
+    "BLOCKS",
+    "ATTENTIONS",
+    "FFNS",
+]
+
+Params = dict[str, Any]
+
+
+# --- config ------------------------------------------------------------------------------
+
+_CHOICES = {
+    "norm": ("rmsnorm", "none"),
+    "norm_position": ("pre", "post"),
+    "position": ("rope", "nope"),
+    "ffn": ("swiglu", "silu"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """The model's hyperparameters.
+
+    **Fields:**
+
+    - `vocab_size`, `context_length`, `d_model`, `num_layers`, `num_heads`, `d_ff`: positive ints;
+      `d_model` must be divisible by `num_heads` (`d_head = d_model // num_heads`, even for RoPE).
+    - `rope_theta`: the RoPE base Θ.
+    - `norm`: `"rmsnorm"` or `"none"` (the no-norm ablation: no `ln1`, `ln2`, `ln_final` params).
+    - `norm_position`: `"pre"` (the default block) or `"post"` (the post-norm ablation).
+    - `position`: `"rope"` or `"nope"` (no positional encoding).
+    - `ffn`: `"swiglu"` or `"silu"` (the ungated ablation: no `w3`; use `d_ff = 4·d_model` to
+      match SwiGLU's parameter count).
+
+    `TransformerConfig(**dataclasses.asdict(config)) == config`.
+    """
+
+    vocab_size: int
+    context_length: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    d_ff: int
+    rope_theta: float = 10000.0
+    norm: str = "rmsnorm"
+    norm_position: str = "pre"
+    position: str = "rope"
+    ffn: str = "swiglu"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}")
+        if self.d_model % self.num_heads != 0:
+            raise ValueError(
+                f"TransformerConfig.d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
+            )
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 0:
+            raise ValueError(f"TransformerConfig.rope_theta must be a positive number, got {self.rope_theta!r}")
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"TransformerConfig.{name} must be one of {allowed}, got {value!r}")
+        if self.position == "rope" and self.d_head % 2 != 0:
+            raise ValueError(
+                f"RoPE needs an even head size, got d_model={self.d_model} / num_heads={self.num_heads} = {self.d_head}"
+            )
+
+    @property
+    def d_head(self) -> int:
+        """`d_model // num_heads`."""
+        return self.d_model // self.num_heads
+
+
+# --- attention context and KV cache --------------------------------------------------------
+
+
+class LayerKV(NamedTuple):
+    """One layer's KV-cache buffers (`(..., heads, max_len, d_head)`, written in place) and the
+    position `start` at which this call's keys and values go."""
+
+    keys: Tensor
+    values: Tensor
+    start: int
+
+
+class AttentionContext(NamedTuple):
+    """What the attention of every layer needs for one `transformer_lm` call.
+
+    - `num_heads`: the head count.
+    - `cos`, `sin`: RoPE at the token positions, `(seq, d_head/2)` or `(..., 1, seq, d_head/2)`
+      (a heads dim for per-sequence positions); `None` when the config has no RoPE.
+    - `mask`: boolean `(seq, seq_kv)`, True = attend; `None` when every key may be attended to.
+    - `kv`: this layer's `LayerKV` when decoding with a cache, else `None`.
+    """
+
+    num_heads: int
+    cos: Tensor | None
+    sin: Tensor | None
+    mask: Tensor | None
+    kv: LayerKV | None = None
+
+
+def attention_context(
+    *,
+    num_heads: int,
+    seq_len: int,
+    d_head: int,
+    rope_theta: float | None = 10000.0,
+    positions: Int[Tensor, "... seq"] | None = None,
+    start: int = 0,
+    device: torch.device | str | None = None,
+) -> AttentionContext:
+    """Build the `AttentionContext` for `seq_len` new tokens following `start` cached ones.
+
+    **Arguments:**
+
+    - `num_heads`, `d_head`: attention shape.
+    - `seq_len`: number of new tokens in this call.
+    - `rope_theta`: RoPE base; `None` for no RoPE (`cos`/`sin` left `None`).
+    - `positions`: token positions `(..., seq)`; `start .. start+seq_len-1` when `None`.
+    - `start`: number of tokens already in the KV cache (0 without one).
+    - `device`: where the tensors go.
+
+    **Returns:** an `AttentionContext` with `kv=None` (`transformer_lm` fills it per layer).
+    """
+    cos = sin = None
+    if rope_theta is not None:
+        if positions is None:
+            cos, sin = rope_cos_sin(torch.arange(start, start + seq_len, device=device), d_head, rope_theta)
+        else:
+            cos, sin = rope_cos_sin(positions, d_head, rope_theta)
+            cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # (..., 1, seq, half)
+    mask = None if seq_len == 1 else causal_mask(seq_len, start + seq_len, device=device)
+    return AttentionContext(num_heads, cos, sin, mask)
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Preallocated keys and values for incremental decoding: `keys[i]`, `values[i]` of shape
+    `(*batch_shape, heads, max_len, d_head)` for layer `i`, of which the first `length` positions
+    are filled. `transformer_lm(..., kv_cache=cache)` writes the new positions in place and
+    advances `length`: the cache is the one mutable object in fnlm, and only decoding uses it."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    length: int = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[-2]
+
+    def reset(self) -> None:
+        """Forget the cached positions (the buffers are reused)."""
+        self.length = 0
+
+
+def init_kv_cache(
+    config: TransformerConfig,
+    *,
+    batch_shape: tuple[int, ...] = (),
+    max_len: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> KVCache:
+    """An empty `KVCache` for `config`, for token ids of shape `(*batch_shape, seq)`.
+
+    **Arguments:**
+
+    - `config`: the model's config.
+    - `batch_shape`: the leading dims of the token ids that will be fed.
+    - `max_len`: positions to hold; `config.context_length` by default.
+    - `device`, `dtype`: as the params.
+
+    **Returns:** a `KVCache` with `length == 0`.
+    """
+    max_len = config.context_length if max_len is None else max_len
+    if max_len <= 0:
+        raise ValueError(f"max_len must be positive, got {max_len}")
+    shape = (*batch_shape, config.num_heads, max_len, config.d_head)
+    keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+    values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+    return KVCache(keys, values, 0)
+
+
+def kv_append(
+    kv: LayerKV, k: Float[Tensor, "... heads seq d_head"], v: Float[Tensor, "... heads seq d_head"]
+) -> tuple[Float[Tensor, "... heads seq_kv d_head"], Float[Tensor, "... heads seq_kv d_head"]]:
+    """Write `k`, `v` at positions `kv.start ..` of the layer's cache (in place) and return all
+    cached keys and values up to the end of the new ones."""
+    end = kv.start + k.shape[-2]
+    kv.keys[..., kv.start : end, :] = k
+    kv.values[..., kv.start : end, :] = v
+    return kv.keys[..., :end, :], kv.values[..., :end, :]
+
+
+# --- attention, norms, blocks ---------------------------------------------------------------
+
+
+def rope_position(
+    q: Float[Tensor, "... heads seq d_head"], k: Float[Tensor, "... heads seq d_head"], ctx: AttentionContext
+) -> tuple[Float[Tensor, "... heads seq d_head"], Float[Tensor, "... heads seq d_head"]]:
+    """Positional function: RoPE on queries and keys with the context's cosines and sines."""
+    if ctx.cos is None or ctx.sin is None:
+        raise ValueError("rope_position needs RoPE angles in the context; this config has position='nope'")
+    return rope_rotate(q, ctx.cos, ctx.sin), rope_rotate(k, ctx.cos, ctx.sin)
+
+
+def no_position(
+    q: Float[Tensor, "... heads seq d_head"], k: Float[Tensor, "... heads seq d_head"], ctx: AttentionContext
+) -> tuple[Float[Tensor, "... heads seq d_head"], Float[Tensor, "... heads seq d_head"]]:
+    """Positional function of the NoPE ablation: queries and keys unchanged (causal masking is the
+    only source of position information)."""
+    return q, k
+
+
+def self_attention(
+    params: Params,
+    x: Float[Tensor, "... seq d_model"],
+    ctx: AttentionContext,
+    *,
+    position: Callable[..., tuple[Tensor, Tensor]] = rope_position,
+) -> Float[Tensor, "... seq d_model"]:
+    """Causal multi-head self-attention for the LM: project, apply `position` to q and k, append
+    to the KV cache if the context has one, attend, project back.
+
+    **Arguments:**
+
+    - `params`: `q_proj`, `k_proj`, `v_proj`, `output_proj`, each `{"weight": (d_model, d_model)}`.
+    - `x`: `(..., seq, d_model)`.
+    - `ctx`: the `AttentionContext` of this call.
+    - `position`: `position(q, k, ctx) -> (q, k)` on `(..., heads, seq, d_head)` tensors.
+
+    **Returns:** `(..., seq, d_model)`.
+    """
+    q, k, v = (split_heads(linear(params[name], x), ctx.num_heads) for name in ("q_proj", "k_proj", "v_proj"))
+    q, k = position(q, k, ctx)
+    if ctx.kv is not None:
+        k, v = kv_append(ctx.kv, k, v)
+    out = scaled_dot_product_attention(q, k, v, ctx.mask)  # (..., heads, seq, d_head)
+    return linear(params["output_proj"], merge_heads(out))
+
+
+def nope_self_attention(params: Params, x: Float[Tensor, "... seq d_model"], ctx: AttentionContext) -> Float[Tensor, "... seq d_model"]:
+    """The NoPE ablation: `self_attention` without any positional encoding."""
+    return self_attention(params, x, ctx, position=no_position)
+
+
+def no_norm(params: Any, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+    """The no-RMSNorm ablation: the identity (its params, absent from the tree, are ignored)."""
+    return x
+
+
+def transformer_block(
+    params: Params,
+    x: Float[Tensor, "... seq d_model"],
+    ctx: AttentionContext,
+    *,
+    norm: Callable[..., Tensor] = rmsnorm,
+    attention: Callable[..., Tensor] = self_attention,
+    ffn: Callable[..., Tensor] = swiglu,
+) -> Float[Tensor, "... seq d_model"]:
+    """The pre-norm block: `x + attention(norm(x))`, then `+ ffn(norm(·))`.
+
+    **Arguments:**
+
+    - `params`: one layer: `attn`, `ffn`, and `ln1`, `ln2` unless the norm takes none.
+    - `x`: `(..., seq, d_model)`.
+    - `ctx`: the `AttentionContext` of this call.
+    - `norm`, `attention`, `ffn`: the parts (see the module docstring for their signatures).
+
+    **Returns:** `(..., seq, d_model)`.
+    """
+    x = x + attention(params["attn"], norm(params.get("ln1"), x), ctx)
+    return x + ffn(params["ffn"], norm(params.get("ln2"), x))
+
+
+def post_norm_block(
+    params: Params,
+    x: Float[Tensor, "... seq d_model"],
+    ctx: AttentionContext,
+    *,
+    norm: Callable[..., Tensor] = rmsnorm,
+    attention: Callable[..., Tensor] = self_attention,
+    ffn: Callable[..., Tensor] = swiglu,
+) -> Float[Tensor, "... seq d_model"]:
+    """The post-norm ablation (the original Transformer's order): `z = norm(x + attention(x))`,
+    then `norm(z + ffn(z))`. Same parameters and arguments as `transformer_block`."""
+    x = norm(params.get("ln1"), x + attention(params["attn"], x, ctx))
+    return norm(params.get("ln2"), x + ffn(params["ffn"], x))
+
+
+NORMS: dict[str, Callable[..., Tensor]] = {"rmsnorm": rmsnorm, "none": no_norm}
+BLOCKS: dict[str, Callable[..., Tensor]] = {"pre": transformer_block, "post": post_norm_block}
+ATTENTIONS: dict[str, Callable[..., Tensor]] = {"rope": self_attention, "nope": nope_self_attention}
+FFNS: dict[str, Callable[..., Tensor]] = {"swiglu": swiglu, "silu": silu_ffn}
+
+
+def block_from_config(config: TransformerConfig) -> Callable[..., Tensor]:
+    """The block the config's name fields select, as `block(params, x, ctx) -> x`."""
+    return functools.partial(
+        BLOCKS[config.norm_position],
+        norm=NORMS[config.norm],
+        attention=ATTENTIONS[config.position],
+        ffn=FFNS[config.ffn],
+    )
+
+
+# --- init and the LM ---------------------------------------------------------------------------
+
+
+def init_transformer_block(
+    config: TransformerConfig,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Params:
+    """One layer's parameters: `attn.{q,k,v,output}_proj`, `ffn.{w1,w2,w3}` (no `w3` for
+    `ffn="silu"`), and `ln1`, `ln2` unless `norm="none"`."""
+    kw = dict(generator=generator, device=device, dtype=dtype)
+    init_ffn = init_swiglu if config.ffn == "swiglu" else init_silu_ffn
+    layer: Params = {
+        "attn": init_multihead_self_attention(config.d_model, **kw),
+        "ffn": init_ffn(config.d_model, config.d_ff, **kw),
+    }
+    if config.norm != "none":
+        layer["ln1"] = init_rmsnorm(config.d_model, device=device, dtype=dtype)
+        layer["ln2"] = init_rmsnorm(config.d_model, device=device, dtype=dtype)
+    return layer
+
+
+def init_transformer_lm(
+    config: TransformerConfig,
+    *,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    init_block: Callable[..., Params] = init_transformer_block,
+) -> Params:
+    """Initial parameters of the LM, a nested dict whose flat names are the CS336 state-dict names
+    (`token_embeddings.weight`, `layers.{i}.attn.q_proj.weight`, ..., `ln_final.weight`,
+    `lm_head.weight`).
+
+    Linear weights ~ N(0, 2/(d_in+d_out)) truncated at ±3σ, embeddings ~ N(0, 1) truncated at ±3,
+    RMSNorm gains 1. All draws come from one CPU generator seeded with `seed`, so a seed gives the
+    same parameters on every device.
+
+    **Arguments:**
+
+    - `config`: the `TransformerConfig`.
+    - `seed`: the RNG seed.
+    - `device`, `dtype`: where and how the parameters are stored.
+    - `init_block`: `init_block(config, *, generator, device, dtype) -> layer params`, for blocks
+      that need other parameters than `init_transformer_block` gives.
+
+    **Returns:** the params tree.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    kw = dict(generator=generator, device=device, dtype=dtype)
+    params: Params = {
+        "token_embeddings": init_embedding(config.vocab_size, config.d_model, **kw),
+        "layers": [init_block(config, **kw) for _ in range(config.num_layers)],
+    }
+    if config.norm != "none":
+        params["ln_final"] = init_rmsnorm(config.d_model, device=device, dtype=dtype)
+    params["lm_head"] = init_linear(config.d_model, config.vocab_size, **kw)
+    return params
+
+
+def param_names(config: TransformerConfig) -> set[str]:
+    """The flat parameter names `init_transformer_lm(config)` produces (the CS336 names)."""
+    layer = ["attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "attn.output_proj.weight"]
+    layer += ["ffn.w1.weight", "ffn.w2.weight"] + (["ffn.w3.weight"] if config.ffn == "swiglu" else [])
+    layer += ["ln1.weight", "ln2.weight"] if config.norm != "none" else []
+    names = {"token_embeddings.weight", "lm_head.weight"} | ({"ln_final.weight"} if config.norm != "none" else set())
+    return names | {f"layers.{i}.{n}" for i in range(config.num_layers) for n in layer}
+
+
+def transformer_lm(
+    params: Params,
+    token_ids: Int[Tensor, "... seq"],
+    config: TransformerConfig,
+    *,
+    positions: Int[Tensor, "... seq"] | None = None,
+    block: Callable[..., Tensor] | None = None,
+    final_norm: Callable[..., Tensor] | None = None,
+    kv_cache: KVCache | None = None,
+) -> Float[Tensor, "... seq vocab"]:
+    """The LM's logits: token embedding → `num_layers` blocks → final norm → LM head.
+
+    Pure unless `kv_cache` is given. Sequences shorter than `context_length` work; longer ones
+    raise. RoPE angles and the causal mask are built once per call and shared by all layers.
+
+    **Arguments:**
+
+    - `params`: the tree from `init_transformer_lm`.
+    - `token_ids`: integer ids `(..., seq)`, each in `[0, vocab_size)`.
+    - `config`: the `TransformerConfig`.
+    - `positions`: token positions `(..., seq)` for RoPE; `start .. start+seq-1` when `None`
+      (`start` is `kv_cache.length`, or 0).
+    - `block`: `block(layer_params, x, ctx) -> x` applied per layer, where `x` is
+      `(..., seq, d_model)` and `ctx` an `AttentionContext`; chosen from the config's
+      `norm_position`, `norm`, `position`, `ffn` when `None` (`block_from_config`).
+    - `final_norm`: `norm(params["ln_final"] or None, x) -> x`; from `config.norm` when `None`.
+    - `kv_cache`: a `KVCache` (`init_kv_cache`) holding `kv_cache.length` earlier tokens; this
+      call's keys and values are written into it and its length advanced, and the new tokens
+      attend to all cached ones.
+
+    **Returns:** logits `(..., seq, vocab)`.
+    """
+    seq = token_ids.shape[-1]
+    start = 0 if kv_cache is None else kv_cache.length
+    limit = config.context_length if kv_cache is None else min(kv_cache.max_len, config.context_length)
+    if start + seq > limit:
+        raise ValueError(
+            f"sequence too long: {start} cached + {seq} new tokens > {limit} "
+            f"(context_length={config.context_length})"
+        )
+    layers = params["layers"]
+    if len(layers) != config.num_layers:
+        raise ValueError(f"params have {len(layers)} layers but config.num_layers={config.num_layers}")
+    ctx = attention_context(
+        num_heads=config.num_heads,
+        seq_len=seq,
+        d_head=config.d_head,
+        rope_theta=config.rope_theta if config.position == "rope" else None,
+        positions=positions,
+        start=start,
+        device=token_ids.device,
+    )
+    block = block_from_config(config) if block is None else block
+    final_norm = NORMS[config.norm] if final_norm is None else final_norm
+
+    x = embedding(params["token_embeddings"], token_ids)
+    for i, layer in enumerate(layers):
+        layer_ctx = ctx if kv_cache is None else ctx._replace(kv=LayerKV(kv_cache.keys[i], kv_cache.values[i], start))
+        x = block(layer, x, layer_ctx)
+    if kv_cache is not None:
+        kv_cache.length = start + seq
+    return linear(params["lm_head"], final_norm(params.get("ln_final"), x))

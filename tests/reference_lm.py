@@ -1,0 +1,124 @@
+"""An independent plain-PyTorch Transformer LM used as a reference by the tests and as the
+hand-written baseline by the speed check: torch ops only (F.linear, F.rms_norm, F.silu,
+F.scaled_dot_product_attention) and RoPE through complex multiplication, the pairs
+(2k, 2k+1) read as one complex number."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def rope_complex(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    d = x.shape[-1]
+    freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = positions.double().unsqueeze(-1) * freqs
+    rot = torch.polar(torch.ones_like(angles), angles)
+    xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], d // 2, 2).contiguous())
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+
+
+def reference_block(
+    w: dict[str, Tensor],
+    x: Tensor,
+    num_heads: int,
+    theta: float | None,
+    positions: Tensor | None = None,
+    *,
+    norm: bool = True,
+    post: bool = False,
+    gated: bool = True,
+) -> Tensor:
+    d = x.shape[-1]
+    seq = x.shape[-2]
+
+    def ln(name: str, t: Tensor) -> Tensor:
+        return F.rms_norm(t, (d,), w[name], eps=1e-5) if norm else t
+
+    def attn(t: Tensor) -> Tensor:
+        def heads(name: str) -> Tensor:
+            return F.linear(t, w[f"attn.{name}.weight"]).reshape(*t.shape[:-1], num_heads, -1).transpose(-3, -2)
+
+        q, k, v = heads("q_proj"), heads("k_proj"), heads("v_proj")
+        if theta is not None:
+            pos = torch.arange(seq) if positions is None else positions.unsqueeze(-2)
+            q, k = rope_complex(q, pos, theta), rope_complex(k, pos, theta)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.linear(o.transpose(-3, -2).reshape(t.shape), w["attn.output_proj.weight"])
+
+    def ffn(t: Tensor) -> Tensor:
+        h = F.silu(F.linear(t, w["ffn.w1.weight"]))
+        if gated:
+            h = h * F.linear(t, w["ffn.w3.weight"])
+        return F.linear(h, w["ffn.w2.weight"])
+
+    if post:
+        x = ln("ln1.weight", x + attn(x))
+        return ln("ln2.weight", x + ffn(x))
+    x = x + attn(ln("ln1.weight", x))
+    return x + ffn(ln("ln2.weight", x))
+
+
+def reference_lm(
+    flat: dict[str, Tensor],
+    ids: Tensor,
+    *,
+    num_layers: int,
+    num_heads: int,
+    theta: float | None = 10000.0,
+    norm: bool = True,
+    post: bool = False,
+    gated: bool = True,
+) -> Tensor:
+    x = F.embedding(ids, flat["token_embeddings.weight"])
+    for i in range(num_layers):
+        w = {k[len(f"layers.{i}.") :]: v for k, v in flat.items() if k.startswith(f"layers.{i}.")}
+        x = reference_block(w, x, num_heads, theta, norm=norm, post=post, gated=gated)
+    if norm:
+        x = F.rms_norm(x, (x.shape[-1],), flat["ln_final.weight"], eps=1e-5)
+    return F.linear(x, flat["lm_head.weight"])
+
+
+class HandWrittenLM(nn.Module):
+    """The same pre-norm LM as an ordinary nn.Module (the baseline for the speed comparison)."""
+
+    def __init__(self, vocab: int, ctx: int, d_model: int, layers: int, heads: int, d_ff: int, theta: float = 10000.0):
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Embedding(vocab, d_model)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            b = nn.Module()
+            b.q, b.k, b.v, b.o = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
+            b.w1, b.w3 = nn.Linear(d_model, d_ff, bias=False), nn.Linear(d_model, d_ff, bias=False)
+            b.w2 = nn.Linear(d_ff, d_model, bias=False)
+            b.n1, b.n2 = nn.RMSNorm(d_model, eps=1e-5), nn.RMSNorm(d_model, eps=1e-5)
+            self.blocks.append(b)
+        self.norm = nn.RMSNorm(d_model, eps=1e-5)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+        d_head = d_model // heads
+        inv = 1.0 / theta ** (torch.arange(0, d_head, 2).float() / d_head)
+        ang = torch.arange(ctx).float()[:, None] * inv
+        self.register_buffer("cos", ang.cos(), persistent=False)
+        self.register_buffer("sin", ang.sin(), persistent=False)
+
+    def _rope(self, x: Tensor, seq: int) -> Tensor:
+        cos, sin = self.cos[:seq], self.sin[:seq]
+        e, o = x[..., 0::2], x[..., 1::2]
+        return torch.stack((e * cos - o * sin, e * sin + o * cos), -1).flatten(-2)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        b, s = ids.shape
+        x = self.emb(ids)
+        mask = torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()
+        for blk in self.blocks:
+            h = blk.n1(x)
+            q, k, v = (m(h).view(b, s, self.heads, -1).transpose(1, 2) for m in (blk.q, blk.k, blk.v))
+            q, k = self._rope(q, s), self._rope(k, s)
+            att = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
+            att = torch.softmax(att.masked_fill(~mask, float("-inf")), -1)
+            x = x + blk.o((att @ v).transpose(1, 2).reshape(b, s, -1))
+            h = blk.n2(x)
+            x = x + blk.w2(F.silu(blk.w1(h)) * blk.w3(h))
+        return self.head(self.norm(x))
