@@ -109,7 +109,7 @@ class Attention(nn.Module):
         if self.fused:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            scores = q @ k.transpose(-1, -2) / math.sqrt(d // h)
+            scores = (q * (1.0 / math.sqrt(d // h))) @ k.transpose(-1, -2)
             mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
             scores = scores.masked_fill(~mask, float("-inf"))
             out = softmax(scores, -1) @ v
