@@ -182,40 +182,50 @@ def check_agree(runners, x, y, when: str, tol: float) -> list[float]:
     return losses
 
 
-def time_runners(runners, x, y, device, warmup: int, steps: int) -> dict[str, list[float]]:
+def time_runners(runners, x, y, device, warmup: int, steps: int, cpu_times: dict | None = None) -> dict[str, list[float]]:
+    """Alternate the runners' steps; wall-clock seconds per step by name (and process CPU seconds
+    into ``cpu_times``, a figure less disturbed by other processes on a shared machine)."""
     for _ in range(warmup):
         for r in runners:
             r.step(x, y)
     sync(device)
     times = {r.name: [] for r in runners}
+    if cpu_times is not None:
+        cpu_times.update({r.name: [] for r in runners})
     for _ in range(steps):
         for r in runners:
             sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             r.step(x, y)
             sync(device)
             times[r.name].append(time.perf_counter() - start)
+            if cpu_times is not None:
+                cpu_times[r.name].append(time.process_time() - cpu_start)
     return times
 
 
-def report(times: dict[str, list[float]], args, config, baseline_names: list[str], label: str = "") -> dict[str, float]:
+def report(times: dict[str, list[float]], args, config, baseline_names: list[str], label: str = "",
+           cpu_times: dict[str, list[float]] | None = None) -> dict[str, float]:
     tokens = args.batch * args.context
     peak = accounting.measure_matmul_peak(args.device, DTYPES[args.dtype] if args.device.startswith("cuda") else torch.float32)
     medians = {n: statistics.median(t) for n, t in times.items()}
+    cpu = {n: statistics.median(t) for n, t in (cpu_times or {}).items()}
     print(f"\n{label}median step time over {args.steps} alternating steps (after {args.warmup} warm-up):")
     for n, m in medians.items():
         tps = tokens / m
         util = accounting.mfu(tps, config, peak, seq_len=args.context)
         spread = f"[{min(times[n]) * 1e3:.1f}..{max(times[n]) * 1e3:.1f}]"
-        print(f"  {n:<22} {m * 1e3:9.2f} ms {spread:>18}  {tps:10.0f} tok/s  MFU {util * 100:5.1f}%")
+        cpu_col = f"  cpu {cpu[n] * 1e3:9.2f} ms" if n in cpu else ""
+        print(f"  {n:<24} {m * 1e3:9.2f} ms {spread:>20}{cpu_col}  {tps:10.0f} tok/s  MFU {util * 100:5.1f}%")
         if args.device.startswith("cuda"):
-            print(f"  {'':<22} projected time for {TARGET_TOKENS:,} tokens: {TARGET_TOKENS / tps / 60:.1f} min")
-    fn = [n for n in medians if n.startswith("fnlm")]
-    for f in fn:
+            print(f"  {'':<24} projected time for {TARGET_TOKENS:,} tokens: {TARGET_TOKENS / tps / 60:.1f} min")
+    for f in (n for n in medians if n.startswith("fnlm")):
         for b in baseline_names:
             if b in medians:
-                print(f"  ratio {f}/{b}: {medians[f] / medians[b]:.3f}")
-    print(f"  (MFU against {peak / 1e12:.2f} TFLOP/s {'table/measured' if args.device.startswith('cuda') else 'measured fp32 matmul'} peak)")
+                cpu_ratio = f"   (process CPU time: {cpu[f] / cpu[b]:.3f})" if f in cpu and b in cpu else ""
+                print(f"  ratio {f}/{b}: {medians[f] / medians[b]:.3f}{cpu_ratio}")
+    source = "table/measured" if args.device.startswith("cuda") else "measured fp32 matmul"
+    print(f"  (MFU against a {peak / 1e12:.3f} TFLOP/s {source} peak)")
     return medians
 
 
@@ -224,10 +234,11 @@ def run_eager(args) -> None:
     tol = 1e-4 if args.dtype == "fp32" else 2e-2
     losses = check_agree(runners, x, y, "at step 0", tol)
     print("loss at step 0: " + ", ".join(f"{r.name} {v:.5f}" for r, v in zip(runners, losses)))
-    times = time_runners(runners, x, y, args.device, args.warmup, args.steps)
+    cpu_times: dict[str, list[float]] = {}
+    times = time_runners(runners, x, y, args.device, args.warmup, args.steps, cpu_times)
     losses = check_agree(runners, x, y, f"after {args.warmup + args.steps} steps", 50 * tol)
     print(f"loss after {args.warmup + args.steps} steps: " + ", ".join(f"{r.name} {v:.5f}" for r, v in zip(runners, losses)))
-    report(times, args, config, ["(a) module", "(b) fused"])
+    report(times, args, config, ["(a) module", "(b) fused"], cpu_times=cpu_times)
 
 
 def run_compiled(args) -> None:
@@ -257,8 +268,9 @@ def run_compiled(args) -> None:
         r.step(x, y)
     sync(args.device)
     print(f"compile + first steps: {time.perf_counter() - start:.1f} s")
-    times = time_runners(runners, x, y, args.device, args.warmup, args.steps)
-    medians = report(times, args, config, ["(b) compiled", "(b) eager"])
+    cpu_times: dict[str, list[float]] = {}
+    times = time_runners(runners, x, y, args.device, args.warmup, args.steps, cpu_times)
+    medians = report(times, args, config, ["(b) compiled", "(b) eager"], cpu_times=cpu_times)
     name = compiled[0].name
     print(f"  ratio {name}/fnlm eager: {medians[name] / medians['fnlm eager']:.3f}")
 
