@@ -76,6 +76,7 @@ from fnlm.model import (  # noqa: E402
     transformer_block,
     transformer_lm,
 )
+from fnlm.generate import generate, sample_next_token, top_p_mask  # noqa: E402
 from fnlm import compat  # noqa: E402  (nn.Module shims: fnlm.compat.Linear, ..., TransformerLM)
 
 # --- training maths (loss, optim, schedule, data, checkpoint) ---

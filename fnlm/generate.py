@@ -1,0 +1,162 @@
+"""Decoding: temperature and nucleus (top-p) sampling, and `generate` with a KV cache.
+
+```python
+new_ids = generate(params, config, tokenizer.encode("Once upon a time"), max_new_tokens=200,
+                   temperature=0.8, top_p=0.95, eos_id=eot, seed=0)
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from fnlm.model import TransformerConfig, init_kv_cache, transformer_lm
+from fnlm.nn import softmax
+from fnlm.types import Bool, Float, Int, Tensor
+
+__all__ = ["top_p_mask", "sample_next_token", "generate"]
+
+
+def _check_sampling(temperature: float | int, top_p: float | int) -> None:
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+
+
+def top_p_mask(probs: Float[Tensor, "... vocab"], top_p: float | int) -> Bool[Tensor, "... vocab"]:
+    """The nucleus: True for the smallest set of most-likely tokens whose probability mass is at
+    least `top_p` (a token is kept when the mass of the tokens ranked above it is below `top_p`;
+    the most likely token is always kept; ties are broken by sort order).
+
+    Example: `top_p_mask(tensor([0.5, 0.2, 0.3]), 0.7)` is `[True, False, True]`.
+
+    **Arguments:**
+
+    - `probs`: probabilities `(..., vocab)`, each row summing to 1.
+    - `top_p`: the mass to cover, in `(0, 1]`.
+
+    **Returns:** boolean `(..., vocab)`.
+    """
+    _check_sampling(1.0, top_p)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    keep_sorted = mass_before < top_p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def sample_next_token(
+    logits: Float[Tensor, "... vocab"],
+    *,
+    temperature: float | int = 1.0,
+    top_p: float | int = 1.0,
+    generator: torch.Generator | None = None,
+) -> Int[Tensor, "..."]:
+    """Draw one token per row from `softmax(logits / temperature)` restricted to the top-p nucleus.
+
+    **Arguments:**
+
+    - `logits`: `(..., vocab)`.
+    - `temperature`: `0` picks the argmax (greedy); larger values flatten the distribution.
+    - `top_p`: nucleus mass in `(0, 1]`; `1` samples from the whole distribution.
+    - `generator`: a `torch.Generator` on `logits.device` (the global RNG when `None`).
+
+    **Returns:** token ids `(...)`, int64.
+    """
+    _check_sampling(temperature, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        probs = probs * top_p_mask(probs, top_p)
+    flat = probs.reshape(-1, probs.shape[-1])  # (rows, vocab)
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def generate(
+    params: dict,
+    config: TransformerConfig,
+    prompt_ids: Sequence[int] | Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float | int = 1.0,
+    top_p: float | int = 1.0,
+    eos_id: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    block: Callable[..., Tensor] | None = None,
+    final_norm: Callable[..., Tensor] | None = None,
+) -> list[int]:
+    """Continue `prompt_ids` by up to `max_new_tokens` tokens.
+
+    With the KV cache (the default) the prompt is run once (prefill) and then one token per step.
+    **Beyond the context length** the model always conditions on the most recent
+    `context_length` tokens (a sliding window), exactly as recomputing the window each step
+    would: a prompt longer than the context is cut to its last `context_length` tokens, and once
+    the cache is full each new step re-prefills the cache on the last `context_length` tokens
+    (RoPE positions are absolute, so cached keys cannot be shifted). Past that point a step costs
+    one full-window forward, the same as decoding without a cache.
+
+    **Arguments:**
+
+    - `params`, `config`: the model (as for `transformer_lm`).
+    - `prompt_ids`: a non-empty sequence of token ids (list or 1-D tensor).
+    - `max_new_tokens`: the most tokens to generate.
+    - `temperature`, `top_p`: see `sample_next_token`; `temperature=0` is greedy.
+    - `eos_id`: stop as soon as this id is produced (it is not included in the result).
+    - `seed`: seeds the sampling RNG for a reproducible result (fresh randomness when `None`).
+    - `use_cache`: `False` recomputes the whole window each step (the reference behaviour).
+    - `block`, `final_norm`: passed to `transformer_lm`, for models built from other blocks.
+
+    **Returns:** the newly generated ids only, as a list of ints.
+    """
+    _check_sampling(temperature, top_p)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    ids = [int(t) for t in (prompt_ids.reshape(-1).tolist() if isinstance(prompt_ids, Tensor) else prompt_ids)]
+    if not ids:
+        raise ValueError("prompt_ids is empty: generation needs at least one token to condition on")
+    bad = [t for t in ids if not 0 <= t < config.vocab_size]
+    if bad:
+        raise ValueError(f"prompt ids must lie in [0, {config.vocab_size}); got {bad[:8]}")
+    if eos_id is not None and not 0 <= eos_id < config.vocab_size:
+        raise ValueError(f"eos_id must lie in [0, {config.vocab_size}), got {eos_id!r}")
+
+    weight = params["token_embeddings"]["weight"]
+    device, dtype = weight.device, weight.dtype
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    window = config.context_length
+    cache = None
+
+    def logits_for(tokens: list[int]) -> Tensor:
+        x = torch.tensor(tokens, dtype=torch.long, device=device)
+        return transformer_lm(params, x, config, block=block, final_norm=final_norm, kv_cache=cache)[-1]
+
+    new: list[int] = []
+    with torch.inference_mode():
+        if max_new_tokens == 0:
+            return new
+        if use_cache:
+            cache = init_kv_cache(config, device=device, dtype=dtype)
+        logits = logits_for(ids[-window:])
+        while True:
+            token = int(sample_next_token(logits, temperature=temperature, top_p=top_p, generator=generator))
+            if token == eos_id:
+                break
+            new.append(token)
+            ids.append(token)
+            if len(new) == max_new_tokens:
+                break
+            if cache is not None and cache.length < window:
+                logits = logits_for([token])
+            else:
+                if cache is not None:
+                    cache.reset()
+                logits = logits_for(ids[-window:])
+    return new
