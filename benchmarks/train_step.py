@@ -222,8 +222,9 @@ def report(times: dict[str, list[float]], args, config, baseline_names: list[str
     for f in (n for n in medians if n.startswith("fnlm")):
         for b in baseline_names:
             if b in medians:
-                cpu_ratio = f"   (process CPU time: {cpu[f] / cpu[b]:.3f})" if f in cpu and b in cpu else ""
-                print(f"  ratio {f}/{b}: {medians[f] / medians[b]:.3f}{cpu_ratio}")
+                cpu_ratio = f", of median process CPU time {cpu[f] / cpu[b]:.3f}" if f in cpu and b in cpu else ""
+                print(f"  ratio {f}/{b}: {medians[f] / medians[b]:.3f}   "
+                      f"(of fastest steps {min(times[f]) / min(times[b]):.3f}{cpu_ratio})")
     source = "table/measured" if args.device.startswith("cuda") else "measured fp32 matmul"
     print(f"  (MFU against a {peak / 1e12:.3f} TFLOP/s {source} peak)")
     return medians
