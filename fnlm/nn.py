@@ -14,7 +14,7 @@ on every device.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -60,6 +60,34 @@ def _trunc_normal(
     out = torch.empty(shape, dtype=torch.float32)
     torch.nn.init.trunc_normal_(out, mean=0.0, std=std, a=-bound, b=bound, generator=generator)
     return out.to(device=device, dtype=dtype)
+
+
+def _upcast(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _classic(fn: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """`fn` in the classic `forward(ctx, *args)` form. torch binds the signature of a
+    `setup_context`-style Function with `inspect` on every call (tens of µs); the classic form
+    skips that but cannot run under torch.func transforms (nor be traced by dynamo without
+    grad), so `_apply` picks per call."""
+
+    def forward(ctx: Any, *args: Any) -> Any:
+        out = fn.forward(*args)
+        fn.setup_context(ctx, args, out)
+        return out
+
+    return type(fn.__name__ + "Classic", (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(fn.backward)})
+
+
+def _apply(fn: type[torch.autograd.Function], classic: type[torch.autograd.Function], *args: Any) -> Any:
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return fn.apply(*args)
+    return classic.apply(*args)
 
 
 def _check_positive(**values: int) -> None:
@@ -187,14 +215,47 @@ def init_rmsnorm(
     return {"weight": torch.ones(d_model, device=device, dtype=dtype)}
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm with a hand-written backward (float32 in, float32 out).
+
+    With `r = 1/sqrt(mean(x²) + eps)`, `n = x·r`, `y = n·g`:
+    `∂L/∂g = Σ_rows ∂L/∂y · n` and `∂L/∂x = r · (u - n · mean(u · n))` where `u = ∂L/∂y · g`.
+    Only `x`, `g` and the per-row `r` are kept for the backward.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        r = torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)  # (..., 1)
+        return (x * r).mul_(weight), r
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        x, weight, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, weight, output[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _grad_r: Tensor) -> tuple[Tensor, Tensor, None]:
+        x, weight, r = ctx.saved_tensors
+        n = x * r
+        u = grad * weight
+        grad_x = (u - n * (u * n).mean(dim=-1, keepdim=True)) * r
+        grad_w = (grad * n).reshape(-1, n.shape[-1]).sum(dim=0)
+        return grad_x, grad_w, None
+
+
+_RMSNormClassic = _classic(_RMSNormFn)
+
+
 def _rmsnorm(weight: Float[Tensor, "d_model"], x: Float[Tensor, "... d_model"], eps: float) -> Float[Tensor, "... d_model"]:
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.square().mean(dim=-1, keepdim=True) + eps)
-    return (normed * weight).to(x.dtype)
+    x32 = _upcast(x)
+    return _cast(_apply(_RMSNormFn, _RMSNormClassic, x32, _cast(weight, x32.dtype), eps)[0], x.dtype)
 
 
 def rmsnorm(params: dict[str, Tensor], x: Float[Tensor, "... d_model"], *, eps: float = 1e-5) -> Float[Tensor, "... d_model"]:
-    """RMSNorm: `x / sqrt(mean(x²) + eps) * g`, computed in float32 and cast back to `x.dtype`.
+    """RMSNorm: `x / sqrt(mean(x²) + eps) * g`, computed in (at least) float32 and cast back to `x.dtype`.
 
     **Arguments:**
 
@@ -210,9 +271,34 @@ def rmsnorm(params: dict[str, Tensor], x: Float[Tensor, "... d_model"], *, eps: 
 # --- feed-forward ------------------------------------------------------------------------
 
 
+class _SiLUFn(torch.autograd.Function):
+    """SiLU with a hand-written backward: with `s = σ(x)` and `y = x·s`,
+    `dy/dx = s + x·s·(1 - s) = s + y·(1 - s)`; keeps `s` and `y`."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
+        sig = torch.sigmoid(x)
+        return x * sig, sig
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(*output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _grad_sig: Tensor) -> Tensor:
+        y, sig = ctx.saved_tensors
+        return (1 - sig).mul_(y).add_(sig).mul_(grad)
+
+
+_SiLUClassic = _classic(_SiLUFn)
+
+
 def silu(x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
-    """SiLU (swish): `x · σ(x)`, elementwise."""
-    return x * torch.sigmoid(x)
+    """SiLU (swish): `x · σ(x)`, elementwise (hand-written forward and backward)."""
+    return _apply(_SiLUFn, _SiLUClassic, x)[0]
 
 
 def swiglu_d_ff(d_model: int, multiple_of: int = 64) -> int:
@@ -354,7 +440,7 @@ def rope_rotate(
 
     **Returns:** `(..., seq, d_head)`, dtype of `x`.
     """
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    cos, sin = _cast(cos, x.dtype), _cast(sin, x.dtype)
     pairs = x.unflatten(-1, (-1, 2))  # (..., seq, half, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (..., seq, half, 2)
@@ -378,13 +464,42 @@ def rope(x: Float[Tensor, "... seq d_head"], positions: Int[Tensor, "... seq"], 
 # --- attention ---------------------------------------------------------------------------
 
 
+class _SoftmaxFn(torch.autograd.Function):
+    """Softmax with a hand-written backward: `∂L/∂x = p · (∂L/∂p - Σ ∂L/∂p · p)`; keeps only `p`."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, dim: int) -> Tensor:
+        finfo = torch.finfo(x.dtype)
+        row_max = x.amax(dim=dim, keepdim=True).clamp_min_(finfo.min)  # a fully masked row: -inf -> min
+        e = (x - row_max).exp_()
+        total = e.sum(dim=dim, keepdim=True)  # >= 1, or 0 for a fully masked row
+        return e.div_(total.clamp_min_(finfo.tiny))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, int], output: Tensor) -> None:
+        ctx.dim = inputs[1]
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (p,) = ctx.saved_tensors
+        grad_x = grad * p
+        return torch.addcmul(grad_x, p, grad_x.sum(dim=ctx.dim, keepdim=True), value=-1), None
+
+
+_SoftmaxClassic = _classic(_SoftmaxFn)
+
+
 def softmax(x: Float[Tensor, "..."], dim: int = -1) -> Float[Tensor, "..."]:
-    """Numerically stable softmax along `dim`, computed in float32 and cast back to `x.dtype`.
+    """Numerically stable softmax along `dim`, computed in (at least) float32 and cast back to `x.dtype`.
 
     The row maximum is subtracted first, so entries of any finite size (e.g. ±1e4) give no
     overflow. Entries of `-inf` get probability 0. **A fully masked row** (every entry `-inf`)
     returns all zeros rather than NaN: an attention query that may attend to nothing reads
-    nothing (the same as `F.scaled_dot_product_attention` with a boolean mask).
+    nothing (the same as `F.scaled_dot_product_attention` with a boolean mask), and its gradient
+    is zero. The backward is hand-written and keeps only the output.
 
     **Arguments:**
 
@@ -393,12 +508,7 @@ def softmax(x: Float[Tensor, "..."], dim: int = -1) -> Float[Tensor, "..."]:
 
     **Returns:** same shape and dtype as `x`; along `dim` each row sums to 1 (or is all zero).
     """
-    x32 = x.float()
-    row_max = x32.amax(dim=dim, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    e = torch.exp(x32 - row_max)
-    total = e.sum(dim=dim, keepdim=True)
-    return (e / torch.where(total > 0, total, torch.ones_like(total))).to(x.dtype)
+    return _cast(_apply(_SoftmaxFn, _SoftmaxClassic, _upcast(x), dim), x.dtype)
 
 
 def causal_mask(seq_q: int, seq_k: int, *, device: torch.device | str | None = None) -> Bool[Tensor, "seq_q seq_k"]:
@@ -431,7 +541,7 @@ def scaled_dot_product_attention(
     scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (..., queries, keys)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return softmax(scores, dim=-1).to(v.dtype) @ v
+    return _cast(softmax(scores, dim=-1), v.dtype) @ v
 
 
 def split_heads(x: Float[Tensor, "... seq d_model"], num_heads: int) -> Float[Tensor, "... heads seq d_head"]:

@@ -1,13 +1,12 @@
-"""An independent plain-PyTorch Transformer LM used as a reference by the tests and as the
-hand-written baseline by the speed check: torch ops only (F.linear, F.rms_norm, F.silu,
-F.scaled_dot_product_attention) and RoPE through complex multiplication, the pairs
-(2k, 2k+1) read as one complex number."""
+"""An independent plain-PyTorch Transformer LM used as a reference by the tests: torch ops only
+(F.linear, F.rms_norm, F.silu, F.scaled_dot_product_attention) and RoPE through complex
+multiplication, the pairs (2k, 2k+1) read as one complex number."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def rope_complex(x: Tensor, positions: Tensor, theta: float) -> Tensor:
@@ -78,47 +77,3 @@ def reference_lm(
     if norm:
         x = F.rms_norm(x, (x.shape[-1],), flat["ln_final.weight"], eps=1e-5)
     return F.linear(x, flat["lm_head.weight"])
-
-
-class HandWrittenLM(nn.Module):
-    """The same pre-norm LM as an ordinary nn.Module (the baseline for the speed comparison)."""
-
-    def __init__(self, vocab: int, ctx: int, d_model: int, layers: int, heads: int, d_ff: int, theta: float = 10000.0):
-        super().__init__()
-        self.heads = heads
-        self.emb = nn.Embedding(vocab, d_model)
-        self.blocks = nn.ModuleList()
-        for _ in range(layers):
-            b = nn.Module()
-            b.q, b.k, b.v, b.o = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
-            b.w1, b.w3 = nn.Linear(d_model, d_ff, bias=False), nn.Linear(d_model, d_ff, bias=False)
-            b.w2 = nn.Linear(d_ff, d_model, bias=False)
-            b.n1, b.n2 = nn.RMSNorm(d_model, eps=1e-5), nn.RMSNorm(d_model, eps=1e-5)
-            self.blocks.append(b)
-        self.norm = nn.RMSNorm(d_model, eps=1e-5)
-        self.head = nn.Linear(d_model, vocab, bias=False)
-        d_head = d_model // heads
-        inv = 1.0 / theta ** (torch.arange(0, d_head, 2).float() / d_head)
-        ang = torch.arange(ctx).float()[:, None] * inv
-        self.register_buffer("cos", ang.cos(), persistent=False)
-        self.register_buffer("sin", ang.sin(), persistent=False)
-
-    def _rope(self, x: Tensor, seq: int) -> Tensor:
-        cos, sin = self.cos[:seq], self.sin[:seq]
-        e, o = x[..., 0::2], x[..., 1::2]
-        return torch.stack((e * cos - o * sin, e * sin + o * cos), -1).flatten(-2)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        b, s = ids.shape
-        x = self.emb(ids)
-        mask = torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()
-        for blk in self.blocks:
-            h = blk.n1(x)
-            q, k, v = (m(h).view(b, s, self.heads, -1).transpose(1, 2) for m in (blk.q, blk.k, blk.v))
-            q, k = self._rope(q, s), self._rope(k, s)
-            att = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
-            att = torch.softmax(att.masked_fill(~mask, float("-inf")), -1)
-            x = x + blk.o((att @ v).transpose(1, 2).reshape(b, s, -1))
-            h = blk.n2(x)
-            x = x + blk.w2(F.silu(blk.w1(h)) * blk.w3(h))
-        return self.head(self.norm(x))

@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import fnlm
 from fnlm import compat
 from tests.reference_lm import reference_lm
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is fastest, and avoids oversubscribing the
+    cores when pytest-xdist runs one worker per core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_linear_embedding_rmsnorm_shims():

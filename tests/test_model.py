@@ -16,6 +16,16 @@ import fnlm
 from tests.adapters import run_transformer_block, run_transformer_lm
 from tests.reference_lm import reference_block, reference_lm
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is fastest, and avoids oversubscribing the
+    cores when pytest-xdist runs one worker per core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 SMALL = fnlm.TransformerConfig(vocab_size=61, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=48)
 
 
@@ -277,3 +287,13 @@ def test_bf16_autocast_forward_runs():
         out = fnlm.transformer_lm(params, ids, SMALL)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), fnlm.transformer_lm(params, ids, SMALL), atol=0.15, rtol=0.05)
+
+
+def test_bf16_params_forward_and_generate():
+    params = fnlm.init_transformer_lm(SMALL, seed=0, dtype=torch.bfloat16)
+    ids = torch.randint(0, SMALL.vocab_size, (2, 8))
+    out = fnlm.transformer_lm(params, ids, SMALL)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    ref = fnlm.transformer_lm(fnlm.tree_map(lambda t: t.float(), params), ids, SMALL)
+    torch.testing.assert_close(out.float(), ref, atol=0.2, rtol=0.05)
+    assert len(fnlm.generate(params, SMALL, [1, 2], max_new_tokens=4, seed=0)) == 4

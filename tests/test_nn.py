@@ -15,6 +15,16 @@ from hypothesis import strategies as st
 
 import fnlm
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is fastest, and avoids oversubscribing the
+    cores when pytest-xdist runs one worker per core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 from tests.adapters import (
     run_embedding,
     run_linear,
@@ -366,3 +376,49 @@ def test_bad_sizes_raise_value_errors_with_values():
         fnlm.rope_cache(7, 16)
     with pytest.raises(ValueError, match="num_heads=3"):
         fnlm.split_heads(torch.randn(2, 4, 8), 3)
+
+
+# --- hand-written backward passes --------------------------------------------------------------
+
+
+def test_softmax_rmsnorm_silu_gradients_match_torch():
+    x = (torch.randn(3, 4, 9) * 3).requires_grad_()
+    g = torch.randn(3, 4, 9)
+    for ours, ref in [
+        (lambda t: fnlm.softmax(t, 1), lambda t: torch.softmax(t, 1)),
+        (fnlm.silu, F.silu),
+    ]:
+        (a,) = torch.autograd.grad((ours(x) * g).sum(), x)
+        (b,) = torch.autograd.grad((ref(x) * g).sum(), x)
+        torch.testing.assert_close(a, b)
+    w = (torch.rand(9) + 0.5).requires_grad_()
+    a = torch.autograd.grad((fnlm.rmsnorm({"weight": w}, x) * g).sum(), (x, w))
+    b = torch.autograd.grad((F.rms_norm(x, (9,), w, eps=1e-5) * g).sum(), (x, w))
+    torch.testing.assert_close(a, b)
+
+
+def test_hand_written_backwards_pass_gradcheck():
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: fnlm.softmax(t, 0), (x,))
+    assert torch.autograd.gradcheck(fnlm.silu, (x,))
+    assert torch.autograd.gradcheck(lambda t, v: fnlm.rmsnorm({"weight": v}, t), (x, w))
+    masked = x.detach().clone()
+    masked[0, 1] = float("-inf")
+    masked[1, 2, :2] = float("-inf")
+    masked.requires_grad_()
+    (grad,) = torch.autograd.grad((fnlm.softmax(masked) * torch.randn(2, 3, 5, dtype=torch.float64)).sum(), masked)
+    assert torch.isfinite(grad).all() and (grad[0, 1] == 0).all() and (grad[1, 2, :2] == 0).all()
+
+
+def test_torch_func_grad_and_vmap_work_through_the_layers():
+    w = torch.rand(6) + 0.5
+    xs = torch.randn(4, 6)
+
+    def f(weight, x):
+        return fnlm.softmax(fnlm.silu(fnlm.rmsnorm({"weight": weight}, x))).square().sum()
+
+    per_example = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0))(w, xs)
+    wr = w.clone().requires_grad_()
+    ref = torch.stack([torch.autograd.grad(f(wr, x), wr)[0] for x in xs])
+    torch.testing.assert_close(per_example, ref)
