@@ -108,6 +108,15 @@ from fnlm.tokenizer.corpus import encode_file  # noqa: E402
 from fnlm.tokenizer.train import train_bpe  # noqa: E402
 
 # --- generation, accounting ---
+from fnlm import accounting  # noqa: E402
+from fnlm.accounting import (  # noqa: E402
+    adamw_memory,
+    forward_flops,
+    measure_matmul_peak,
+    mfu,
+    parameter_count,
+    training_flops,
+)
 
 # --- end to end (stories, datasets, trainer, pipeline) ---
 from fnlm import datasets, stories, trainer  # noqa: E402

@@ -1,0 +1,417 @@
+"""One full training step of fnlm against hand-written PyTorch, in one process.
+
+fnlm's step is ``value_and_grad`` over ``cross_entropy(transformer_lm(...))``, ``clip_grad_norm``
+and ``adamw_step``. The baselines are ``benchmarks/reference.py``'s ``ReferenceLM`` with
+``torch.optim.AdamW(foreach=True)`` and ``clip_grad_norm_``:
+
+- (a) the same from-scratch maths as fnlm (softmax, masked attention, RMSNorm, SiLU by hand);
+- (b) the same module on torch's fused kernels (SDPA ``is_causal``, ``F.rms_norm``, ``F.silu``).
+
+All three start from fnlm's initial weights (the losses are checked to agree before timing and
+again after the warm-up steps). Steps alternate fnlm, (a), (b) after a warm-up; medians and the
+ratios fnlm/(a), fnlm/(b) are printed with the machine's name. Default sizes: the 17M
+TinyStories model (d_model 512, 4 layers, 16 heads, d_ff 1344, vocab 10,000) at batch 4 x
+context 128 on CPU.
+
+    python benchmarks/train_step.py                       # eager, CPU
+    python benchmarks/train_step.py --compile             # + torch.compile'd fnlm and (b)
+    python benchmarks/train_step.py --typecheck           # shape checks on vs off (subprocesses)
+    python benchmarks/train_step.py --memory              # peak memory, fnlm vs (a) (subprocesses)
+    python benchmarks/train_step.py --device cuda --dtype bf16 --batch 128 --context 256 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fnlm  # noqa: E402
+from fnlm import accounting  # noqa: E402
+from reference import ReferenceLM, load_fnlm_params  # noqa: E402
+
+LR, BETAS, EPS, WEIGHT_DECAY, MAX_NORM = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
+TARGET_TOKENS = 327_680_000
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def machine_name(device: str) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    parts = [f"CPU {cpu} ({os.cpu_count()} logical cores)", f"torch {torch.__version__}",
+             f"{torch.get_num_threads()} threads"]
+    if device.startswith("cuda"):
+        parts.insert(1, f"GPU {torch.cuda.get_device_name()}")
+    return ", ".join(parts)
+
+
+def make_config(args) -> fnlm.TransformerConfig:
+    return fnlm.TransformerConfig(
+        vocab_size=args.vocab, context_length=max(args.context, 256), d_model=args.d_model,
+        num_layers=args.layers, num_heads=args.heads, d_ff=args.d_ff,
+    )
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class FnlmRunner:
+    """fnlm's functional training step; holds the current params and optimizer state."""
+
+    name = "fnlm"
+
+    def __init__(self, config, params, device, autocast, compile_mode: str | None):
+        self.config = config
+
+        def loss_fn(p, x, y):
+            with autocast():
+                logits = fnlm.transformer_lm(p, x, config)
+            return fnlm.cross_entropy(logits, y)
+
+        if compile_mode == "loss":
+            loss_fn = torch.compile(loss_fn, fullgraph=True)
+        grad_fn = fnlm.value_and_grad(loss_fn)
+
+        def step(p, state, x, y):
+            loss, grads = grad_fn(p, x, y)
+            grads = fnlm.clip_grad_norm(grads, MAX_NORM)
+            p, state = fnlm.adamw_step(p, state, grads, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+            return p, state, loss
+
+        if compile_mode == "step":
+            step = torch.compile(step)
+        self._loss_fn = loss_fn
+        self._step = step
+        self.params = params
+        self.state = fnlm.adamw_init(params)
+
+    def loss(self, x, y) -> float:
+        with torch.no_grad():
+            return float(self._loss_fn(self.params, x, y))
+
+    def step(self, x, y):
+        self.params, self.state, loss = self._step(self.params, self.state, x, y)
+        return loss
+
+
+class TorchRunner:
+    """A hand-written module with torch.optim.AdamW(foreach=True) and clip_grad_norm_."""
+
+    def __init__(self, name, config, flat_params, device, autocast, fused: bool, compile_model: bool):
+        self.name = name
+        self.model = ReferenceLM(config, fused=fused).to(device)
+        load_fnlm_params(self.model, flat_params)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=BETAS, eps=EPS,
+                                     weight_decay=WEIGHT_DECAY, foreach=True)
+
+        def loss_fn(x, y):
+            with autocast():
+                logits = self.model(x)
+            if fused:
+                return torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), y.flatten())
+            from reference import cross_entropy
+
+            return cross_entropy(logits, y)
+
+        self._loss_fn = torch.compile(loss_fn, fullgraph=True) if compile_model else loss_fn
+
+    def loss(self, x, y) -> float:
+        with torch.no_grad():
+            return float(self._loss_fn(x, y))
+
+    def step(self, x, y):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self._loss_fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_NORM)
+        self.opt.step()
+        return loss.detach()
+
+
+def build(args, which: tuple[str, ...], compile_: bool):
+    device = args.device
+    dtype = DTYPES[args.dtype]
+    config = make_config(args)
+    torch.manual_seed(0)
+    params = fnlm.init_transformer_lm(config, seed=0, device=device)
+    flat = {k: v.detach().clone() for k, v in fnlm.tree_flatten(params).items()}
+
+    def autocast():
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+    runners = []
+    for w in which:
+        if w == "fnlm":
+            runners.append(FnlmRunner(config, params, device, autocast, args.fnlm_compile if compile_ else None))
+        elif w == "a":
+            runners.append(TorchRunner("(a) module", config, flat, device, autocast, fused=False, compile_model=False))
+        elif w == "b":
+            runners.append(TorchRunner("(b) fused", config, flat, device, autocast, fused=True, compile_model=compile_))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, args.vocab, (args.batch, args.context), generator=g).to(device)
+    y = torch.randint(0, args.vocab, (args.batch, args.context), generator=g).to(device)
+    return config, runners, x, y
+
+
+def check_agree(runners, x, y, when: str, tol: float) -> list[float]:
+    losses = [r.loss(x, y) for r in runners]
+    ref = losses[0]
+    for r, value in zip(runners, losses):
+        if abs(value - ref) > tol * max(1.0, abs(ref)):
+            raise AssertionError(f"losses disagree {when}: " + ", ".join(f"{q.name}={v:.6f}" for q, v in zip(runners, losses)))
+    return losses
+
+
+def time_runners(runners, x, y, device, warmup: int, steps: int, cpu_times: dict | None = None) -> dict[str, list[float]]:
+    """Alternate the runners' steps; wall-clock seconds per step by name (and process CPU seconds
+    into ``cpu_times``, a figure less disturbed by other processes on a shared machine)."""
+    for _ in range(warmup):
+        for r in runners:
+            r.step(x, y)
+    sync(device)
+    times = {r.name: [] for r in runners}
+    if cpu_times is not None:
+        cpu_times.update({r.name: [] for r in runners})
+    for _ in range(steps):
+        for r in runners:
+            sync(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            r.step(x, y)
+            sync(device)
+            times[r.name].append(time.perf_counter() - start)
+            if cpu_times is not None:
+                cpu_times[r.name].append(time.process_time() - cpu_start)
+    return times
+
+
+def report(times: dict[str, list[float]], args, config, baseline_names: list[str], label: str = "",
+           cpu_times: dict[str, list[float]] | None = None) -> dict[str, float]:
+    tokens = args.batch * args.context
+    peak = accounting.measure_matmul_peak(args.device, DTYPES[args.dtype] if args.device.startswith("cuda") else torch.float32)
+    medians = {n: statistics.median(t) for n, t in times.items()}
+    cpu = {n: statistics.median(t) for n, t in (cpu_times or {}).items()}
+    print(f"\n{label}median step time over {args.steps} alternating steps (after {args.warmup} warm-up):")
+    for n, m in medians.items():
+        tps = tokens / m
+        util = accounting.mfu(tps, config, peak, seq_len=args.context)
+        spread = f"[{min(times[n]) * 1e3:.1f}..{max(times[n]) * 1e3:.1f}]"
+        cpu_col = f"  cpu {cpu[n] * 1e3:9.2f} ms" if n in cpu else ""
+        print(f"  {n:<24} {m * 1e3:9.2f} ms {spread:>20}{cpu_col}  {tps:10.0f} tok/s  MFU {util * 100:5.1f}%")
+        if args.device.startswith("cuda"):
+            print(f"  {'':<24} projected time for {TARGET_TOKENS:,} tokens: {TARGET_TOKENS / tps / 60:.1f} min")
+    for f in (n for n in medians if n.startswith("fnlm")):
+        for b in baseline_names:
+            if b in medians:
+                cpu_ratio = f", of median process CPU time {cpu[f] / cpu[b]:.3f}" if f in cpu and b in cpu else ""
+                print(f"  ratio {f}/{b}: {medians[f] / medians[b]:.3f}   "
+                      f"(of fastest steps {min(times[f]) / min(times[b]):.3f}{cpu_ratio})")
+    source = "table/measured" if args.device.startswith("cuda") else "measured fp32 matmul"
+    print(f"  (MFU against a {peak / 1e12:.3f} TFLOP/s {source} peak)")
+    return medians
+
+
+def run_eager(args) -> None:
+    config, runners, x, y = build(args, ("fnlm", "a", "b"), compile_=False)
+    tol = 1e-4 if args.dtype == "fp32" else 2e-2
+    losses = check_agree(runners, x, y, "at step 0", tol)
+    print("loss at step 0: " + ", ".join(f"{r.name} {v:.5f}" for r, v in zip(runners, losses)))
+    cpu_times: dict[str, list[float]] = {}
+    times = time_runners(runners, x, y, args.device, args.warmup, args.steps, cpu_times)
+    losses = check_agree(runners, x, y, f"after {args.warmup + args.steps} steps", 50 * tol)
+    print(f"loss after {args.warmup + args.steps} steps: " + ", ".join(f"{r.name} {v:.5f}" for r, v in zip(runners, losses)))
+    report(times, args, config, ["(a) module", "(b) fused"], cpu_times=cpu_times)
+
+
+def run_compiled(args) -> None:
+    import torch._dynamo
+
+    config, eager, x, y = build(args, ("fnlm", "b"), compile_=False)
+    _, compiled, _, _ = build(args, ("fnlm", "b"), compile_=True)
+    eager[0].name, eager[1].name = "fnlm eager", "(b) eager"
+    compiled[0].name, compiled[1].name = f"fnlm compiled[{args.fnlm_compile}]", "(b) compiled"
+
+    def model_only(p, ids):
+        return fnlm.transformer_lm(p, ids, config)
+
+    explanation = torch._dynamo.explain(model_only)(eager[0].params, x)
+    print(f"dynamo explain over transformer_lm: {explanation.graph_count} graph(s), "
+          f"{explanation.graph_break_count} graph break(s)")
+    for reason in explanation.break_reasons:
+        print(f"  break: {reason.reason}")
+    torch._dynamo.reset()
+
+    runners = [compiled[0], eager[0], compiled[1], eager[1]]
+    tol = 1e-4 if args.dtype == "fp32" else 2e-2
+    start = time.perf_counter()
+    losses = check_agree(runners, x, y, "at step 0", tol)
+    print(f"loss at step 0: " + ", ".join(f"{r.name} {v:.5f}" for r, v in zip(runners, losses)))
+    for r in compiled:
+        r.step(x, y)
+    sync(args.device)
+    print(f"compile + first steps: {time.perf_counter() - start:.1f} s")
+    cpu_times: dict[str, list[float]] = {}
+    times = time_runners(runners, x, y, args.device, args.warmup, args.steps, cpu_times)
+    medians = report(times, args, config, ["(b) compiled", "(b) eager"], cpu_times=cpu_times)
+    name = compiled[0].name
+    print(f"  ratio {name}/fnlm eager: {medians[name] / medians['fnlm eager']:.3f}")
+
+
+def child(args) -> None:
+    """Runs in a fresh process: time fnlm only (``--typecheck``) or measure one step's memory."""
+    import psutil
+
+    start_rss = psutil.Process().memory_info().rss
+    which = (args.child_runner,)
+    config, runners, x, y = build(args, which, compile_=False)
+    r = runners[0]
+    if args.child_mode == "time":
+        times = time_runners(runners, x, y, args.device, args.warmup, args.steps)
+        out = {"median_s": statistics.median(times[r.name]), "typecheck": fnlm.typecheck_enabled()}
+    elif args.device.startswith("cuda"):
+        r.step(x, y)
+        sync(args.device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(3):
+            r.step(x, y)
+        sync(args.device)
+        out = {"peak_bytes": torch.cuda.max_memory_allocated(), "before_bytes": before}
+    else:
+        import resource
+
+        for _ in range(3):
+            r.step(x, y)
+        max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out = {"peak_bytes": max_rss - start_rss, "before_bytes": 0}
+    print("CHILD_RESULT " + json.dumps(out))
+
+
+def spawn(args, runner: str, mode: str, env_extra: dict[str, str | None]) -> dict:
+    cmd = [sys.executable, __file__, "--child-runner", runner, "--child-mode", mode,
+           "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch),
+           "--context", str(args.context), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--vocab", str(args.vocab), "--d-model", str(args.d_model), "--layers", str(args.layers),
+           "--heads", str(args.heads), "--d-ff", str(args.d_ff)]
+    env = dict(os.environ)
+    for k, v in env_extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    for line in res.stdout.splitlines():
+        if line.startswith("CHILD_RESULT "):
+            return json.loads(line[len("CHILD_RESULT "):])
+    raise RuntimeError(f"child failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+
+
+def run_typecheck(args) -> None:
+    rounds = []
+    for _ in range(args.rounds):
+        off = spawn(args, "fnlm", "time", {"FNLM_TYPECHECK": None})
+        on = spawn(args, "fnlm", "time", {"FNLM_TYPECHECK": "1"})
+        assert on["typecheck"] and not off["typecheck"], (on, off)
+        rounds.append((off["median_s"], on["median_s"]))
+    off_s = statistics.median(r[0] for r in rounds)
+    on_s = statistics.median(r[1] for r in rounds)
+    print(f"\nfnlm training step, shape checks off vs on ({args.rounds} alternating subprocess pairs, "
+          f"median of {args.steps} steps each):")
+    print(f"  FNLM_TYPECHECK unset: {off_s * 1e3:9.2f} ms")
+    print(f"  FNLM_TYPECHECK=1:     {on_s * 1e3:9.2f} ms")
+    print(f"  ratio on/off: {on_s / off_s:.3f}")
+
+
+def run_memory(args) -> None:
+    results = {}
+    for runner, name in (("fnlm", "fnlm"), ("a", "(a) module")):
+        vals = [spawn(args, runner, "memory", {"FNLM_TYPECHECK": None}) for _ in range(args.rounds)]
+        results[name] = vals
+    mib = 2**20
+    what = ("torch.cuda.max_memory_allocated; 'before' = allocated after one step" if args.device.startswith("cuda")
+            else "peak RSS of a fresh process over 3 steps minus its RSS before building the model")
+    print(f"\npeak memory of a training step ({what}; median over {args.rounds} processes):")
+    for name, vals in results.items():
+        peak = statistics.median(v["peak_bytes"] for v in vals)
+        before = statistics.median(v["before_bytes"] for v in vals)
+        extra = f"   before {before / mib:8.1f} MiB" if before else ""
+        print(f"  {name:<12} peak {peak / mib:8.1f} MiB{extra}")
+    pf = statistics.median(v["peak_bytes"] for v in results["fnlm"])
+    pa = statistics.median(v["peak_bytes"] for v in results["(a) module"])
+    print(f"  ratio fnlm/(a) peak: {pf / pa:.3f}")
+    config = make_config(args)
+    est = accounting.adamw_memory(config, batch_size=args.batch, seq_len=args.context)
+    print("  accounting estimate (float32): " + ", ".join(f"{k} {v / mib:.1f} MiB" for k, v in est.items()))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--vocab", type=int, default=10_000)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--d-ff", type=int, default=1344)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="subprocess pairs for --typecheck / --memory")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--fnlm-compile", choices=("loss", "step"), default="loss",
+                   help="compile fnlm's loss function (autograd outside) or the whole step")
+    p.add_argument("--typecheck", action="store_true")
+    p.add_argument("--memory", action="store_true")
+    p.add_argument("--child-runner", help=argparse.SUPPRESS)
+    p.add_argument("--child-mode", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.child_runner:
+        child(args)
+        return
+    config = make_config(args)
+    print(f"machine: {machine_name(args.device)}")
+    print(f"model: d_model {config.d_model}, {config.num_layers} layers, {config.num_heads} heads, "
+          f"d_ff {config.d_ff}, vocab {config.vocab_size}; {accounting.parameter_count(config):,} parameters; "
+          f"batch {args.batch} x context {args.context}, {args.device} {args.dtype}; "
+          f"shape checks {'ON' if fnlm.typecheck_enabled() else 'off'}")
+    if args.typecheck:
+        run_typecheck(args)
+    elif args.memory:
+        run_memory(args)
+    elif args.compile:
+        run_compiled(args)
+    else:
+        run_eager(args)
+
+
+if __name__ == "__main__":
+    main()
