@@ -245,6 +245,16 @@ def draw_batch(
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def _flops_per_token(model_config: Any) -> float | None:
+    """Training FLOPs per token for MFU, or None for a config the accounting does not describe."""
+    try:
+        return fnlm.accounting.training_flops_per_token(
+            model_config, swiglu=getattr(model_config, "ffn", "swiglu") == "swiglu"
+        )
+    except TypeError:
+        return None
+
+
 def _loss_fn(model_fn: Callable, model_config: Any, autocast: torch.autocast | None) -> Callable:
     def loss(params: Tree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast if autocast is not None else contextlib.nullcontext():
@@ -491,6 +501,14 @@ def train(
     if tc.compile if tc.compile is not None else device.type == "cuda":
         loss_fn = torch.compile(loss_fn)
     value_and_grad = fnlm.value_and_grad(loss_fn)
+    flops_per_token = _flops_per_token(model_config)
+    peak_flops = (
+        fnlm.accounting.measure_matmul_peak(
+            device, torch.bfloat16 if use_bf16 and device.type == "cuda" else torch.float32, min_seconds=0.2
+        )
+        if flops_per_token
+        else None
+    )
 
     writer = _Writer(out, parallel.is_main, tc.keep_checkpoints, callbacks)
     train_cfg_data = dataclasses.asdict(tc)
@@ -588,6 +606,8 @@ def train(
                 window_time += time.perf_counter() - t0
                 tok_s = timed_steps * tokens_per_step / max(window_time, 1e-9)
                 record.update(train_loss=mean_loss, lr=lr, grad_norm=mean_norm, tokens_per_sec=tok_s)
+                if peak_flops:
+                    record["mfu"] = tok_s / parallel.world_size * flops_per_token / peak_flops
                 last["train_loss"] = mean_loss
                 loss_sum.zero_()
                 norm_sum.zero_()

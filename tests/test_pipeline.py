@@ -46,6 +46,7 @@ def test_smoke_preset_end_to_end_then_cached(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if "val_loss" in r]
     assert val and val[-1]["step"] == 60
+    assert all(0 < r["mfu"] < 10 for r in records if "train_loss" in r)
     ev = json.loads((run / "eval.json").read_text())
     assert ev["val_loss"] < ev["unigram_entropy"]
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -72,6 +72,7 @@ def test_train_writes_metrics_plot_checkpoints_and_learns(tmp_path):
     assert [r["step"] for r in train] == list(range(2, 25, 2))
     assert [r["step"] for r in val] == [8, 16, 24]
     assert all({"tokens", "time", "lr", "grad_norm", "tokens_per_sec"} <= set(r) for r in train)
+    assert not any("mfu" in r for r in train)  # TinyConfig: no FLOP accounting, so no MFU
     assert val[-1]["val_perplexity"] == pytest.approx(np.exp(val[-1]["val_loss"]))
     assert val[-1]["val_loss"] < np.log(32) - 0.5
     assert res["val_loss"] == val[-1]["val_loss"]
@@ -112,8 +113,8 @@ def test_resume_after_crash_is_bitwise_identical(tmp_path, crash_at):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ra = [{k: v for k, v in r.items() if k not in ("time", "tokens_per_sec")} for r in trainer.read_metrics(tmp_path / "a" / "metrics.jsonl")]
-    rb = [{k: v for k, v in r.items() if k not in ("time", "tokens_per_sec")} for r in trainer.read_metrics(tmp_path / "b" / "metrics.jsonl")]
+    ra = [{k: v for k, v in r.items() if k not in ("time", "tokens_per_sec", "mfu")} for r in trainer.read_metrics(tmp_path / "a" / "metrics.jsonl")]
+    rb = [{k: v for k, v in r.items() if k not in ("time", "tokens_per_sec", "mfu")} for r in trainer.read_metrics(tmp_path / "b" / "metrics.jsonl")]
     assert ra == rb
 
 
@@ -185,3 +186,9 @@ def test_resolve_device():
     assert trainer.resolve_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
     assert trainer.resolve_device("auto").type == expected
+
+
+def test_flops_per_token_for_mfu():
+    config = fnlm.TransformerConfig(vocab_size=100, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64)
+    assert trainer._flops_per_token(config) == fnlm.accounting.training_flops_per_token(config)
+    assert trainer._flops_per_token(TinyConfig(vocab_size=32, context_length=8, d_model=16)) is None
