@@ -12,8 +12,7 @@ import torch  # noqa: E402
 
 import fnlm  # noqa: E402,F401  (imported here so the type-check hook wraps every submodule)
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)  # one intra-op thread per xdist worker: no oversubscription of the cores
+torch.set_num_threads(1)  # the tests' tensors are tiny, and pytest-xdist runs one worker per core
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -14,15 +14,6 @@ from fnlm import compat
 from tests.reference_lm import reference_lm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is fastest, and avoids oversubscribing the
-    cores when pytest-xdist runs one worker per core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_linear_embedding_rmsnorm_shims():
     lin = compat.Linear(6, 4)

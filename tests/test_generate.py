@@ -11,15 +11,6 @@ from hypothesis import strategies as st
 import fnlm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is fastest, and avoids oversubscribing the
-    cores when pytest-xdist runs one worker per core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 CONFIG = fnlm.TransformerConfig(vocab_size=37, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64)
 
 

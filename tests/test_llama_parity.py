@@ -15,15 +15,6 @@ import torch
 import fnlm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is fastest, and avoids oversubscribing the
-    cores when pytest-xdist runs one worker per core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 transformers = pytest.importorskip("transformers")
 
 

@@ -17,15 +17,6 @@ from tests.adapters import run_transformer_block, run_transformer_lm
 from tests.reference_lm import reference_block, reference_lm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is fastest, and avoids oversubscribing the
-    cores when pytest-xdist runs one worker per core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 SMALL = fnlm.TransformerConfig(vocab_size=61, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=48)
 
 

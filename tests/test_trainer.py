@@ -43,14 +43,6 @@ def _tokens(n=4000, vocab=32, seed=0):
     return np.where(rng.random(n) < 0.1, noise, base).astype(np.uint16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TC = TrainConfig(batch_size=8, steps=24, lr=1e-2, min_lr=1e-3, warmup_steps=3, eval_interval=8, eval_batches=3,
                  checkpoint_interval=5, keep_checkpoints=2, log_interval=2, progress=False, plot=False, device="cpu")
 
