@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fnlm  # noqa: E402
-from train_step import machine_name  # noqa: E402
+from harness import machine_name  # noqa: E402
 
 
 def generate_recompute(params, config, prompt_ids: list[int], max_new_tokens: int, device) -> list[int]:

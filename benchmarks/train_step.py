@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,25 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fnlm  # noqa: E402
 from fnlm import accounting  # noqa: E402
+from harness import machine_name  # noqa: E402
 from reference import ReferenceLM, load_fnlm_params  # noqa: E402
 
 LR, BETAS, EPS, WEIGHT_DECAY, MAX_NORM = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
 TARGET_TOKENS = 327_680_000
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def machine_name(device: str) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    parts = [f"CPU {cpu} ({os.cpu_count()} logical cores)", f"torch {torch.__version__}",
-             f"{torch.get_num_threads()} threads"]
-    if device.startswith("cuda"):
-        parts.insert(1, f"GPU {torch.cuda.get_device_name()}")
-    return ", ".join(parts)
 
 
 def make_config(args) -> fnlm.TransformerConfig:

@@ -1,128 +1,158 @@
 """fnlm: a functional, JAX-style language-model library on PyTorch.
 
 Parameters are data (nested dicts of tensors); layers are pure functions.
+
+The package face is lazy (PEP 562): `import fnlm` loads nothing heavy, and each name below is
+imported from its module on first use, so `from fnlm.tokenizer import train_bpe` never loads
+torch. The `if TYPE_CHECKING:` block is the one list of public names: type checkers and editors
+read it as ordinary imports, and `__getattr__` reads the same block to know where each name lives.
+
 Set ``FNLM_TYPECHECK=1`` before the first import to check every annotated shape at runtime.
 """
 
-from fnlm.types import typecheck_requested as _typecheck_requested
+from __future__ import annotations
 
-if _typecheck_requested():
+import ast as _ast
+import importlib as _importlib
+import os as _os
+from typing import TYPE_CHECKING
+
+TYPECHECK_ENV_VAR = "FNLM_TYPECHECK"
+_typecheck_on = _os.environ.get(TYPECHECK_ENV_VAR, "").strip().lower() not in ("", "0", "false", "no", "off")
+if _typecheck_on:
     from jaxtyping import install_import_hook as _install_import_hook
 
-    import fnlm.types as _types
-
     _install_import_hook("fnlm", "beartype.beartype")
-    _types._mark_enabled()
 
-from fnlm.tree import (  # noqa: E402
-    tree_flatten,
-    tree_leaves,
-    tree_map,
-    tree_map_with_path,
-    tree_size,
-    tree_unflatten,
-)
-from fnlm.types import typecheck_enabled  # noqa: E402
+if TYPE_CHECKING:
+    from fnlm import accounting, compat, datasets, distributed, stories, trainer
+    from fnlm.accounting import (
+        adamw_memory,
+        forward_flops,
+        measure_matmul_peak,
+        mfu,
+        parameter_count,
+        training_flops,
+    )
+    from fnlm.autodiff import value_and_grad
+    from fnlm.checkpoint import (
+        capture_rng_state,
+        check_params_match,
+        load_checkpoint,
+        restore_rng_state,
+        save_checkpoint,
+    )
+    from fnlm.data import get_batch, load_tokens
+    from fnlm.generate import generate, sample_next_token, top_p_mask
+    from fnlm.loss import cross_entropy, perplexity
+    from fnlm.model import (
+        ATTENTIONS,
+        BLOCKS,
+        FFNS,
+        NORMS,
+        AttentionContext,
+        KVCache,
+        LayerKV,
+        TransformerConfig,
+        attention_context,
+        block_from_config,
+        init_kv_cache,
+        init_transformer_block,
+        init_transformer_lm,
+        kv_append,
+        no_norm,
+        no_position,
+        nope_self_attention,
+        param_names,
+        post_norm_block,
+        rope_position,
+        self_attention,
+        transformer_block,
+        transformer_lm,
+    )
+    from fnlm.nn import (
+        RopeCache,
+        causal_mask,
+        embedding,
+        init_embedding,
+        init_linear,
+        init_multihead_self_attention,
+        init_rmsnorm,
+        init_silu_ffn,
+        init_swiglu,
+        linear,
+        merge_heads,
+        multihead_self_attention,
+        rmsnorm,
+        rope,
+        rope_cache,
+        rope_cos_sin,
+        rope_rotate,
+        scaled_dot_product_attention,
+        silu,
+        silu_ffn,
+        softmax,
+        split_heads,
+        swiglu,
+        swiglu_d_ff,
+    )
+    from fnlm.optim import (
+        adamw_init,
+        adamw_step,
+        clip_grad_norm,
+        clip_grad_norm_with_norm,
+        cosine_schedule,
+        default_decay_mask,
+        global_norm,
+        sgd_init,
+        sgd_step,
+    )
+    from fnlm.tokenizer import Tokenizer, encode_file, train_bpe
+    from fnlm.trainer import Parallel, TrainConfig, train
+    from fnlm.tree import (
+        tree_flatten,
+        tree_leaves,
+        tree_map,
+        tree_map_with_path,
+        tree_size,
+        tree_unflatten,
+    )
+    from fnlm.types import typecheck_enabled
 
-# --- core (nn, model) ---
-from fnlm.nn import (  # noqa: E402
-    RopeCache,
-    causal_mask,
-    embedding,
-    init_embedding,
-    init_linear,
-    init_multihead_self_attention,
-    init_rmsnorm,
-    init_silu_ffn,
-    init_swiglu,
-    linear,
-    merge_heads,
-    multihead_self_attention,
-    rmsnorm,
-    rope,
-    rope_cache,
-    rope_cos_sin,
-    rope_rotate,
-    scaled_dot_product_attention,
-    silu,
-    silu_ffn,
-    softmax,
-    split_heads,
-    swiglu,
-    swiglu_d_ff,
-)
-from fnlm.model import (  # noqa: E402
-    ATTENTIONS,
-    BLOCKS,
-    FFNS,
-    NORMS,
-    AttentionContext,
-    KVCache,
-    LayerKV,
-    TransformerConfig,
-    attention_context,
-    block_from_config,
-    init_kv_cache,
-    init_transformer_block,
-    init_transformer_lm,
-    kv_append,
-    no_norm,
-    no_position,
-    nope_self_attention,
-    param_names,
-    post_norm_block,
-    rope_position,
-    self_attention,
-    transformer_block,
-    transformer_lm,
-)
-from fnlm.generate import generate, sample_next_token, top_p_mask  # noqa: E402
-from fnlm import compat  # noqa: E402  (nn.Module shims: fnlm.compat.Linear, ..., TransformerLM)
 
-# --- training maths (loss, optim, schedule, data, checkpoint) ---
-from fnlm.autodiff import value_and_grad  # noqa: E402
-from fnlm.checkpoint import (  # noqa: E402
-    capture_rng_state,
-    check_params_match,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
-from fnlm.data import get_batch, load_tokens  # noqa: E402
-from fnlm.loss import cross_entropy, perplexity  # noqa: E402
-from fnlm.optim import (  # noqa: E402
-    adamw_init,
-    adamw_step,
-    clip_grad_norm,
-    clip_grad_norm_with_norm,
-    cosine_schedule,
-    default_decay_mask,
-    global_norm,
-    sgd_init,
-    sgd_step,
-)
+def _lazy_exports() -> dict[str, tuple[str, str | None]]:
+    """``{public name: (module, attribute or None for a submodule)}``, read from the
+    ``if TYPE_CHECKING:`` block of this file."""
+    with open(__file__, encoding="utf-8") as f:
+        tree = _ast.parse(f.read())
+    block = next(n for n in tree.body if isinstance(n, _ast.If) and getattr(n.test, "id", None) == "TYPE_CHECKING")
+    exports: dict[str, tuple[str, str | None]] = {}
+    for node in block.body:
+        if isinstance(node, _ast.ImportFrom) and node.module == __name__:
+            for alias in node.names:
+                exports[alias.asname or alias.name] = (f"{__name__}.{alias.name}", None)
+        elif isinstance(node, _ast.ImportFrom):
+            for alias in node.names:
+                exports[alias.asname or alias.name] = (node.module, alias.name)
+    return exports
 
-# --- tokenizer ---
-from fnlm.tokenizer.tokenizer import Tokenizer  # noqa: E402
-from fnlm.tokenizer.corpus import encode_file  # noqa: E402
-from fnlm.tokenizer.train import train_bpe  # noqa: E402
 
-# --- generation, accounting ---
-from fnlm import accounting  # noqa: E402
-from fnlm.accounting import (  # noqa: E402
-    adamw_memory,
-    forward_flops,
-    measure_matmul_peak,
-    mfu,
-    parameter_count,
-    training_flops,
-)
-
-# --- end to end (stories, datasets, trainer, pipeline) ---
-from fnlm import datasets, stories, trainer  # noqa: E402
-from fnlm.trainer import Parallel, TrainConfig, train  # noqa: E402
-
-# --- distributed ---
-from fnlm import distributed  # noqa: E402
-
+_EXPORTS = _lazy_exports()
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    try:
+        module, attr = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'fnlm' has no attribute {name!r}") from None
+    value = _importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -11,6 +11,7 @@ jaxtyping's wrappers cause recompiles.
 from __future__ import annotations
 
 import os
+import sys
 
 from jaxtyping import Bool, Float, Int, Num, Shaped  # noqa: F401  (re-exported)
 from torch import Tensor  # noqa: F401  (re-exported)
@@ -25,14 +26,6 @@ def typecheck_requested() -> bool:
     return os.environ.get(ENV_VAR, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-_ENABLED = False
-
-
 def typecheck_enabled() -> bool:
     """True when fnlm's functions were wrapped with jaxtyping + beartype at import."""
-    return _ENABLED
-
-
-def _mark_enabled() -> None:
-    global _ENABLED
-    _ENABLED = True
+    return bool(getattr(sys.modules.get("fnlm"), "_typecheck_on", False))

@@ -1,0 +1,7 @@
+"""Byte-level BPE: training (`train_bpe`), the `Tokenizer`, and `encode_file`."""
+
+from fnlm.tokenizer.corpus import encode_file
+from fnlm.tokenizer.tokenizer import Tokenizer
+from fnlm.tokenizer.train import train_bpe
+
+__all__ = ["Tokenizer", "encode_file", "train_bpe"]

@@ -17,6 +17,7 @@ pure-ASCII text is pre-tokenized by an equivalent pattern on the faster standard
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -158,6 +159,22 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab={len(self.vocab)}, merges={len(self.merges)}, special_tokens={self.special_tokens!r})"
+
+    def fingerprint(self) -> str:
+        """A SHA-256 hex digest of what decides the ids: the vocab, the merges in rank order and
+        the special tokens. Two tokenizers with equal fingerprints encode every text to the same ids.
+
+        A checkpoint records it, so a model is never decoded with another run's tokenizer.
+        """
+        h = hashlib.sha256()
+        for idx in sorted(self.vocab):
+            h.update(b"v%d:%d:" % (idx, len(self.vocab[idx])) + self.vocab[idx])
+        for left, right in self.merges:
+            h.update(b"m%d:%d:" % (len(left), len(right)) + left + right)
+        for token in self.special_tokens:
+            raw = token.encode("utf-8")
+            h.update(b"s%d:" % len(raw) + raw)
+        return h.hexdigest()
 
     def __reduce__(self):
         return _rebuild, (self.vocab, self.merges, self.special_tokens, self._cache_size)

@@ -1,0 +1,71 @@
+"""What every benchmark script shares: the machine's description, wall and CPU timers, peak memory.
+
+Scripts import it as a sibling (`from harness import machine_name`): Python puts the script's own
+folder first on `sys.path`, so `python benchmarks/<script>.py` finds it from any directory. Torch
+is imported only by the functions that need it, so tokenizer benchmarks can stay torch-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["machine_name", "cpu_name", "cpu_seconds", "peak_rss_mib", "median_time", "ratio"]
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or `platform.processor()`), with the logical core count."""
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu} ({os.cpu_count()} logical cores)"
+
+
+def machine_name(device: str = "cpu") -> str:
+    """One line naming the CPU, the GPU when `device` is CUDA, torch's version and its thread count."""
+    import torch
+
+    parts = [f"CPU {cpu_name()}", f"torch {torch.__version__}", f"{torch.get_num_threads()} threads"]
+    if device.startswith("cuda"):
+        parts.insert(1, f"GPU {torch.cuda.get_device_name()}")
+    return ", ".join(parts)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its reaped children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median_time(fn: Callable[[], Any], repeats: int, *, warmup: int = 1, sync: Callable[[], None] = lambda: None) -> float:
+    """Median wall seconds of `repeats` calls of `fn` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ratio(a: float, b: float) -> str:
+    """`a / b` formatted to three decimals, or "n/a" when `b` is zero."""
+    return f"{a / b:.3f}" if b else "n/a"
