@@ -1,12 +1,12 @@
 """Training throughput (tokens/s) with 1 process and with N data-parallel processes (torchrun, gloo/NCCL).
 
-Each configuration runs `fnlm.trainer.train` in fresh processes on synthetic uint16 tokens with the
+Each configuration runs `fnlm.train.train` in fresh processes on synthetic uint16 tokens with the
 same global batch, so every configuration does the same work per optimizer step:
 
 - `1 proc x T threads`: plain python, `T` = all cores (the baseline);
 - `1 proc x 1 thread`: the per-core rate, for reference;
 - `N procs x T/N threads`: `torchrun --nproc_per_node=N`, each rank with cores // N intra-op
-  threads (`FNLM_NUM_THREADS`), gradients averaged by `fnlm.distributed.all_reduce_grads`.
+  threads (`FNLM_NUM_THREADS`), gradients averaged by `fnlm.train.parallel.all_reduce_grads`.
 
 Reported: the median tokens/s over the `metrics.jsonl` log windows after the first (warm-up; the
 median over `--repeats` interleaved runs), the
@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fnlm  # noqa: E402
-from fnlm import distributed, trainer  # noqa: E402
+from fnlm import train as trainer  # noqa: E402
+from fnlm.train import parallel as distributed  # noqa: E402
 
 
 def _cores() -> int:

@@ -250,7 +250,7 @@ def run_compiled(args) -> None:
     tol = 1e-4 if args.dtype == "fp32" else 2e-2
     start = time.perf_counter()
     losses = check_agree(runners, x, y, "at step 0", tol)
-    print(f"loss at step 0: " + ", ".join(f"{r.name} {v:.5f}" for r, v in zip(runners, losses)))
+    print("loss at step 0: " + ", ".join(f"{r.name} {v:.5f}" for r, v in zip(runners, losses)))
     for r in compiled:
         r.step(x, y)
     sync(args.device)

@@ -9,15 +9,11 @@ The tokenizer is the one saved in the run folder (``RUN/tokenizer``), or ``--tok
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import fnlm  # noqa: E402
-from fnlm.trainer import resolve_device  # noqa: E402
-
-EOT = "<|endoftext|>"
+import fnlm
+from fnlm.tokenizer import ENDOFTEXT
+from fnlm.train import resolve_device
 
 
 def find_files(checkpoint: Path, tokenizer: Path | None) -> tuple[Path, Path]:
@@ -36,6 +32,17 @@ def find_files(checkpoint: Path, tokenizer: Path | None) -> tuple[Path, Path]:
     return checkpoint, tokenizer
 
 
+def _ablation_block(name: str | None):
+    """The block of a named ablation the config cannot express (e.g. `qk_norm`), else `None`."""
+    if name is None:
+        return None
+    from ablations import ABLATIONS
+
+    if name not in ABLATIONS:
+        raise SystemExit(f"the checkpoint was trained with ablation {name!r}, which experiments/ablations does not define")
+    return ABLATIONS[name].block
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint file, or a run folder (uses its latest.pt)")
@@ -51,11 +58,12 @@ def main(argv: list[str] | None = None) -> str:
     device = resolve_device(args.device)
     ck = fnlm.load_checkpoint(ckpt_path, map_location=device)
     config = fnlm.TransformerConfig(**ck["config"])
-    tok = fnlm.Tokenizer.from_files(tok_dir / "vocab.json", tok_dir / "merges.txt", [EOT])
-    eot = tok.encode(EOT)[0]
+    tok = fnlm.Tokenizer.from_files(tok_dir / "vocab.json", tok_dir / "merges.txt", [ENDOFTEXT])
+    eot = tok.encode(ENDOFTEXT)[0]
     prompt_ids = tok.encode(args.prompt) if args.prompt else [eot]
+    block = _ablation_block(ck.get("ablation"))
     ids = fnlm.generate(ck["params"], config, prompt_ids, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p, eos_id=eot, seed=args.seed)
+                        temperature=args.temperature, top_p=args.top_p, eos_id=eot, seed=args.seed, block=block)
     text = args.prompt + tok.decode(ids)
     print(text)
     return text

@@ -28,25 +28,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.ablations import ABLATIONS  # noqa: E402
-from experiments.ablations.runner import (  # noqa: E402
-    DivergenceMonitor,
-    RunResult,
-    plot_comparison,
-    plot_sweep,
-    results_table,
-    train_variant,
-)
-from fnlm import pipeline  # noqa: E402
+from ablations import ABLATIONS
+from ablations.runner import RunResult, plot_comparison, plot_sweep_results, results_table, train_variant
+from tinystories import stages
+from tinystories.cli import resolve_settings
+from tinystories.presets import PRESETS
 
 
 def _floats(text: str) -> list[float]:
@@ -69,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Any other flag is passed to the train_tinystories.py pipeline (model, training, data flags).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--preset", default="demo", choices=sorted(pipeline.PRESETS), help="the pipeline preset")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="the pipeline preset")
     p.add_argument("--out", help="output folder (default runs/ablations-<preset>)")
     p.add_argument("--only", help=f"comma-separated variants, from {', '.join(ABLATIONS)} (default: all; "
                                   "with a sweep: baseline)")
@@ -116,10 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
     names = _variants(args, sweeping)
     flags = ["--preset", args.preset, "--out", str(out)] + (["--steps", str(args.steps)] if args.steps else [])
     flags += (["--quiet"] if args.quiet else []) + passthrough
-    settings = pipeline.resolve_settings(flags + ["--stage", "data,tokenizer,encode"])
-    stages = pipeline.main(flags + ["--stage", "data,tokenizer,encode"])
-    config = pipeline.model_config_for(settings, stages["tokenizer"])
-    train_ids, valid_ids = pipeline.load_token_files(stages["encode"], config)
+    settings = resolve_settings(flags + ["--stage", "data,tokenizer,encode"])
+    done = stages.main(flags + ["--stage", "data,tokenizer,encode"])
+    config = stages.model_config_for(settings, done["tokenizer"])
+    train_ids, valid_ids = stages.load_token_files(stages.Manifest(settings.out), done["encode"], config)
     base_tc = dataclasses.replace(settings.train, plot=False, checkpoint_interval=10**9, keep_checkpoints=1)
     steps = base_tc.total_steps(config.context_length)
     base_tc = dataclasses.replace(base_tc, steps=steps, max_tokens=None, warmup_steps=min(base_tc.warmup_steps, steps))
@@ -128,15 +119,14 @@ def main(argv: list[str] | None = None) -> dict:
               f"{tokens:,} tokens per run, lr {base_tc.lr:g} → {base_tc.min_lr:g}, seed {base_tc.seed}; "
               f"model d_model {config.d_model}, {config.num_layers} layers, {config.num_heads} heads, "
               f"d_ff {config.d_ff}, context {config.context_length}, vocab {config.vocab_size}")
-    unigram = stages["encode"].get("unigram_entropy", math.nan)
+    unigram = done["encode"].unigram_entropy
     summary: dict = {"budget": budget, "unigram_entropy": unigram}
     t0 = time.perf_counter()
 
     def run(name: str, tc, label: str) -> RunResult:
         print(f"[ablations] {label}", file=sys.stderr, flush=True)
-        monitor = DivergenceMonitor(config.vocab_size, factor=args.explode_factor)
         return train_variant(ABLATIONS[name], config, tc, train_ids, valid_ids, out / "runs" / label, label=label,
-                             monitor=monitor, keep_checkpoints=args.keep_checkpoints)
+                             explode_factor=args.explode_factor, keep_checkpoints=args.keep_checkpoints)
 
     if not sweeping or args.compare:
         results = [run(n, base_tc, n) for n in names]
@@ -152,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
                 tc = dataclasses.replace(base_tc, lr=lr, min_lr=lr * base_tc.min_lr / base_tc.lr)
                 results.append(run(n, tc, f"{n}_lr{lr:g}" if len(names) > 1 else f"lr{lr:g}"))
                 values.append(lr)
-        plot_sweep(results, values, out / "lr_sweep.png", name="peak learning rate",
+        plot_sweep_results(results, values, out / "lr_sweep.png", name="peak learning rate",
                    title=f"learning-rate sweep: {steps} steps, batch {base_tc.batch_size}")
         _write(out, "lr_sweep", "Learning-rate sweep",
                f"Budget: {budget}. Only the peak learning rate changes (min lr kept at the same fraction of it).",
@@ -169,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
                     eval_batches=max(1, round(base_tc.eval_batches * scale)), log_interval=max(1, round(base_tc.log_interval * scale)))
                 results.append(run(n, tc, f"{n}_bs{bs}" if len(names) > 1 else f"bs{bs}"))
                 values.append(bs)
-        plot_sweep(results, values, out / "batch_size_sweep.png", name="batch size", x_key="tokens",
+        plot_sweep_results(results, values, out / "batch_size_sweep.png", name="batch size", x_key="tokens",
                    title=f"batch-size sweep at a fixed budget of {tokens:,} tokens, lr {base_tc.lr:g}")
         _write(out, "batch_size_sweep", "Batch-size sweep",
                f"Budget: {budget}. The token budget is fixed ({tokens:,} tokens): steps, warm-up and evaluation "

@@ -25,7 +25,7 @@ if _typecheck_on:
     _install_import_hook("fnlm", "beartype.beartype")
 
 if TYPE_CHECKING:
-    from fnlm import accounting, compat, datasets, distributed, stories, trainer
+    from fnlm import accounting, compat, nn, train
     from fnlm.accounting import (
         adamw_memory,
         forward_flops,
@@ -42,36 +42,30 @@ if TYPE_CHECKING:
         restore_rng_state,
         save_checkpoint,
     )
-    from fnlm.data import get_batch, load_tokens
-    from fnlm.generate import generate, sample_next_token, top_p_mask
+    from fnlm.data import batch_generator, get_batch, load_tokens
     from fnlm.loss import cross_entropy, perplexity
     from fnlm.model import (
         ATTENTIONS,
         BLOCKS,
+        FFN_INITS,
         FFNS,
         NORMS,
-        AttentionContext,
         KVCache,
-        LayerKV,
         TransformerConfig,
-        attention_context,
         block_from_config,
         init_kv_cache,
         init_transformer_block,
         init_transformer_lm,
-        kv_append,
-        no_norm,
-        no_position,
-        nope_self_attention,
         param_names,
         post_norm_block,
-        rope_position,
-        self_attention,
         transformer_block,
         transformer_lm,
     )
     from fnlm.nn import (
+        AttentionContext,
+        LayerKV,
         RopeCache,
+        attention_context,
         causal_mask,
         embedding,
         init_embedding,
@@ -80,15 +74,21 @@ if TYPE_CHECKING:
         init_rmsnorm,
         init_silu_ffn,
         init_swiglu,
+        kv_append,
         linear,
         merge_heads,
         multihead_self_attention,
+        no_norm,
+        no_position,
+        nope_self_attention,
         rmsnorm,
         rope,
         rope_cache,
         rope_cos_sin,
+        rope_position,
         rope_rotate,
         scaled_dot_product_attention,
+        self_attention,
         silu,
         silu_ffn,
         softmax,
@@ -107,8 +107,9 @@ if TYPE_CHECKING:
         sgd_init,
         sgd_step,
     )
-    from fnlm.tokenizer import Tokenizer, encode_file, train_bpe
-    from fnlm.trainer import Parallel, TrainConfig, train
+    from fnlm.sampling import generate, sample_next_token, top_p_mask
+    from fnlm.tokenizer import ENDOFTEXT, Tokenizer, encode_file, train_bpe
+    from fnlm.train import StepConfig, TrainConfig, TrainState, init_train_state, train_step
     from fnlm.tree import (
         tree_flatten,
         tree_leaves,

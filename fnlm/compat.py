@@ -3,8 +3,9 @@ expects modules (the CS336 adapter interface). Each module stores its parameters
 them with the matching `init_*` function, and its `forward` calls the pure function on
 `self.tree()` (its parameters as a params tree). They hold no logic of their own.
 
-`AdamW`, `clip_gradients_` and the module-level `save_checkpoint` / `load_checkpoint` forward
-to `fnlm.optim` and `fnlm.checkpoint` in the same way.
+`AdamW`, `clip_gradients_` and `save_module_checkpoint` / `load_module_checkpoint` forward to
+`fnlm.optim` and `fnlm.checkpoint` in the same way. (The module checkpoint functions have their own
+names: `fnlm.save_checkpoint` is the one checkpoint contract of the library, over params trees.)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from fnlm import checkpoint as _ckpt
 from fnlm import model as _model
 from fnlm import nn as _nn
-from fnlm.optim import _adamw_update, _check_hyper, clip_grad_norm_with_norm
+from fnlm.optim import adamw_step, check_hyper, clip_grad_norm_with_norm
 from fnlm.tree import tree_unflatten
 
 __all__ = [
@@ -32,8 +33,8 @@ __all__ = [
     "TransformerLM",
     "AdamW",
     "clip_gradients_",
-    "save_checkpoint",
-    "load_checkpoint",
+    "save_module_checkpoint",
+    "load_module_checkpoint",
 ]
 
 
@@ -164,7 +165,7 @@ class TransformerBlock(_Shim):
         self.max_seq_len = max_seq_len
 
     def forward(self, x: Tensor, token_positions: Tensor | None = None) -> Tensor:
-        ctx = _model.attention_context(
+        ctx = _nn.attention_context(
             num_heads=self.num_heads,
             seq_len=x.shape[-2],
             d_head=x.shape[-1] // self.num_heads,
@@ -246,7 +247,7 @@ class AdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.01,
     ) -> None:
-        _check_hyper(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
+        check_hyper(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()
@@ -267,25 +268,16 @@ class AdamW(torch.optim.Optimizer):
                 if not state:
                     state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
                 by_step.setdefault(int(state["step"]), []).append(p)
-            beta1, beta2 = group["betas"]
             for done, ps in by_step.items():
                 states = [self.state[p] for p in ps]
-                new_p, new_m, new_v = _adamw_update(
-                    [p.detach() for p in ps],
-                    [p.grad for p in ps],
-                    [s["m"] for s in states],
-                    [s["v"] for s in states],
-                    [True] * len(ps),
-                    step=done + 1,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
+                opt_state = {"step": done, "m": [st["m"] for st in states], "v": [st["v"] for st in states]}
+                new_p, new_state = adamw_step(
+                    [p.detach() for p in ps], opt_state, [p.grad for p in ps], lr=group["lr"],
+                    betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
                 )
                 torch._foreach_copy_([p.detach() for p in ps], new_p)
-                for s, m, v in zip(states, new_m, new_v):
-                    s.update(step=done + 1, m=m, v=v)
+                for st, m, v in zip(states, new_state["m"], new_state["v"]):
+                    st.update(step=done + 1, m=m, v=v)
         return loss
 
 
@@ -312,7 +304,7 @@ def clip_gradients_(parameters: Iterable[torch.Tensor], max_l2_norm: float) -> t
     return norm
 
 
-def save_checkpoint(
+def save_module_checkpoint(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int, out: _ckpt.PathOrFile
 ) -> None:
     """Save `model.state_dict()`, `optimizer.state_dict()` and `iteration` with :func:`fnlm.save_checkpoint`.
@@ -328,8 +320,8 @@ def save_checkpoint(
     )
 
 
-def load_checkpoint(src: _ckpt.PathOrFile, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore `model` and `optimizer` from :func:`save_checkpoint`'s file; returns the iteration.
+def load_module_checkpoint(src: _ckpt.PathOrFile, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore `model` and `optimizer` from `save_module_checkpoint`'s file; returns the iteration.
 
     **Arguments:**
 

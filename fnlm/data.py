@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from fnlm._progress import progress_bar
 from fnlm.types import Int, Tensor
 
-__all__ = ["get_batch", "load_tokens"]
+__all__ = ["get_batch", "load_tokens", "mix_seed", "batch_generator"]
 
 DEFAULT_BIN_DTYPE = np.uint16
 
@@ -156,7 +156,7 @@ def _check_id_range(tokens: np.ndarray, vocab_size: int | None, chunk_size: int,
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     starts = range(0, tokens.shape[0], chunk_size)
-    for start in tqdm(starts, desc=f"checking ids in {Path(name).name}", disable=not progress, unit="chunk"):
+    for start in progress_bar(starts, desc=f"checking ids in {Path(name).name}", disable=not progress, unit="chunk"):
         chunk = tokens[start : start + chunk_size]
         if int(chunk.min()) < 0:
             pos = start + int(np.argmax(chunk < 0))
@@ -166,3 +166,22 @@ def _check_id_range(tokens: np.ndarray, vocab_size: int | None, chunk_size: int,
             raise ValueError(
                 f"{name!r} holds token id {int(tokens[pos])} at position {pos}, not below vocab_size={vocab_size}"
             )
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (a splitmix-style hash): a pure function of `parts`.
+
+    Example: `mix_seed(0, 1, 2) != mix_seed(0, 2, 1)`; the same parts always give the same seed.
+    """
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h ^= (p & 0xFFFFFFFFFFFFFFFF) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)
+        h &= 0xFFFFFFFFFFFFFFFF
+        h = ((h ^ (h >> 31)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def batch_generator(seed: int, shard: int, step: int) -> torch.Generator:
+    """The CPU generator `get_batch` uses for data shard `shard` of `step`: a pure function of the three,
+    so a batch never depends on how many batches were drawn before it (exact resume)."""
+    return torch.Generator().manual_seed(mix_seed(seed, shard, step))

@@ -40,12 +40,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from fnlm.nn import (
-    causal_mask,
+    AttentionContext,
+    LayerKV,
+    attention_context,
     embedding,
     init_embedding,
     init_linear,
@@ -54,30 +56,19 @@ from fnlm.nn import (
     init_silu_ffn,
     init_swiglu,
     linear,
-    merge_heads,
+    no_norm,
+    nope_self_attention,
     rmsnorm,
-    rope_cos_sin,
-    rope_rotate,
-    scaled_dot_product_attention,
+    self_attention,
     silu_ffn,
-    split_heads,
     swiglu,
 )
 from fnlm.types import Float, Int, Tensor
 
 __all__ = [
     "TransformerConfig",
-    "AttentionContext",
-    "LayerKV",
     "KVCache",
-    "attention_context",
     "init_kv_cache",
-    "kv_append",
-    "rope_position",
-    "no_position",
-    "self_attention",
-    "nope_self_attention",
-    "no_norm",
     "transformer_block",
     "post_norm_block",
     "init_transformer_block",
@@ -89,6 +80,7 @@ __all__ = [
     "BLOCKS",
     "ATTENTIONS",
     "FFNS",
+    "FFN_INITS",
 ]
 
 Params = dict[str, Any]
@@ -96,12 +88,9 @@ Params = dict[str, Any]
 
 # --- config ------------------------------------------------------------------------------
 
-_CHOICES = {
-    "norm": ("rmsnorm", "none"),
-    "norm_position": ("pre", "post"),
-    "position": ("rope", "nope"),
-    "ffn": ("swiglu", "silu"),
-}
+def _choices() -> dict[str, dict[str, Callable[..., Any]]]:
+    """The config's name fields and the registries that give their allowed values."""
+    return {"norm": NORMS, "norm_position": BLOCKS, "position": ATTENTIONS, "ffn": FFNS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,10 +134,10 @@ class TransformerConfig:
             )
         if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 0:
             raise ValueError(f"TransformerConfig.rope_theta must be a positive number, got {self.rope_theta!r}")
-        for name, allowed in _CHOICES.items():
+        for name, registry in _choices().items():
             value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"TransformerConfig.{name} must be one of {allowed}, got {value!r}")
+            if value not in registry:
+                raise ValueError(f"TransformerConfig.{name} must be one of {tuple(registry)}, got {value!r}")
         if self.position == "rope" and self.d_head % 2 != 0:
             raise ValueError(
                 f"RoPE needs an even head size, got d_model={self.d_model} / num_heads={self.num_heads} = {self.d_head}"
@@ -161,66 +150,6 @@ class TransformerConfig:
 
 
 # --- attention context and KV cache --------------------------------------------------------
-
-
-class LayerKV(NamedTuple):
-    """One layer's KV-cache buffers (`(..., heads, max_len, d_head)`, written in place) and the
-    position `start` at which this call's keys and values go."""
-
-    keys: Tensor
-    values: Tensor
-    start: int
-
-
-class AttentionContext(NamedTuple):
-    """What the attention of every layer needs for one `transformer_lm` call.
-
-    - `num_heads`: the head count.
-    - `cos`, `sin`: RoPE at the token positions, `(seq, d_head/2)` or `(..., 1, seq, d_head/2)`
-      (a heads dim for per-sequence positions); `None` when the config has no RoPE.
-    - `mask`: boolean `(seq, seq_kv)`, True = attend; `None` when every key may be attended to.
-    - `kv`: this layer's `LayerKV` when decoding with a cache, else `None`.
-    """
-
-    num_heads: int
-    cos: Tensor | None
-    sin: Tensor | None
-    mask: Tensor | None
-    kv: LayerKV | None = None
-
-
-def attention_context(
-    *,
-    num_heads: int,
-    seq_len: int,
-    d_head: int,
-    rope_theta: float | None = 10000.0,
-    positions: Int[Tensor, "... seq"] | None = None,
-    start: int = 0,
-    device: torch.device | str | None = None,
-) -> AttentionContext:
-    """Build the `AttentionContext` for `seq_len` new tokens following `start` cached ones.
-
-    **Arguments:**
-
-    - `num_heads`, `d_head`: attention shape.
-    - `seq_len`: number of new tokens in this call.
-    - `rope_theta`: RoPE base; `None` for no RoPE (`cos`/`sin` left `None`).
-    - `positions`: token positions `(..., seq)`; `start .. start+seq_len-1` when `None`.
-    - `start`: number of tokens already in the KV cache (0 without one).
-    - `device`: where the tensors go.
-
-    **Returns:** an `AttentionContext` with `kv=None` (`transformer_lm` fills it per layer).
-    """
-    cos = sin = None
-    if rope_theta is not None:
-        if positions is None:
-            cos, sin = rope_cos_sin(torch.arange(start, start + seq_len, device=device), d_head, rope_theta)
-        else:
-            cos, sin = rope_cos_sin(positions, d_head, rope_theta)
-            cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # (..., 1, seq, half)
-    mask = None if seq_len == 1 else causal_mask(seq_len, start + seq_len, device=device)
-    return AttentionContext(num_heads, cos, sin, mask)
 
 
 @dataclasses.dataclass
@@ -271,72 +200,7 @@ def init_kv_cache(
     return KVCache(keys, values, 0)
 
 
-def kv_append(
-    kv: LayerKV, k: Float[Tensor, "... heads seq d_head"], v: Float[Tensor, "... heads seq d_head"]
-) -> tuple[Float[Tensor, "... heads seq_kv d_head"], Float[Tensor, "... heads seq_kv d_head"]]:
-    """Write `k`, `v` at positions `kv.start ..` of the layer's cache (in place) and return all
-    cached keys and values up to the end of the new ones."""
-    end = kv.start + k.shape[-2]
-    kv.keys[..., kv.start : end, :] = k
-    kv.values[..., kv.start : end, :] = v
-    return kv.keys[..., :end, :], kv.values[..., :end, :]
-
-
 # --- attention, norms, blocks ---------------------------------------------------------------
-
-
-def rope_position(
-    q: Float[Tensor, "... heads seq d_head"], k: Float[Tensor, "... heads seq d_head"], ctx: AttentionContext
-) -> tuple[Float[Tensor, "... heads seq d_head"], Float[Tensor, "... heads seq d_head"]]:
-    """Positional function: RoPE on queries and keys with the context's cosines and sines."""
-    if ctx.cos is None or ctx.sin is None:
-        raise ValueError("rope_position needs RoPE angles in the context; this config has position='nope'")
-    return rope_rotate(q, ctx.cos, ctx.sin), rope_rotate(k, ctx.cos, ctx.sin)
-
-
-def no_position(
-    q: Float[Tensor, "... heads seq d_head"], k: Float[Tensor, "... heads seq d_head"], ctx: AttentionContext
-) -> tuple[Float[Tensor, "... heads seq d_head"], Float[Tensor, "... heads seq d_head"]]:
-    """Positional function of the NoPE ablation: queries and keys unchanged (causal masking is the
-    only source of position information)."""
-    return q, k
-
-
-def self_attention(
-    params: Params,
-    x: Float[Tensor, "... seq d_model"],
-    ctx: AttentionContext,
-    *,
-    position: Callable[..., tuple[Tensor, Tensor]] = rope_position,
-) -> Float[Tensor, "... seq d_model"]:
-    """Causal multi-head self-attention for the LM: project, apply `position` to q and k, append
-    to the KV cache if the context has one, attend, project back.
-
-    **Arguments:**
-
-    - `params`: `q_proj`, `k_proj`, `v_proj`, `output_proj`, each `{"weight": (d_model, d_model)}`.
-    - `x`: `(..., seq, d_model)`.
-    - `ctx`: the `AttentionContext` of this call.
-    - `position`: `position(q, k, ctx) -> (q, k)` on `(..., heads, seq, d_head)` tensors.
-
-    **Returns:** `(..., seq, d_model)`.
-    """
-    q, k, v = (split_heads(linear(params[name], x), ctx.num_heads) for name in ("q_proj", "k_proj", "v_proj"))
-    q, k = position(q, k, ctx)
-    if ctx.kv is not None:
-        k, v = kv_append(ctx.kv, k, v)
-    out = scaled_dot_product_attention(q, k, v, ctx.mask)  # (..., heads, seq, d_head)
-    return linear(params["output_proj"], merge_heads(out))
-
-
-def nope_self_attention(params: Params, x: Float[Tensor, "... seq d_model"], ctx: AttentionContext) -> Float[Tensor, "... seq d_model"]:
-    """The NoPE ablation: `self_attention` without any positional encoding."""
-    return self_attention(params, x, ctx, position=no_position)
-
-
-def no_norm(params: Any, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-    """The no-RMSNorm ablation: the identity (its params, absent from the tree, are ignored)."""
-    return x
 
 
 def transformer_block(
@@ -382,6 +246,7 @@ NORMS: dict[str, Callable[..., Tensor]] = {"rmsnorm": rmsnorm, "none": no_norm}
 BLOCKS: dict[str, Callable[..., Tensor]] = {"pre": transformer_block, "post": post_norm_block}
 ATTENTIONS: dict[str, Callable[..., Tensor]] = {"rope": self_attention, "nope": nope_self_attention}
 FFNS: dict[str, Callable[..., Tensor]] = {"swiglu": swiglu, "silu": silu_ffn}
+FFN_INITS: dict[str, Callable[..., Params]] = {"swiglu": init_swiglu, "silu": init_silu_ffn}
 
 
 def block_from_config(config: TransformerConfig) -> Callable[..., Tensor]:
@@ -407,7 +272,7 @@ def init_transformer_block(
     """One layer's parameters: `attn.{q,k,v,output}_proj`, `ffn.{w1,w2,w3}` (no `w3` for
     `ffn="silu"`), and `ln1`, `ln2` unless `norm="none"`."""
     kw = dict(generator=generator, device=device, dtype=dtype)
-    init_ffn = init_swiglu if config.ffn == "swiglu" else init_silu_ffn
+    init_ffn = FFN_INITS[config.ffn]
     layer: Params = {
         "attn": init_multihead_self_attention(config.d_model, **kw),
         "ffn": init_ffn(config.d_model, config.d_ff, **kw),

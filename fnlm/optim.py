@@ -27,6 +27,7 @@ __all__ = [
     "clip_grad_norm",
     "clip_grad_norm_with_norm",
     "default_decay_mask",
+    "check_hyper",
 ]
 
 DecayMask = Any
@@ -82,7 +83,9 @@ def _decay_flags(params_flat: dict[str, Any], decay_mask: DecayMask) -> list[boo
     return flags
 
 
-def _check_hyper(**values: float | Tensor) -> None:
+def check_hyper(**values: float | Tensor) -> None:
+    """Raise `ValueError` for an optimizer hyper-parameter out of range: `beta*` in `[0, 1)`, the
+    others in `[0, inf)`; a tensor value must be a floating 0-d tensor. Skipped under `torch.compile`."""
     if torch.compiler.is_compiling():
         return
     for key, value in values.items():
@@ -280,7 +283,7 @@ def adamw_step(
     `(new_params, new_state)`, new trees of new tensors.
     """
     beta1, beta2 = betas
-    _check_hyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    check_hyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     step = _check_step_count(state, ("step", "m", "v"), "adamw") + 1
     p_flat = tree_flatten(params)
     names = list(p_flat)
@@ -347,7 +350,7 @@ def sgd_step(
 
     `(new_params, {"step": t + 1})`.
     """
-    _check_hyper(lr=lr, weight_decay=weight_decay)
+    check_hyper(lr=lr, weight_decay=weight_decay)
     t = _check_step_count(state, ("step",), "sgd")
     lr_t = lr / math.sqrt(t + 1) if inverse_sqrt else lr
     p_flat = tree_flatten(params)

@@ -14,11 +14,15 @@ import os
 import sys
 
 from jaxtyping import Bool, Float, Int, Num, Shaped  # noqa: F401  (re-exported)
+import torch
 from torch import Tensor  # noqa: F401  (re-exported)
 
 ENV_VAR = "FNLM_TYPECHECK"
 
-__all__ = ["Bool", "Float", "Int", "Num", "Shaped", "Tensor", "ENV_VAR", "typecheck_requested", "typecheck_enabled"]
+__all__ = [
+    "Bool", "Float", "Int", "Num", "Shaped", "Tensor", "ENV_VAR", "typecheck_requested", "typecheck_enabled",
+    "tracing",
+]
 
 
 def typecheck_requested() -> bool:
@@ -29,3 +33,17 @@ def typecheck_requested() -> bool:
 def typecheck_enabled() -> bool:
     """True when fnlm's functions were wrapped with jaxtyping + beartype at import."""
     return bool(getattr(sys.modules.get("fnlm"), "_typecheck_on", False))
+
+
+def tracing() -> bool:
+    """True inside `torch.compile` or a `torch.func` transform (`vmap`, `grad`, ...).
+
+    Checks that read tensor values (`.item()`, a host sync) step aside there: `vmap` cannot run
+    them and `compile` would break its graph. Plain eager calls keep every check. torch has no
+    public query for an active `torch.func` transform, so this one function asks the private
+    one; the layers call `tracing()` and never torch's private API themselves.
+    """
+    if torch.compiler.is_compiling():
+        return True
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False

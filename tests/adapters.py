@@ -180,9 +180,7 @@ def run_save_checkpoint(
     out: str | os.PathLike | BinaryIO | IO[bytes],
 ):
     """Serialise model, optimizer and iteration to a path or binary file object."""
-    from fnlm.compat import save_checkpoint
-
-    save_checkpoint(model, optimizer, iteration, out)
+    fnlm.compat.save_module_checkpoint(model, optimizer, iteration, out)
 
 
 def run_load_checkpoint(
@@ -191,9 +189,7 @@ def run_load_checkpoint(
     optimizer: torch.optim.Optimizer,
 ) -> int:
     """Restore model and optimizer from `src`; return the saved iteration."""
-    from fnlm.compat import load_checkpoint
-
-    return load_checkpoint(src, model, optimizer)
+    return fnlm.compat.load_module_checkpoint(src, model, optimizer)
 
 
 # --- tokenizer ---

@@ -15,11 +15,6 @@ def qk_norm_attention(params, x, ctx):
     return fnlm.self_attention(params, x, ctx, position=position)
 
 
-def qk_norm_lm(params, token_ids, config):
-    block = functools.partial(fnlm.transformer_block, attention=qk_norm_attention)
-    return fnlm.transformer_lm(params, token_ids, config, block=block)
-
-
 def init_qk_norm_block(config, *, generator=None, device=None, dtype=torch.float32):
     layer = fnlm.init_transformer_block(config, generator=generator, device=device, dtype=dtype)
     for name in ("q_norm", "k_norm"):
@@ -27,8 +22,6 @@ def init_qk_norm_block(config, *, generator=None, device=None, dtype=torch.float
     return layer
 
 
-def init_qk_norm_lm(config, *, seed=0, device=None, dtype=torch.float32):
-    return fnlm.init_transformer_lm(config, seed=seed, device=device, dtype=dtype, init_block=init_qk_norm_block)
-
-
-QK_NORM = Ablation("qk_norm", "user example: RMSNorm on each head's q and k before RoPE", qk_norm_lm, init_qk_norm_lm)
+QK_NORM = Ablation("qk_norm", "user example: RMSNorm on each head's q and k before RoPE",
+                   block=functools.partial(fnlm.transformer_block, attention=qk_norm_attention),
+                   init_block=init_qk_norm_block)

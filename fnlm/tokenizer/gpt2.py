@@ -35,6 +35,9 @@ __all__ = [
     "write_merges",
 ]
 
+ENDOFTEXT = "<|endoftext|>"
+"""GPT-2's document separator, the special token fnlm's corpora and tokenizers use."""
+
 SPECIALS_PREFIX = "#special_tokens:"
 
 

@@ -9,8 +9,9 @@ from typing import Literal
 
 import pytest
 
-from fnlm import cli
-from fnlm.trainer import TrainConfig
+from tinystories import cli
+
+from fnlm.train import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@
 data folder when they are there; otherwise, when asked, the public TinyStoriesV2 files fetched
 with :func:`download` (progress bar, resumed over HTTP ``Range`` from a ``.part`` file, a short
 connect timeout); and when that fails, one clear line on stderr and the embedded corpus of
-:mod:`fnlm.stories`.
+`tinystories.stories`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from fnlm import stories
+from . import stories
 
 __all__ = [
     "TINYSTORIES_FILES",

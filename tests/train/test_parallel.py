@@ -1,4 +1,4 @@
-"""Data-parallel training (fnlm.distributed) with 2 CPU processes on gloo.
+"""Data-parallel training (fnlm.train.parallel) with 2 CPU processes on gloo.
 
 The central check: 2 ranks × 4 sequences for k steps end with the same params (to float32
 tolerance) as one process drawing the same two data shards (8 sequences) per step. The two runs
@@ -27,10 +27,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnlm
-from fnlm import distributed, trainer
-from fnlm.trainer import Parallel, TrainConfig
+from fnlm import train as trainer
+from fnlm.train import Parallel, TrainConfig
+from fnlm.train import parallel as distributed
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RTOL, ATOL = 1e-5, 1e-6
 K = 4
 
@@ -191,7 +192,7 @@ def test_rank_batches_are_the_union_of_shards(world, mult, per, step):
     whole = trainer.draw_batch(tokens, tc, 8, step, torch.device("cpu"))[0]
     assert all(x.shape == (shards * per // world, 8) for x in xs)
     assert torch.equal(torch.cat(xs), whole)
-    direct = torch.cat([fnlm.get_batch(tokens, per, 8, "cpu", generator=trainer.batch_generator(3, s, step))[0]
+    direct = torch.cat([fnlm.get_batch(tokens, per, 8, "cpu", generator=fnlm.data.batch_generator(3, s, step))[0]
                         for s in range(shards)])
     assert torch.equal(whole, direct)
 
@@ -248,7 +249,7 @@ def test_torchrun_pipeline_two_ranks_rank0_outputs_only(tmp_path):
     assert "trained 4 steps" in rank0 and "128 tokens/step" in rank0
     ck = fnlm.load_checkpoint(out / "checkpoints" / "latest.pt")
     assert ck["world_size"] == 2 and ck["global_batch_size"] == 4 and ck["step"] == 4
-    records = fnlm.trainer.read_metrics(out / "metrics.jsonl")
+    records = fnlm.train.read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4] and records[-1]["tokens"] == 4 * 4 * 32
     assert (out / "samples.txt").exists() and (out / "eval.json").exists()
 
@@ -257,7 +258,7 @@ FAILING = """
 import os, sys
 sys.path.insert(0, {repo!r})
 from torch.distributed.elastic.multiprocessing.errors import record
-from fnlm import distributed
+from fnlm.train import parallel as distributed
 
 @record
 def entry():
@@ -283,7 +284,7 @@ def test_rank_failing_at_startup_stops_torchrun_with_its_rank(tmp_path):
 def test_missing_rank_without_torchrun_times_out_with_a_message(tmp_path):
     env = {**os.environ, **_rank_env(0, 2, _free_port()), "FNLM_DIST_STARTUP_TIMEOUT": "3", "PYTHONPATH": str(REPO),
            "FNLM_TYPECHECK": "0"}
-    code = "from fnlm import distributed; distributed.run(lambda parallel=None: None, device='cpu')"
+    code = "from fnlm.train import parallel; parallel.run(lambda parallel=None: None, device='cpu')"
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode != 0

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=2 experiments/train_tinystories.py --preset smoke
 
 Every process ("rank") holds the whole params tree and the optimizer state, draws its own share of
-the global batch (`fnlm.trainer.draw_batch`: data shards with their own seeded streams), computes
+the global batch (`fnlm.train.draw_batch`: data shards with their own seeded streams), computes
 loss and gradients, and the gradients are averaged over ranks by a few bucketed `all_reduce` calls
 (:func:`all_reduce_grads`) before clipping and the same pure `fnlm.adamw_step`. Parameters and
 optimizer state are broadcast from rank 0 at start, so every rank begins (and stays) identical.
@@ -32,6 +32,7 @@ import hashlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -42,9 +43,9 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from fnlm.tree import Tree, tree_leaves, tree_map
 from fnlm.types import Float
-from fnlm.trainer import Parallel
 
 __all__ = [
+    "Parallel",
     "launched",
     "init_distributed",
     "shutdown",
@@ -55,6 +56,47 @@ __all__ = [
     "all_reduce_mean",
     "device_for_rank",
 ]
+
+
+def _identity(x):
+    return x
+
+
+
+def _gather_one(x):
+    return [x]
+
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """How this process takes part in a data-parallel run (the default: alone).
+
+    - `rank`, `world_size`: this process and the number of processes.
+    - `sync_grads(grads) -> grads`: average a gradient tree over all ranks.
+    - `all_reduce_mean(t) -> t`: average a tensor over all ranks (validation loss).
+    - `barrier()`: wait for all ranks (after rank 0 writes a checkpoint).
+    - `broadcast(tree) -> tree`: rank 0's tensors on every rank (params and optimizer state at start).
+    - `all_gather_object(obj) -> list`: every rank's `obj`, by rank (RNG states for checkpoints).
+    - `device`: this process's device (e.g. `cuda:LOCAL_RANK`); `None` uses `TrainConfig.device`.
+
+    Only rank 0 (`is_main`) writes metrics, plots and checkpoints; every rank computes.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    sync_grads: Callable[[Tree], Tree] = _identity
+    all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = _identity
+    barrier: Callable[[], None] = field(default=lambda: None)
+    broadcast: Callable[[Tree], Tree] = _identity
+    all_gather_object: Callable[[Any], list] = _gather_one
+    device: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
 
 DEFAULT_BUCKET_MB = 25.0
 
@@ -214,6 +256,24 @@ def _threads_for(device: torch.device, local_world: int) -> int | None:
     return max(1, cores // max(1, local_world))
 
 
+def _rendezvous(rank: int, world: int, startup: int | float) -> tuple[Any, int, int]:
+    """Meet the other ranks at torchrun's address; fail with the missing ranks' numbers after `startup` s."""
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    try:
+        store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=startup)))
+    except (RuntimeError, dist.DistStoreError) as e:
+        raise RuntimeError(f"fnlm: rank {rank} of {world}: the ranks did not all reach the rendezvous at {where} "
+                           f"within {startup:g}s (a rank failed to start, or cannot reach that address): {e}") from e
+    store.set(f"fnlm/alive/{rank}", "1")
+    keys = [f"fnlm/alive/{r}" for r in range(world)]
+    try:
+        store.wait(keys, timedelta(seconds=startup))
+    except (RuntimeError, dist.DistStoreError) as e:
+        absent = [r for r, k in enumerate(keys) if not store.check([k])]
+        raise RuntimeError(f"fnlm: rank {rank} of {world}: rank(s) {absent} did not start within {startup:g}s") from e
+    return store, rank, world
+
+
 def init_distributed(
     *,
     device: str = "auto",
@@ -234,7 +294,7 @@ def init_distributed(
       (default `FNLM_DIST_WAIT_TIMEOUT` or 86400).
     - `bucket_mb`: gradient bucket size for :func:`all_reduce_grads`.
 
-    **Returns:** a `fnlm.trainer.Parallel` with `rank`, `world_size`, `device` and the
+    **Returns:** a `Parallel` with `rank`, `world_size`, `device` and the
     collectives (`sync_grads`, `all_reduce_mean`, `barrier`, `broadcast`, `all_gather_object`).
     A rank that does not join in time raises `RuntimeError` naming the ranks that are missing.
     """
@@ -255,19 +315,7 @@ def init_distributed(
     if threads is not None:
         torch.set_num_threads(threads)
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-    try:
-        store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=startup)))
-    except (RuntimeError, dist.DistStoreError) as e:
-        raise RuntimeError(f"fnlm: rank {rank} of {world}: the ranks did not all reach the rendezvous at {where} "
-                           f"within {startup:g}s (a rank failed to start, or cannot reach that address): {e}") from e
-    store.set(f"fnlm/alive/{rank}", "1")
-    keys = [f"fnlm/alive/{r}" for r in range(world)]
-    try:
-        store.wait(keys, timedelta(seconds=startup))
-    except (RuntimeError, dist.DistStoreError) as e:
-        absent = [r for r, k in enumerate(keys) if not store.check([k])]
-        raise RuntimeError(f"fnlm: rank {rank} of {world}: rank(s) {absent} did not start within {startup:g}s") from e
+    store, rank, world = _rendezvous(rank, world, startup)
     store.set_timeout(timedelta(seconds=coll))
     kwargs: dict[str, Any] = {"device_id": dev} if backend == "nccl" else {}
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=coll), **kwargs)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fnlm import stories
+from tinystories import stories
 
 
 def _take(seed: int, stream: str, n: int) -> list[str]:

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import fnlm
-from fnlm import pipeline
+from tinystories import cli, presets, stages
 
-REPO = Path(__file__).resolve().parents[1]
+import fnlm
+
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "experiments" / "train_tinystories.py"
 
 
@@ -53,11 +54,11 @@ def test_smoke_preset_end_to_end_then_cached(tmp_path):
     samples = (run / "samples.txt").read_text()
     assert samples.count("--- sample") == 2 and "Once upon a time" in samples
     assert "validation loss" in first.stdout and "unigram baseline" in first.stdout
-    for stage in pipeline.STAGES:
+    for stage in stages.STAGES:
         assert stage in json.loads((run / "stages.json").read_text())
 
     again = _run(["--preset", "smoke", "--out", str(run), "--quiet"])
-    for stage in pipeline.STAGES:
+    for stage in stages.STAGES:
         assert f"{stage}: cached" in again.stderr
 
     resample = _run(["--preset", "smoke", "--out", str(run), "--quiet", "--stage", "sample", "--temperature", "0.5"])
@@ -101,35 +102,35 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 
 
 def test_presets_and_flags_resolve():
-    s = pipeline.resolve_settings([])
+    s = cli.resolve_settings([])
     assert s.preset == "demo" and s.data is None and s.out == Path("runs/demo")
-    cpu = pipeline.resolve_settings(["--preset", "cpu"])
+    cpu = cli.resolve_settings(["--preset", "cpu"])
     assert (cpu.model.d_model, cpu.model.num_layers, cpu.model.num_heads, cpu.model.d_ff, cpu.model.context_length) == (512, 4, 16, 1344, 256)
     assert cpu.model.rope_theta == 10000.0
     assert cpu.train.batch_size * cpu.train.total_steps(256) * 256 == 32 * 5000 * 256
-    h100 = pipeline.resolve_settings(["--preset", "h100"])
+    h100 = cli.resolve_settings(["--preset", "h100"])
     assert h100.train.total_steps(256) * h100.train.batch_size * 256 == 327_680_000
-    real = pipeline.resolve_settings(["--data", "somewhere"])
+    real = cli.resolve_settings(["--data", "somewhere"])
     assert real.preset == ("h100" if torch.cuda.is_available() else "cpu") and real.data == "somewhere"
-    assert pipeline.resolve_settings(["--data"]).data == "data/tinystories"
-    s = pipeline.resolve_settings(["--d-model", "96", "--num-heads", "3", "--lr", "0.01", "--steps", "7", "--seed", "3",
+    assert cli.resolve_settings(["--data"]).data == "data/tinystories"
+    s = cli.resolve_settings(["--d-model", "96", "--num-heads", "3", "--lr", "0.01", "--steps", "7", "--seed", "3",
                                    "--device", "cpu", "--compile", "--vocab-size", "32000", "--top-p", "0.5"])
     assert (s.model.d_model, s.model.num_heads, s.model.vocab_size) == (96, 3, 32000)
     assert (s.train.lr, s.train.steps, s.train.seed, s.train.device, s.train.compile) == (0.01, 7, 3, "cpu", True)
     assert s.pipeline.top_p == 0.5
     with pytest.raises(SystemExit):
-        pipeline.resolve_settings(["--stage", "nonsense"])
+        cli.resolve_settings(["--stage", "nonsense"])
     with pytest.raises(SystemExit):
-        pipeline.resolve_settings(["--train-file", "x"])
+        cli.resolve_settings(["--train-file", "x"])
     with pytest.raises(SystemExit):
-        pipeline.resolve_settings(["--d-model", "100", "--num-heads", "3"])
+        cli.resolve_settings(["--d-model", "100", "--num-heads", "3"])
 
 
 def test_every_config_field_is_a_flag():
-    help_text = pipeline.build_parser().format_help()
+    help_text = cli.build_parser().format_help()
     import dataclasses
 
-    for cls in (fnlm.TransformerConfig, fnlm.trainer.TrainConfig, pipeline.PipelineConfig):
+    for cls in (fnlm.TransformerConfig, fnlm.train.TrainConfig, presets.PipelineConfig):
         for f in dataclasses.fields(cls):
             if f.name != "progress":
                 assert "--" + f.name.replace("_", "-") in help_text, f.name
@@ -140,5 +141,5 @@ def test_unigram_entropy_matches_a_direct_computation():
 
     tokens = np.array([0, 1, 1, 2, 2, 2, 2, 3], dtype=np.uint16)
     p = np.array([1, 2, 4, 1]) / 8
-    assert pipeline.unigram_entropy(tokens, 10) == pytest.approx(float(-(p * np.log(p)).sum()))
-    assert pipeline.unigram_entropy(np.zeros(5, dtype=np.uint16), 3) == 0.0
+    assert stages.unigram_entropy(tokens, 10) == pytest.approx(float(-(p * np.log(p)).sum()))
+    assert stages.unigram_entropy(np.zeros(5, dtype=np.uint16), 3) == 0.0

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import inspect
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ablations import ABLATIONS, BASELINE, NO_RMSNORM, NOPE, POST_NORM, QK_NORM, SILU_FFN, qk_norm
+from ablations.runner import train_variant
+
 import fnlm
-from experiments.ablations import ABLATIONS, BASELINE, NO_RMSNORM, NOPE, POST_NORM, QK_NORM, SILU_FFN, qk_norm
-from experiments.ablations.runner import Diverged, DivergenceMonitor, train_variant
+from fnlm.train import DivergenceGuard, Parallel, Run
 from fnlm.tree import tree_flatten, tree_map
 from tests.reference_lm import reference_lm
 
@@ -51,11 +54,13 @@ def test_forward_and_backward(name):
 
 
 @pytest.mark.parametrize("ab", [NO_RMSNORM, POST_NORM, NOPE, SILU_FFN], ids=lambda a: a.name)
-def test_composed_function_equals_config_selectors(ab):
+def test_each_assignment_ablation_is_one_config_change(ab):
     config, params = _build(ab)
-    assert set(tree_flatten(params)) == fnlm.param_names(config)
-    params = _perturbed(params)
-    torch.testing.assert_close(ab.model_fn(params, IDS, config), fnlm.transformer_lm(params, IDS, config), rtol=0, atol=0)
+    assert ab.block is None and ab.init_block is None
+    assert ab.model_fn is fnlm.transformer_lm and ab.init_fn is fnlm.init_transformer_lm
+    assert config != CFG and set(tree_flatten(params)) == fnlm.param_names(config)
+    rebuilt = fnlm.TransformerConfig(**fnlm.checkpoint.config_to_data(config)[0])
+    torch.testing.assert_close(fnlm.transformer_lm(params, IDS, rebuilt), ab.model_fn(params, IDS, config), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -73,14 +78,14 @@ def test_matches_plain_torch_reference(ab, ref):
 
 def test_no_rmsnorm_has_no_gains_and_keeps_the_other_weights():
     _, base = _build(BASELINE)
-    _, params = _build(NO_RMSNORM)
+    config, params = _build(NO_RMSNORM)
     names = set(tree_flatten(params))
     assert not [n for n in names if "ln" in n.split(".")[-2] or "norm" in n]
     want = {k: v for k, v in tree_flatten(base).items() if not k.split(".")[-2].startswith("ln")}
     assert names == set(want)
     for k, v in tree_flatten(params).items():
         assert torch.equal(v, want[k]), k
-    assert not torch.allclose(NO_RMSNORM.model_fn(params, IDS, CFG), BASELINE.model_fn(base, IDS, CFG))
+    assert not torch.allclose(NO_RMSNORM.model_fn(params, IDS, config), BASELINE.model_fn(base, IDS, CFG))
 
 
 def test_silu_ffn_has_only_w1_w2_and_matches_swiglu_parameter_count():
@@ -104,7 +109,7 @@ def test_silu_ffn_has_only_w1_w2_and_matches_swiglu_parameter_count():
 def test_post_norm_differs_from_pre_norm_on_the_same_weights():
     config, params = _build(BASELINE)
     assert set(tree_flatten(POST_NORM.init_fn(POST_NORM.config_for(CFG), seed=0))) == set(tree_flatten(params))
-    pre, post = BASELINE.model_fn(params, IDS, config), POST_NORM.model_fn(params, IDS, config)
+    pre, post = BASELINE.model_fn(params, IDS, config), POST_NORM.model_fn(params, IDS, POST_NORM.config_for(CFG))
     assert (pre - post).abs().max() > 1e-2
     layer = params["layers"][0]
     x = 5 * torch.randn(2, 12, CFG.d_model)
@@ -123,9 +128,9 @@ def test_nope_has_no_positional_parameters_and_no_rotation(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("RoPE was used")
 
-    monkeypatch.setattr(fnlm.model, "rope_rotate", boom)
-    NOPE.model_fn(params, IDS, CFG)
-    monkeypatch.setattr(fnlm.model, "rope_cos_sin", boom)
+    monkeypatch.setattr(fnlm.nn.attention, "rope_rotate", boom)
+    NOPE.model_fn(params, IDS, config)
+    monkeypatch.setattr(fnlm.nn.attention, "rope_cos_sin", boom)
     NOPE.model_fn(params, IDS, config)
     with pytest.raises(AssertionError, match="RoPE was used"):
         BASELINE.model_fn(base, IDS, CFG)
@@ -169,16 +174,25 @@ def test_qk_norm_example_is_short_and_does_what_it_says():
     assert not torch.allclose(BASELINE.model_fn(scaled, IDS, config), BASELINE.model_fn(params, IDS, config), atol=1e-3)
 
 
-def test_divergence_monitor():
-    m = DivergenceMonitor(vocab_size=100)
-    m({"step": 1, "train_loss": 4.0})
-    m({"step": 2, "train_loss": 2.5, "val_loss": 2.6})
-    m({"step": 3, "train_loss": 4.9})
-    for record, why in [({"step": 4, "train_loss": float("nan")}, "nan"), ({"step": 4, "val_loss": float("inf")}, "inf"),
-                        ({"step": 4, "train_loss": 5.1}, "x best"), ({"step": 4, "train_loss": math.log(100) + 1.01}, "log")]:
-        with pytest.raises(Diverged, match=why) as e:
-            m(record)
-        assert e.value.step == 4
+def _run_with(record):
+    run = Run(CFG, fnlm.TrainConfig(), Path("."), torch.device("cpu"), Parallel(), 10, 1, 16, lambda *a: None, None,
+              False, {})
+    run.record = record
+    return run
+
+
+def test_divergence_guard():
+    guard = DivergenceGuard(vocab_size=100)
+    state = fnlm.TrainState({}, {}, 1)
+    for record in ({"train_loss": 4.0}, {"train_loss": 2.5, "val_loss": 2.6}, {"train_loss": 4.9}, {}):
+        run = _run_with(record)
+        guard.step(run, state, {})
+        assert run.stop_reason is None, record
+    for record, why in [({"train_loss": float("nan")}, "nan"), ({"val_loss": float("inf")}, "inf"),
+                        ({"train_loss": 5.1}, "x best"), ({"train_loss": math.log(100) + 1.01}, "log")]:
+        run = _run_with(record)
+        guard.step(run, state, {})
+        assert run.stop_reason is not None and why in run.stop_reason, (record, run.stop_reason)
 
 
 def test_train_variant_stops_a_divergent_run_early(tmp_path):

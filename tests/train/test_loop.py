@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fnlm
-from fnlm import trainer
-from fnlm.trainer import Parallel, TrainConfig
+from fnlm import train as trainer
+from fnlm.train import Parallel, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -118,19 +118,23 @@ def test_resume_refuses_changed_settings(tmp_path):
     assert res["resumed_from"] == 10 and res["step"] == 10
 
 
-def test_fresh_run_replaces_old_checkpoints(tmp_path):
+def test_a_fresh_run_never_deletes_checkpoints_unless_told_to(tmp_path):
     _run(tmp_path, replace(TC, steps=20))
-    _run(tmp_path, replace(TC, steps=6))
+    before = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))
+    with pytest.raises(FileExistsError, match="resume it, or overwrite it"):
+        _run(tmp_path, replace(TC, steps=6))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == before
+    _run(tmp_path, replace(TC, steps=6), overwrite=True)
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))
     assert names == ["latest.pt", "step_0000005.pt", "step_0000006.pt"]
     assert max(r["step"] for r in trainer.read_metrics(tmp_path / "metrics.jsonl")) == 6
 
 
 def test_batches_depend_only_on_seed_rank_and_step():
-    a = trainer.batch_generator(0, 0, 5)
-    b = trainer.batch_generator(0, 0, 5)
+    a = fnlm.data.batch_generator(0, 0, 5)
+    b = fnlm.data.batch_generator(0, 0, 5)
     assert torch.equal(torch.randint(0, 1000, (10,), generator=a), torch.randint(0, 1000, (10,), generator=b))
-    draws = {tuple(torch.randint(0, 10**9, (4,), generator=trainer.batch_generator(*k)).tolist())
+    draws = {tuple(torch.randint(0, 10**9, (4,), generator=fnlm.data.batch_generator(*k)).tolist())
              for k in [(0, 0, 5), (0, 1, 5), (0, 0, 6), (1, 0, 5)]}
     assert len(draws) == 4
 
@@ -182,5 +186,5 @@ def test_resolve_device():
 
 def test_flops_per_token_for_mfu():
     config = fnlm.TransformerConfig(vocab_size=100, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64)
-    assert trainer._flops_per_token(config) == fnlm.accounting.training_flops_per_token(config)
-    assert trainer._flops_per_token(TinyConfig(vocab_size=32, context_length=8, d_model=16)) is None
+    assert fnlm.train.loop._flops_per_token(config) == fnlm.accounting.training_flops_per_token(config)
+    assert fnlm.train.loop._flops_per_token(TinyConfig(vocab_size=32, context_length=8, d_model=16)) is None

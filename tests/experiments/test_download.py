@@ -5,11 +5,10 @@ from __future__ import annotations
 import http.server
 import socket
 import threading
-from pathlib import Path
 
 import pytest
 
-from fnlm import datasets
+from tinystories import download as datasets
 
 PAYLOAD = bytes(range(256)) * 400 + b"the end"
 

@@ -1,0 +1,73 @@
+"""The run presets and the settings of the stages around training (`PipelineConfig`).
+
+Each preset gives starting values for the three configs (`fnlm.TransformerConfig`,
+`fnlm.train.TrainConfig`, `PipelineConfig`); every value can be overridden by its flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["PipelineConfig", "PRESETS"]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Settings of the stages around training.
+
+    - `corpus_train_bytes`, `corpus_valid_bytes`, `corpus_seed`: size and seed of the embedded corpus.
+    - `bpe_workers`, `encode_workers`: processes for BPE pre-tokenization and encoding (`None`: all CPUs).
+    - `final_eval_tokens`: validation tokens scored by the `evaluate` stage (`None`: all).
+    - `num_samples`, `sample_tokens`, `temperature`, `top_p`, `sample_seed`: the `sample` stage.
+    - `prompt`: the first sample's prompt; the others use a few fixed story openings and one
+      starts from nothing.
+    """
+
+    corpus_train_bytes: int = 6_000_000
+    corpus_valid_bytes: int = 300_000
+    corpus_seed: int = 0
+    bpe_workers: int | None = None
+    encode_workers: int | None = None
+    final_eval_tokens: int | None = None
+    num_samples: int = 4
+    sample_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    sample_seed: int = 0
+    prompt: str = "Once upon a time"
+
+
+
+_CPU_MODEL = dict(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344, rope_theta=10_000.0)
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "smoke": {
+        "model": dict(vocab_size=10_000, context_length=64, d_model=64, num_layers=2, num_heads=2, d_ff=192, rope_theta=10_000.0),
+        "train": dict(batch_size=16, steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_interval=20, eval_batches=4,
+                      checkpoint_interval=20, log_interval=5, weight_decay=0.1),
+        "pipeline": dict(corpus_train_bytes=400_000, corpus_valid_bytes=40_000, final_eval_tokens=4096, num_samples=2,
+                         sample_tokens=48),
+    },
+    "demo": {
+        "model": dict(vocab_size=10_000, context_length=256, d_model=128, num_layers=4, num_heads=4, d_ff=384, rope_theta=10_000.0),
+        "train": dict(batch_size=16, steps=400, lr=3e-3, min_lr=3e-4, warmup_steps=30, eval_interval=50, eval_batches=16,
+                      checkpoint_interval=100, log_interval=10, weight_decay=0.1),
+        "pipeline": dict(corpus_train_bytes=6_000_000, corpus_valid_bytes=300_000, final_eval_tokens=None, num_samples=4,
+                         sample_tokens=256),
+    },
+    "cpu": {
+        "model": dict(_CPU_MODEL),
+        "train": dict(batch_size=32, steps=5000, lr=2e-3, min_lr=2e-4, warmup_steps=200, eval_interval=250, eval_batches=20,
+                      checkpoint_interval=500, log_interval=10, weight_decay=0.1),
+        "pipeline": dict(final_eval_tokens=262_144, num_samples=4, sample_tokens=256),
+    },
+    "h100": {
+        "model": dict(_CPU_MODEL),
+        "train": dict(batch_size=128, steps=10_000, max_tokens=327_680_000, lr=3e-3, min_lr=3e-4, warmup_steps=500,
+                      eval_interval=500, eval_batches=40, checkpoint_interval=1000, log_interval=20, weight_decay=0.1),
+        "pipeline": dict(final_eval_tokens=None, num_samples=4, sample_tokens=256),
+    },
+}
+

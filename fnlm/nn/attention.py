@@ -1,0 +1,270 @@
+"""Attention: softmax, causal masks, scaled dot-product attention, head split/merge, and causal
+multi-head self-attention as the LM uses it (`self_attention` with an `AttentionContext`).
+
+`self_attention(params, x, ctx, *, position=rope_position)` is the one implementation: the
+stand-alone layer `multihead_self_attention` builds a context and calls it. A positional function
+`position(q, k, ctx) -> (q, k)` picks RoPE (`rope_position`) or none (`no_position`, NoPE).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from fnlm.nn._autograd import _apply, _SoftmaxClassic, _SoftmaxFn
+from fnlm.nn._common import _cast, _upcast
+from fnlm.nn.linear import init_linear, linear
+from fnlm.nn.rope import RopeCache, rope_cos_sin, rope_rotate
+from fnlm.types import Bool, Float, Int, Tensor
+
+__all__ = [
+    "softmax",
+    "causal_mask",
+    "scaled_dot_product_attention",
+    "split_heads",
+    "merge_heads",
+    "LayerKV",
+    "AttentionContext",
+    "attention_context",
+    "kv_append",
+    "rope_position",
+    "no_position",
+    "self_attention",
+    "nope_self_attention",
+    "init_multihead_self_attention",
+    "multihead_self_attention",
+]
+
+Params = dict[str, Any]
+
+
+def softmax(x: Float[Tensor, "..."], dim: int = -1) -> Float[Tensor, "..."]:
+    """Numerically stable softmax along `dim`, computed in (at least) float32 and cast back to `x.dtype`.
+
+    The row maximum is subtracted first, so entries of any finite size (e.g. ±1e4) give no
+    overflow. Entries of `-inf` get probability 0. **A fully masked row** (every entry `-inf`)
+    returns all zeros rather than NaN: an attention query that may attend to nothing reads
+    nothing (the same as `F.scaled_dot_product_attention` with a boolean mask), and its gradient
+    is zero. The backward is hand-written and keeps only the output.
+
+    **Arguments:**
+
+    - `x`: any shape.
+    - `dim`: the dimension to normalise over.
+
+    **Returns:** same shape and dtype as `x`; along `dim` each row sums to 1 (or is all zero).
+    """
+    return _cast(_apply(_SoftmaxFn, _SoftmaxClassic, _upcast(x), dim), x.dtype)
+
+
+def causal_mask(seq_q: int, seq_k: int, *, device: torch.device | str | None = None) -> Bool[Tensor, "seq_q seq_k"]:
+    """Boolean causal mask (True = may attend) for `seq_q` queries that are the *last* `seq_q` of
+    `seq_k` keys: query `i` sees keys `j ≤ i + (seq_k - seq_q)`.
+
+    Example: `causal_mask(2, 3)` is `[[True, True, False], [True, True, True]]`.
+    """
+    if seq_q > seq_k:
+        raise ValueError(f"causal_mask needs seq_q <= seq_k, got seq_q={seq_q}, seq_k={seq_k}")
+    return torch.ones(seq_q, seq_k, dtype=torch.bool, device=device).tril(diagonal=seq_k - seq_q)
+
+
+def scaled_dot_product_attention(
+    q: Float[Tensor, "... queries d_k"],
+    k: Float[Tensor, "... keys d_k"],
+    v: Float[Tensor, "... keys d_v"],
+    mask: Bool[Tensor, "... queries keys"] | None = None,
+) -> Float[Tensor, "... queries d_v"]:
+    """`softmax(q kᵀ / √d_k, masked) v`, over any number of leading (batch, heads) dims.
+
+    **Arguments:**
+
+    - `q`: `(..., queries, d_k)`; `k`: `(..., keys, d_k)`; `v`: `(..., keys, d_v)`.
+    - `mask`: boolean, True = attend, broadcastable to `(..., queries, keys)`; `None` attends
+      everywhere. A query whose row is all False gets a zero output (see `softmax`).
+
+    **Returns:** `(..., queries, d_v)`.
+    """
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (..., queries, keys)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return _cast(softmax(scores, dim=-1), v.dtype) @ v
+
+
+def split_heads(x: Float[Tensor, "... seq d_model"], num_heads: int) -> Float[Tensor, "... heads seq d_head"]:
+    """`(..., seq, heads·d_head) -> (..., heads, seq, d_head)`; head `h` owns features
+    `h·d_head .. (h+1)·d_head - 1`."""
+    if x.shape[-1] % num_heads != 0:
+        raise ValueError(f"d_model={x.shape[-1]} is not divisible by num_heads={num_heads}")
+    return x.unflatten(-1, (num_heads, -1)).transpose(-3, -2)  # (..., heads, seq, d_head)
+
+
+def merge_heads(x: Float[Tensor, "... heads seq d_head"]) -> Float[Tensor, "... seq d_model"]:
+    """Inverse of `split_heads`: `(..., heads, seq, d_head) -> (..., seq, heads·d_head)`."""
+    return x.transpose(-3, -2).flatten(-2)  # (..., seq, heads*d_head)
+
+
+class LayerKV(NamedTuple):
+    """One layer's KV-cache buffers (`(..., heads, max_len, d_head)`, written in place) and the
+    position `start` at which this call's keys and values go."""
+
+    keys: Tensor
+    values: Tensor
+    start: int
+
+
+class AttentionContext(NamedTuple):
+    """What the attention of every layer needs for one `transformer_lm` call.
+
+    - `num_heads`: the head count.
+    - `cos`, `sin`: RoPE at the token positions, `(seq, d_head/2)` or `(..., 1, seq, d_head/2)`
+      (a heads dim for per-sequence positions); `None` when the config has no RoPE.
+    - `mask`: boolean `(seq, seq_kv)`, True = attend; `None` when every key may be attended to.
+    - `kv`: this layer's `LayerKV` when decoding with a cache, else `None`.
+    """
+
+    num_heads: int
+    cos: Tensor | None
+    sin: Tensor | None
+    mask: Tensor | None
+    kv: LayerKV | None = None
+
+
+def attention_context(
+    *,
+    num_heads: int,
+    seq_len: int,
+    d_head: int,
+    rope_theta: float | None = 10000.0,
+    positions: Int[Tensor, "... seq"] | None = None,
+    start: int = 0,
+    device: torch.device | str | None = None,
+) -> AttentionContext:
+    """Build the `AttentionContext` for `seq_len` new tokens following `start` cached ones.
+
+    **Arguments:**
+
+    - `num_heads`, `d_head`: attention shape.
+    - `seq_len`: number of new tokens in this call.
+    - `rope_theta`: RoPE base; `None` for no RoPE (`cos`/`sin` left `None`).
+    - `positions`: token positions `(..., seq)`; `start .. start+seq_len-1` when `None`.
+    - `start`: number of tokens already in the KV cache (0 without one).
+    - `device`: where the tensors go.
+
+    **Returns:** an `AttentionContext` with `kv=None` (`transformer_lm` fills it per layer).
+    """
+    cos = sin = None
+    if rope_theta is not None:
+        if positions is None:
+            cos, sin = rope_cos_sin(torch.arange(start, start + seq_len, device=device), d_head, rope_theta)
+        else:
+            cos, sin = rope_cos_sin(positions, d_head, rope_theta)
+            cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # (..., 1, seq, half)
+    mask = None if seq_len == 1 else causal_mask(seq_len, start + seq_len, device=device)
+    return AttentionContext(num_heads, cos, sin, mask)
+
+
+def kv_append(
+    kv: LayerKV, k: Float[Tensor, "... heads seq d_head"], v: Float[Tensor, "... heads seq d_head"]
+) -> tuple[Float[Tensor, "... heads seq_kv d_head"], Float[Tensor, "... heads seq_kv d_head"]]:
+    """Write `k`, `v` at positions `kv.start ..` of the layer's cache (in place) and return all
+    cached keys and values up to the end of the new ones."""
+    end = kv.start + k.shape[-2]
+    kv.keys[..., kv.start : end, :] = k
+    kv.values[..., kv.start : end, :] = v
+    return kv.keys[..., :end, :], kv.values[..., :end, :]
+
+
+def rope_position(
+    q: Float[Tensor, "... heads seq d_head"], k: Float[Tensor, "... heads seq d_head"], ctx: AttentionContext
+) -> tuple[Float[Tensor, "... heads seq d_head"], Float[Tensor, "... heads seq d_head"]]:
+    """Positional function: RoPE on queries and keys with the context's cosines and sines."""
+    if ctx.cos is None or ctx.sin is None:
+        raise ValueError("rope_position needs RoPE angles in the context; this config has position='nope'")
+    return rope_rotate(q, ctx.cos, ctx.sin), rope_rotate(k, ctx.cos, ctx.sin)
+
+
+def no_position(
+    q: Float[Tensor, "... heads seq d_head"], k: Float[Tensor, "... heads seq d_head"], ctx: AttentionContext
+) -> tuple[Float[Tensor, "... heads seq d_head"], Float[Tensor, "... heads seq d_head"]]:
+    """Positional function of the NoPE ablation: queries and keys unchanged (causal masking is the
+    only source of position information)."""
+    return q, k
+
+
+def self_attention(
+    params: Params,
+    x: Float[Tensor, "... seq d_model"],
+    ctx: AttentionContext,
+    *,
+    position: Callable[..., tuple[Tensor, Tensor]] = rope_position,
+) -> Float[Tensor, "... seq d_model"]:
+    """Causal multi-head self-attention for the LM: project, apply `position` to q and k, append
+    to the KV cache if the context has one, attend, project back.
+
+    **Arguments:**
+
+    - `params`: `q_proj`, `k_proj`, `v_proj`, `output_proj`, each `{"weight": (d_model, d_model)}`.
+    - `x`: `(..., seq, d_model)`.
+    - `ctx`: the `AttentionContext` of this call.
+    - `position`: `position(q, k, ctx) -> (q, k)` on `(..., heads, seq, d_head)` tensors.
+
+    **Returns:** `(..., seq, d_model)`.
+    """
+    q, k, v = (split_heads(linear(params[name], x), ctx.num_heads) for name in ("q_proj", "k_proj", "v_proj"))
+    q, k = position(q, k, ctx)
+    if ctx.kv is not None:
+        k, v = kv_append(ctx.kv, k, v)
+    out = scaled_dot_product_attention(q, k, v, ctx.mask)  # (..., heads, seq, d_head)
+    return linear(params["output_proj"], merge_heads(out))
+
+
+def nope_self_attention(params: Params, x: Float[Tensor, "... seq d_model"], ctx: AttentionContext) -> Float[Tensor, "... seq d_model"]:
+    """The NoPE ablation: `self_attention` without any positional encoding."""
+    return self_attention(params, x, ctx, position=no_position)
+
+
+def init_multihead_self_attention(
+    d_model: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, dict[str, Tensor]]:
+    """Parameters of multi-head self-attention: `q_proj`, `k_proj`, `v_proj`, `output_proj`, each
+    `(d_model, d_model)` (heads are stacked along the rows, as `split_heads` reads them)."""
+    kw = dict(generator=generator, device=device, dtype=dtype)
+    return {name: init_linear(d_model, d_model, **kw) for name in ("q_proj", "k_proj", "v_proj", "output_proj")}
+
+
+def multihead_self_attention(
+    params: dict[str, dict[str, Tensor]],
+    x: Float[Tensor, "... seq d_model"],
+    *,
+    num_heads: int,
+    rope_cache: RopeCache | None = None,
+    positions: Int[Tensor, "... seq"] | None = None,
+) -> Float[Tensor, "... seq d_model"]:
+    """Causal multi-head self-attention as a stand-alone layer, `d_k = d_v = d_model / num_heads`.
+
+    **Arguments:**
+
+    - `params`: `q_proj`, `k_proj`, `v_proj`, `output_proj` (see `init_multihead_self_attention`).
+    - `x`: `(..., seq, d_model)`.
+    - `num_heads`: number of heads; must divide `d_model`.
+    - `rope_cache`: when given, RoPE is applied to queries and keys (not values).
+    - `positions`: token positions `(..., seq)` for RoPE; `0 .. seq-1` when `None`.
+
+    **Returns:** `(..., seq, d_model)`. It is `self_attention` with a context built here.
+    """
+    seq = x.shape[-2]
+    cos = sin = None
+    if rope_cache is not None:
+        if positions is None:
+            positions = torch.arange(seq, device=x.device)
+        cos = rope_cache.cos[positions].unsqueeze(-3)  # (..., 1, seq, half)
+        sin = rope_cache.sin[positions].unsqueeze(-3)
+    ctx = AttentionContext(num_heads, cos, sin, causal_mask(seq, seq, device=x.device))
+    return self_attention(params, x, ctx, position=rope_position if rope_cache is not None else no_position)

@@ -1,0 +1,54 @@
+"""Linear maps: `init_linear` and `linear`, `y = x Wᵀ` with `W` stored `(d_out, d_in)` like torch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fnlm.nn._common import _check_positive, _trunc_normal
+from fnlm.types import Float, Tensor
+
+__all__ = ["init_linear", "linear"]
+
+
+def init_linear(
+    d_in: int,
+    d_out: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
+    """Parameters of a bias-free linear map.
+
+    **Arguments:**
+
+    - `d_in`, `d_out`: input and output sizes.
+    - `generator`: a CPU `torch.Generator` for the draw (the global RNG when `None`).
+    - `device`, `dtype`: where and how the weight is stored.
+
+    **Returns:** `{"weight": W}` with `W` of shape `(d_out, d_in)`, drawn from
+    N(0, σ²) with σ² = 2 / (d_in + d_out), truncated at ±3σ.
+    """
+    _check_positive(d_in=d_in, d_out=d_out)
+    std = math.sqrt(2.0 / (d_in + d_out))
+    weight = _trunc_normal((d_out, d_in), std, 3 * std, generator=generator, device=device, dtype=dtype)
+    return {"weight": weight}
+
+
+def _linear(weight: Float[Tensor, "d_out d_in"], x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
+    return x @ weight.T
+
+
+def linear(params: dict[str, Tensor], x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
+    """`y = x Wᵀ`.
+
+    **Arguments:**
+
+    - `params`: `{"weight": W}`, `W` of shape `(d_out, d_in)`.
+    - `x`: input of shape `(..., d_in)`.
+
+    **Returns:** `(..., d_out)`.
+    """
+    return _linear(params["weight"], x)

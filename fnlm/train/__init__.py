@@ -1,0 +1,40 @@
+"""Training: the pure step, the loop, evaluation, hooks, plots and data parallelism.
+
+- `step`: `TrainState`, `StepConfig`, `init_train_state`, `train_step` (the one training step);
+- `loop`: `train` (a short loop over `train_step`), `resolve_device`, `draw_batch`;
+- `run`: `TrainConfig` and `Run` (what the loop and its hooks share);
+- `evaluation`: `evaluate`, `evaluate_windows`, `lm_loss_fn`;
+- `hooks`: `Hook` and the loop's hooks (metrics file, evaluation, checkpoints, progress bar,
+  loss plot, Weights & Biases, divergence guard), `read_metrics`;
+- `plots`: `plot_runs`, `plot_sweep` (matplotlib, imported when drawing);
+- `parallel`: `Parallel` and the `torch.distributed` data-parallel path.
+
+`fnlm.train` is this package; the loop is `fnlm.train.train` (no function shadows a module).
+"""
+
+from fnlm.train.evaluation import evaluate, evaluate_windows, lm_loss_fn
+from fnlm.train.hooks import (
+    Callback,
+    Checkpointer,
+    DivergenceGuard,
+    Evaluator,
+    Hook,
+    LogWindow,
+    LossPlot,
+    MetricsFile,
+    ProgressBar,
+    Wandb,
+    default_hooks,
+    read_metrics,
+)
+from fnlm.train.loop import draw_batch, resolve_device, train
+from fnlm.train.run import HARMLESS_FIELDS, Run, TrainConfig
+from fnlm.train.parallel import Parallel
+from fnlm.train.step import StepConfig, TrainState, init_train_state, train_step
+
+__all__ = [
+    "TrainState", "StepConfig", "init_train_state", "train_step", "TrainConfig", "Run", "train", "resolve_device",
+    "draw_batch", "evaluate", "evaluate_windows", "lm_loss_fn", "Hook", "LogWindow", "Evaluator", "DivergenceGuard",
+    "MetricsFile", "Callback", "Checkpointer", "ProgressBar", "LossPlot", "Wandb", "default_hooks", "read_metrics",
+    "Parallel", "HARMLESS_FIELDS",
+]

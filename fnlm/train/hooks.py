@@ -1,0 +1,386 @@
+"""What the training loop does besides stepping, as hooks: logging, evaluation, checkpoints, the
+progress bar, plots, Weights & Biases, a divergence guard.
+
+A hook is an object with any of these methods, called by `fnlm.train.train` in list order:
+
+- `start(run, state)`: once, before the first step (after a resume, with the restored state);
+- `step(run, state, metrics)`: after every step, with `train_step`'s metrics; a hook adds what it
+  measured to `run.record` (the step's line in `metrics.jsonl`) or calls `run.stop(reason)`;
+- `interrupted(run, state)`: on Ctrl-C, before the `KeyboardInterrupt` propagates;
+- `end(run, state)`: once, after the last step;
+- `state_dict()` / `load_state_dict(d)`: state to keep in checkpoints under the hook's `name`.
+
+`default_hooks(run)` is the loop's list. The order matters within one step: `LogWindow` and
+`Evaluator` fill the record, `MetricsFile` writes it, `Checkpointer` saves. `ProgressBar`, `LossPlot`
+and `Wandb` import tqdm, matplotlib and wandb only when they start (`pip install fnlm[progress]`,
+`fnlm[plots]`, `fnlm[wandb]`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fnlm.checkpoint import capture_rng_state, save_checkpoint
+from fnlm.train.evaluation import evaluate
+from fnlm.train.run import Run
+from fnlm.train.step import TrainState
+
+__all__ = [
+    "Hook", "LogWindow", "Evaluator", "DivergenceGuard", "MetricsFile", "Callback", "Checkpointer",
+    "ProgressBar", "LossPlot", "Wandb", "default_hooks", "read_metrics", "perplexity_of",
+]
+
+
+def perplexity_of(loss: float) -> float:
+    """`exp(loss)`, or inf for a non-finite or huge loss."""
+    return math.exp(loss) if math.isfinite(loss) and loss < 700 else float("inf")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl`, skipping a torn last line."""
+    records = []
+    p = Path(path)
+    if not p.exists():
+        return records
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class Hook:
+    """A hook that does nothing; subclass it and override what you need."""
+
+    name = "hook"
+
+    def start(self, run: Run, state: TrainState) -> None:
+        pass
+
+    def step(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
+        pass
+
+    def interrupted(self, run: Run, state: TrainState) -> None:
+        pass
+
+    def end(self, run: Run, state: TrainState) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class LogWindow(Hook):
+    """Means of the loss and gradient norm over each `log_interval` steps, tokens/s and MFU.
+
+    The sums stay on the device between log steps (no host sync per step); they are kept in
+    checkpoints, so a resumed run logs exactly what an uninterrupted one would. A non-finite mean
+    loss stops the run.
+    """
+
+    name = "log_window"
+
+    def __init__(self, log_interval: int):
+        self.interval = log_interval
+        self.sums: dict[str, Any] = {}
+
+    def start(self, run: Run, state: TrainState) -> None:
+        acc = torch.float32 if run.device.type == "mps" else torch.float64
+        saved = self.sums
+        self.loss_sum = saved.get("loss_sum", torch.zeros(())).to(run.device, acc)
+        self.norm_sum = saved.get("norm_sum", torch.zeros(())).to(run.device, acc)
+        self.steps = int(saved.get("steps", 0))
+        self.seconds, self.timed = 0.0, 0
+        self.flops_per_token, self.peak = run.flops_per_token, run.peak_flops
+
+    def step(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
+        self.loss_sum += metrics["loss"]
+        self.norm_sum += metrics["grad_norm"]
+        self.steps += 1
+        self.timed += 1
+        if state.step % self.interval and state.step != run.total:
+            self.seconds += run.step_seconds
+            return
+        loss = float(run.parallel.all_reduce_mean(self.loss_sum)) / self.steps
+        self.seconds += run.step_seconds + run.since_step()
+        tok_s = self.timed * run.tokens_per_step / max(self.seconds, 1e-9)
+        run.record.update(train_loss=loss, lr=float(metrics["lr"]), grad_norm=float(self.norm_sum) / self.steps,
+                          tokens_per_sec=tok_s)
+        if self.peak:
+            run.record["mfu"] = tok_s / run.parallel.world_size * self.flops_per_token / self.peak
+        run.last.update(train_loss=loss, tokens_per_sec=tok_s, lr=float(metrics["lr"]))
+        self.loss_sum.zero_()
+        self.norm_sum.zero_()
+        self.steps, self.seconds, self.timed = 0, 0.0, 0
+        if not math.isfinite(loss):
+            run.stop("loss is not finite")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum.cpu(), "norm_sum": self.norm_sum.cpu(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums = dict(state)
+
+
+class Evaluator(Hook):
+    """The validation loss every `interval` steps, at the last step, and when the run stops."""
+
+    name = "evaluator"
+
+    def __init__(self, interval: int, batches: int):
+        self.interval, self.batches = interval, batches
+
+    def evaluate(self, run: Run, state: TrainState) -> float:
+        tc = run.train_config
+        return evaluate(run.loss_fn, state.params, run.valid_tokens, batch_size=tc.batch_size,
+                        context_length=run.context_length, batches=self.batches, seed=tc.seed, device=run.device,
+                        parallel=run.parallel)
+
+    def step(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
+        if state.step % self.interval == 0 or state.step == run.total or run.stopping:
+            val = self.evaluate(run, state)
+            run.record.update(val_loss=val, val_perplexity=perplexity_of(val))
+            run.last["val_loss"] = val
+
+    def end(self, run: Run, state: TrainState) -> None:
+        if not math.isfinite(run.last["val_loss"]) and not run.stopping:
+            run.last["val_loss"] = self.evaluate(run, state)
+
+
+class DivergenceGuard(Hook):
+    """Stops a run whose logged loss explodes: above `log(vocab_size) + margin` (worse than a uniform
+    guess), or above `factor` times the lowest training loss so far. (A non-finite loss always
+    stops a run; see `LogWindow`.)"""
+
+    name = "divergence_guard"
+
+    def __init__(self, vocab_size: int, *, factor: float = 2.0, margin: float = 1.0):
+        self.ceiling = math.log(vocab_size) + margin
+        self.factor, self.margin = factor, margin
+        self.best = math.inf
+
+    def step(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
+        for key in ("train_loss", "val_loss"):
+            loss = run.record.get(key)
+            if loss is None:
+                continue
+            what = key.removesuffix("_loss")
+            if not math.isfinite(loss):
+                run.stop(f"{what} loss is {loss}")
+            elif loss > self.ceiling:
+                run.stop(f"{what} loss {loss:.3f} > log(vocab)+{self.margin:g} = {self.ceiling:.3f}")
+            elif loss > self.factor * self.best:
+                run.stop(f"{what} loss {loss:.3f} > {self.factor:g} x best {self.best:.3f}")
+        if "train_loss" in run.record:
+            self.best = min(self.best, run.record["train_loss"])
+
+
+class MetricsFile(Hook):
+    """`metrics.jsonl` in the run folder: one JSON line per step that has a record (rank 0 only).
+
+    On a fresh start the file is emptied; on a resume the records after the checkpoint's step are
+    dropped, so the file reads as if the run had never stopped. `run.records` keeps them in memory.
+    """
+
+    name = "metrics_file"
+
+    def start(self, run: Run, state: TrainState) -> None:
+        self.path = run.out / "metrics.jsonl"
+        old = read_metrics(self.path) if run.resumed_from is not None else []
+        run.records[:] = [r for r in old if r.get("step", 0) <= state.step]
+        if run.is_main:
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in run.records), encoding="utf-8")
+            os.replace(tmp, self.path)
+
+    def step(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
+        if not run.record:
+            return
+        record = {"step": state.step, "tokens": state.step * run.tokens_per_step, "time": round(run.wall(), 3),
+                  **run.record}
+        run.records.append(record)
+        if run.is_main:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Callback(Hook):
+    """Calls `fn(record)` with every record `MetricsFile` wrote (on rank 0)."""
+
+    name = "callback"
+
+    def __init__(self, fn: Callable[[dict[str, Any]], None]):
+        self.fn = fn
+
+    def step(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
+        if run.record and run.is_main:
+            self.fn(run.records[-1])
+
+
+class Checkpointer(Hook):
+    """`checkpoints/step_*.pt` every `interval` steps, at the end, when the run stops and on Ctrl-C;
+    `checkpoints/latest.pt` always names the newest complete one; the newest `keep` step files
+    are kept (`0`: all). Every rank takes part (RNG states are gathered); rank 0 writes."""
+
+    name = "checkpointer"
+
+    def __init__(self, interval: int, keep: int):
+        self.interval, self.keep = interval, keep
+
+    def start(self, run: Run, state: TrainState) -> None:
+        self.dir = run.out / "checkpoints"
+        if not run.is_main:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        earlier = sorted(self.dir.glob("step_*.pt")) + [p for p in [self.dir / "latest.pt"] if p.exists()]
+        if run.resumed_from is None and earlier:
+            if not run.overwrite:
+                raise FileExistsError(
+                    f"{self.dir} holds checkpoints of an earlier run ({', '.join(p.name for p in earlier[-3:])}); "
+                    "resume it, or overwrite it explicitly, or train in another folder")
+            for old in earlier:
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()
+
+    def step(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
+        if state.step % self.interval == 0 or state.step == run.total or run.stopping:
+            self.save(run, state)
+
+    def interrupted(self, run: Run, state: TrainState) -> None:
+        path = self.save(run, state, collective=False)
+        run.saved_on_interrupt = path
+
+    def save(self, run: Run, state: TrainState, collective: bool = True) -> Path | None:
+        together = collective and run.parallel.world_size > 1
+        rank_rng = run.parallel.all_gather_object(capture_rng_state()) if together else None
+        hook_states = {h.name: h.state_dict() for h in run.hooks if h.state_dict() is not None}
+        if together and "log_window" in hook_states:
+            window = dict(hook_states["log_window"])
+            window["loss_sum"] = run.parallel.all_reduce_mean(window["loss_sum"].to(run.device)).cpu()
+            hook_states["log_window"] = window
+        path = None
+        if run.is_main:
+            path = self.dir / f"step_{state.step:07d}.pt"
+            save_checkpoint(path, params=state.params, opt_state=state.opt_state, step=state.step,
+                            config=run.model_config, rank_rng=rank_rng, wall_time=run.wall(), hooks=hook_states,
+                            **run.checkpoint_data)
+            self._link_latest(path)
+        if collective:
+            run.parallel.barrier()
+        return path
+
+    def _link_latest(self, path: Path) -> None:
+        latest, tmp = self.dir / "latest.pt", self.dir / ".latest.pt.link"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, latest)
+        if self.keep:
+            for old in sorted(self.dir.glob("step_*.pt"))[: -self.keep]:
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()
+
+
+class ProgressBar(Hook):
+    """A tqdm bar over the steps with the latest loss, validation loss, lr and tokens/s (rank 0)."""
+
+    name = "progress_bar"
+
+    def start(self, run: Run, state: TrainState) -> None:
+        from fnlm._progress import progress_bar
+
+        self.bar = progress_bar(total=run.total, initial=state.step, desc="train", unit="step",
+                                disable=not run.is_main, dynamic_ncols=True)
+
+    def step(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
+        self.bar.update(1)
+        if run.record:
+            last = run.last
+            shown = {"loss": f"{last['train_loss']:.3f}"}
+            if "val_loss" in run.record:
+                shown["val"] = f"{last['val_loss']:.3f}"
+            shown.update(lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_sec']:,.0f}")
+            self.bar.set_postfix(shown, refresh=False)
+
+    def interrupted(self, run: Run, state: TrainState) -> None:
+        self.bar.close()
+
+    def end(self, run: Run, state: TrainState) -> None:
+        self.bar.close()
+
+
+class LossPlot(Hook):
+    """`loss.png` in the run folder, redrawn at every evaluation (rank 0; needs matplotlib)."""
+
+    name = "loss_plot"
+
+    def step(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
+        if run.is_main and "val_loss" in run.record:
+            from fnlm.train.plots import plot_runs
+
+            plot_runs({"run": run.records}, run.out / "loss.png",
+                      title=f"{run.n_params / 1e6:.2f}M params, {run.tokens_per_step} tokens/step")
+
+
+class Wandb(Hook):
+    """Logs every record to Weights & Biases under `project` (rank 0; needs `pip install fnlm[wandb]`).
+    The run id is kept in the run folder, so a resumed run continues the same W&B run."""
+
+    name = "wandb"
+
+    def __init__(self, project: str):
+        self.project = project
+        self.run = None
+
+    def start(self, run: Run, state: TrainState) -> None:
+        if not run.is_main:
+            return
+        try:
+            import wandb
+        except ImportError:
+            print("fnlm: wandb_project is set but wandb is not installed (pip install 'fnlm[wandb]'); "
+                  "not logging to Weights & Biases", file=sys.stderr)
+            return
+        id_file = run.out / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        model = dataclasses.asdict(run.model_config) if dataclasses.is_dataclass(run.model_config) else {}
+        config = {"model": model, "train": dataclasses.asdict(run.train_config)}
+        self.run = wandb.init(project=self.project, id=run_id, resume="allow", dir=str(run.out), config=config)
+
+    def step(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
+        if self.run is not None and run.record:
+            self.run.log(dict(run.record), step=state.step)
+
+
+def default_hooks(run: Run) -> list[Hook]:
+    """The loop's hooks for `run.train_config`: log window, evaluation, metrics file, checkpoints,
+    and (when asked for) the progress bar, the loss plot and Weights & Biases."""
+    tc = run.train_config
+    hooks: list[Hook] = [LogWindow(tc.log_interval), Evaluator(tc.eval_interval, tc.eval_batches), MetricsFile(),
+                         Checkpointer(tc.checkpoint_interval, tc.keep_checkpoints)]
+    if tc.progress:
+        hooks.append(ProgressBar())
+    if tc.plot:
+        hooks.append(LossPlot())
+    if tc.wandb_project:
+        hooks.append(Wandb(tc.wandb_project))
+    return hooks

@@ -1,0 +1,260 @@
+"""The training loop: `TrainConfig` and `train`, a short loop over `fnlm.train_step` with hooks.
+
+```python
+from fnlm.train import TrainConfig, train
+summary = train(config, TrainConfig(steps=2000, lr=1e-3), train_ids, valid_ids, "runs/mine")
+```
+
+`train` owns the device, bf16 autocast and TF32 on CUDA, `torch.compile`, and resuming; the step
+is `fnlm.train_step`, and everything around it (the `metrics.jsonl` log, evaluation, checkpoints,
+the progress bar, plots, Weights & Biases) is a hook (`fnlm.train.hooks`). The maths can be
+swapped: `model_fn(params, token_ids, config) -> logits` and `init_fn(config, *, seed, device)`.
+
+**Exact resumption.** The global batch of step `t` is cut into `data_shards` equal shards (default:
+one per process); shard `s` is drawn by `get_batch` from a CPU generator seeded with a hash of
+`(seed, s, t)`, and rank `r` of `W` draws shards `r*S/W .. (r+1)*S/W - 1`. So one process with
+`data_shards=S` sees exactly the union of the batches of an `S`-process run; the evaluation batches
+come from a generator seeded with `(seed, "eval")`, and the learning rate is a function of `t`. A
+checkpoint holds the params, the optimizer state, `t`, the configs, the RNG states and the hooks'
+state. So step `t` does not depend on whether the run was resumed, and a run killed at any moment
+and resumed from `checkpoints/latest.pt` ends with the same params, bit for bit on CPU (with the
+machine's default threads), as one that never stopped. Checkpoints are written atomically, and
+`latest.pt` is replaced by a rename, so it is always a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fnlm import accounting
+from fnlm.checkpoint import config_to_data, load_checkpoint, restore_rng_state
+from fnlm.data import batch_generator, get_batch
+from fnlm.train.evaluation import lm_loss_fn
+from fnlm.train.hooks import Callback, Hook, MetricsFile, default_hooks, perplexity_of
+from fnlm.train.parallel import Parallel
+from fnlm.train.run import HARMLESS_FIELDS, Run, TrainConfig
+from fnlm.train.step import TrainState, init_train_state, train_step
+from fnlm.tree import tree_size
+
+__all__ = ["TrainConfig", "Run", "train", "resolve_device", "draw_batch", "HARMLESS_FIELDS"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`"auto"` picks cuda, then mps, then cpu; any other name is passed to `torch.device`."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def draw_batch(
+    tokens: Any, train_config: TrainConfig, context_length: int, step: int, device: torch.device,
+    *, rank: int = 0, world_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of the global batch of `step`: its data shards, concatenated.
+
+    **Arguments:**
+
+    - `tokens`: 1-D token ids.
+    - `train_config`: gives `seed`, `batch_size` (global) and `data_shards`.
+    - `context_length`, `step`, `device`: window length, optimizer step, where the batch goes.
+    - `rank`, `world_size`: this process and the number of processes.
+
+    **Returns:** `(x, y)`, int64 `(batch_size / world_size, context_length)` tensors.
+    """
+    shards, per_shard = train_config.shards(world_size)
+    mine = range(rank * shards // world_size, (rank + 1) * shards // world_size)
+    parts = [get_batch(tokens, per_shard, context_length, device,
+                            generator=batch_generator(train_config.seed, s, step)) for s in mine]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _check_resume(
+    ck: dict[str, Any], model_config: Any, train_cfg: dict[str, Any], world_size: int, data_shards: int, where: Path
+) -> None:
+    want_model, _ = config_to_data(model_config)
+    problems = {}
+    for k in sorted(set(want_model) | set(ck["config"])):
+        if want_model.get(k) != ck["config"].get(k):
+            problems[f"model.{k}"] = (ck["config"].get(k), want_model.get(k))
+    stored_train = ck.get("train_config") or {}
+    for k in sorted(set(train_cfg) | set(stored_train)):
+        if k not in HARMLESS_FIELDS and k != "data_shards" and train_cfg.get(k) != stored_train.get(k):
+            problems[f"train.{k}"] = (stored_train.get(k), train_cfg.get(k))
+    stored_shards = ck.get("data_shards", ck.get("world_size", 1))
+    if stored_shards != data_shards:
+        problems["world_size, data_shards"] = ((ck.get("world_size", 1), stored_shards), (world_size, data_shards))
+    if problems:
+        hint = ""
+        if "world_size, data_shards" in problems:
+            hint = (f"; the checkpoint was made by {ck.get('world_size', 1)} process(es) drawing {stored_shards} data "
+                    f"shard(s) per step: resume with the same number of processes, or pass --data-shards "
+                    f"{stored_shards} with a process count that divides it")
+        raise ValueError(f"cannot resume from {where}: settings differ (checkpoint, now): {problems}{hint}")
+
+
+def _setup(model_config: Any, tc: TrainConfig, valid_tokens: Any, out_dir: Any, model_fn: Callable,
+           parallel: Parallel, extra: dict[str, Any] | None) -> Run:
+    device = resolve_device(parallel.device or tc.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    bf16 = tc.autocast == "bf16" or (tc.autocast == "auto" and device.type == "cuda")
+    loss_fn = lm_loss_fn(model_fn, model_config, torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None)
+    if tc.compile if tc.compile is not None else device.type == "cuda":
+        loss_fn = torch.compile(loss_fn)
+    context_length = model_config.context_length
+    data_shards, _ = tc.shards(parallel.world_size)
+    data = {"train_config": dataclasses.asdict(tc), "world_size": parallel.world_size,
+            "global_batch_size": tc.batch_size, "data_shards": data_shards,
+            "tokens_per_step": tc.batch_size * context_length, **(extra or {})}
+    run = Run(model_config, tc, Path(out_dir), device, parallel, tc.total_steps(context_length),
+              tc.batch_size * context_length, context_length, loss_fn, valid_tokens, bf16, data)
+    run.flops_per_token = _flops_per_token(model_config)
+    if run.flops_per_token:
+        dtype = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
+        run.peak_flops = accounting.measure_matmul_peak(device, dtype, min_seconds=0.2)
+    return run
+
+
+def _flops_per_token(model_config: Any) -> float | None:
+    """Training FLOPs per token for MFU, or None for a config the accounting does not describe."""
+    try:
+        return accounting.training_flops_per_token(model_config, swiglu=getattr(model_config, "ffn", "swiglu") == "swiglu")
+    except (TypeError, AttributeError):
+        return None
+
+
+def _initial_state(run: Run, init_fn: Callable, resume: bool) -> tuple[TrainState, dict[str, Any]]:
+    """A fresh state, or the one in `checkpoints/latest.pt` (with the hooks' saved state) when resuming."""
+    latest = run.out / "checkpoints" / "latest.pt"
+    if not (resume and latest.exists()):
+        return init_train_state(init_fn(run.model_config, seed=run.train_config.seed, device=run.device)), {}
+    ck = load_checkpoint(latest, map_location=run.device)
+    _check_resume(ck, run.model_config, run.checkpoint_data["train_config"], run.parallel.world_size,
+                  run.checkpoint_data["data_shards"], latest)
+    rank_rng = ck.get("rank_rng") or []
+    rng = rank_rng[run.parallel.rank] if len(rank_rng) == run.parallel.world_size else ck.get("rng")
+    if rng is not None:
+        restore_rng_state(rng)
+    run.elapsed_before, run.resumed_from = float(ck.get("wall_time", 0.0)), ck["step"]
+    return TrainState(ck["params"], ck["opt_state"], ck["step"]), ck.get("hooks") or {}
+
+
+def _announce(run: Run, state: TrainState) -> None:
+    if run.is_main:
+        print(f"fnlm: training {run.n_params / 1e6:.2f}M parameters on {run.device} for {run.total} steps "
+              f"({run.total * run.tokens_per_step / 1e6:.1f}M tokens, {run.tokens_per_step} tokens/step)"
+              + (f", resuming at step {state.step}" if run.resumed_from is not None else ""), file=sys.stderr, flush=True)
+
+
+def _summary(run: Run, state: TrainState) -> dict[str, Any]:
+    return {"step": state.step, "tokens": state.step * run.tokens_per_step, "train_loss": run.last["train_loss"],
+            "val_loss": run.last["val_loss"], "val_perplexity": perplexity_of(run.last["val_loss"]),
+            "wall_time": run.wall(), "tokens_per_sec": run.last["tokens_per_sec"], "params": run.n_params,
+            "diverged": run.stopping, "stop_reason": run.stop_reason, "resumed_from": run.resumed_from,
+            "device": str(run.device)}
+
+
+def train(
+    model_config: Any,
+    train_config: TrainConfig,
+    train_tokens: Any,
+    valid_tokens: Any,
+    out_dir: str | Path,
+    *,
+    model_fn: Callable | None = None,
+    init_fn: Callable | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    parallel: Parallel = Parallel(),
+    hooks: Sequence[Hook] | Callable[[Run], Sequence[Hook]] | None = None,
+    callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+    extra_checkpoint_data: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train a language model with `train_step` (AdamW, cosine schedule, clipping) and the hooks.
+
+    **Arguments:**
+
+    - `model_config`: the model's config (a frozen dataclass with `context_length`), passed to
+      `model_fn` and `init_fn` and stored in checkpoints.
+    - `train_config`: a `TrainConfig`.
+    - `train_tokens`, `valid_tokens`: 1-D token ids (e.g. `fnlm.load_tokens(...)` memmaps).
+    - `out_dir`: the run folder (`metrics.jsonl`, `loss.png`, `checkpoints/`).
+    - `model_fn`: `(params, token_ids (batch seq), config) -> logits`; default `fnlm.transformer_lm`.
+    - `init_fn`: `(config, *, seed, device) -> params`; default `fnlm.init_transformer_lm`.
+    - `resume`: continue from `out_dir/checkpoints/latest.pt` when it exists (its configs must
+      match, except for logging/evaluation/device settings).
+    - `overwrite`: without `resume`, delete the checkpoints of an earlier run in `out_dir`; when
+      `False` (the default) such a folder is refused with a `FileExistsError`, so no checkpoint is
+      ever lost by accident.
+    - `parallel`: data-parallel hooks (see `Parallel`).
+    - `hooks`: the hooks, or a function of the `Run` that returns them (default `default_hooks`,
+      e.g. `hooks=lambda run: [*default_hooks(run), DivergenceGuard(vocab)]`).
+    - `callbacks`: functions called with every metrics record as it is written (before that
+      step's checkpoint).
+    - `extra_checkpoint_data`: more plain data stored in each checkpoint.
+
+    **Returns:** the final metrics: `step`, `tokens`, `train_loss` (last logged), `val_loss`,
+    `val_perplexity`, `wall_time` (seconds, summed over resumed segments), `tokens_per_sec`,
+    `params` (count), `diverged` (a hook stopped the run) and its `stop_reason`, `resumed_from`.
+    """
+    from fnlm.model import init_transformer_lm, transformer_lm
+
+    run = _setup(model_config, train_config, valid_tokens, out_dir, model_fn or transformer_lm, parallel,
+                 extra_checkpoint_data)
+    run.overwrite = overwrite
+    if parallel.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+    state, hook_states = _initial_state(run, init_fn or init_transformer_lm, resume)
+    state = state._replace(params=parallel.broadcast(state.params), opt_state=parallel.broadcast(state.opt_state))
+    run.n_params = tree_size(state.params)
+    chosen = default_hooks if hooks is None else hooks
+    run.hooks = list(chosen(run) if callable(chosen) else chosen)
+    writes = [i for i, h in enumerate(run.hooks) if isinstance(h, MetricsFile)]
+    at = writes[0] + 1 if writes else len(run.hooks)
+    run.hooks[at:at] = [Callback(fn) for fn in callbacks]
+    for hook in run.hooks:
+        if hook.name in hook_states:
+            hook.load_state_dict(hook_states[hook.name])
+        hook.start(run, state)
+    _announce(run, state)
+    state = _loop(run, state, train_tokens)
+    for hook in run.hooks:
+        hook.end(run, state)
+    return _summary(run, state)
+
+
+def _loop(run: Run, state: TrainState, train_tokens: Any) -> TrainState:
+    config = run.train_config.step_config(run.total)
+    tc, parallel = run.train_config, run.parallel
+    try:
+        while state.step < run.total and not run.stopping:
+            t0 = time.perf_counter()
+            x, y = draw_batch(train_tokens, tc, run.context_length, state.step, run.device, rank=parallel.rank,
+                              world_size=parallel.world_size)
+            state, metrics = train_step(state, x, y, loss_fn=run.loss_fn, config=config, sync_grads=parallel.sync_grads)
+            run._step_end = time.perf_counter()
+            run.step_seconds = run._step_end - t0
+            run.record = {}
+            for hook in run.hooks:
+                hook.step(run, state, metrics)
+    except KeyboardInterrupt:
+        for hook in run.hooks:
+            hook.interrupted(run, state)
+        raise
+    if run.stopping and run.is_main:
+        print(f"fnlm: stopping at step {state.step}: {run.stop_reason} (diverged)", file=sys.stderr)
+    return state

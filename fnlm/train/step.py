@@ -1,0 +1,114 @@
+"""The one pure training step: `train_step(state, x, y, *, loss_fn, config) -> (state, metrics)`.
+
+```python
+state = fnlm.init_train_state(params)                         # params, AdamW state, step 0
+config = fnlm.StepConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, cosine_steps=100)
+for _ in range(100):
+    x, y = fnlm.get_batch(tokens, 8, 64, "cpu", generator=gen)
+    state, metrics = fnlm.train_step(state, x, y, loss_fn=loss_fn, config=config)
+print(float(metrics["loss"]), state.step)
+```
+
+A step is the learning rate from the cosine schedule at `state.step`, the loss and gradients
+through `value_and_grad`, an optional gradient average across processes (`sync_grads`), global-norm
+clipping, and one AdamW update. The training loop (`fnlm.train.train`), the benchmarks, the
+ablation runner, the data-parallel path and vectorized sweeps all call this function, so there is
+one definition of what a step is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from fnlm.autodiff import value_and_grad
+from fnlm.optim import adamw_init, adamw_step, clip_grad_norm_with_norm, cosine_schedule, global_norm
+from fnlm.tree import Tree
+from fnlm.types import Tensor
+
+__all__ = ["TrainState", "StepConfig", "init_train_state", "train_step"]
+
+
+class TrainState(NamedTuple):
+    """Everything a step changes: the params tree, the optimizer state (mirroring the params) and
+    `step`, the number of optimizer steps taken so far (an int).
+
+    A `NamedTuple`, hence a pytree: `torch.func` transforms and `torch.utils._pytree` see its
+    tensors. Replace a field with `state._replace(params=...)`.
+    """
+
+    params: Tree
+    opt_state: Tree
+    step: int
+
+
+class StepConfig(NamedTuple):
+    """The hyper-parameters of one step (schedule, AdamW, clipping).
+
+    **Fields:**
+
+    - `lr`, `min_lr`: peak and final learning rates of the cosine schedule (floats, or 0-d tensors
+      for per-model values in a vectorized sweep).
+    - `warmup_steps`, `cosine_steps`: the schedule's linear warm-up and the step where the cosine
+      reaches `min_lr`.
+    - `betas`, `eps`, `weight_decay`: AdamW (`weight_decay` may be a 0-d tensor too).
+    - `grad_clip`: global gradient-norm limit; `0` turns clipping off.
+    """
+
+    lr: float | Tensor = 1e-3
+    min_lr: float | Tensor = 1e-4
+    warmup_steps: int = 100
+    cosine_steps: int = 5000
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float | Tensor = 0.1
+    grad_clip: float = 1.0
+
+
+def init_train_state(params: Tree) -> TrainState:
+    """A fresh `TrainState`: `params`, zero AdamW moments, `step = 0`."""
+    return TrainState(params, adamw_init(params), 0)
+
+
+def _identity(tree: Tree) -> Tree:
+    return tree
+
+
+def train_step(
+    state: TrainState,
+    x: Tensor,
+    y: Tensor,
+    *,
+    loss_fn: Callable[[Tree, Tensor, Tensor], Tensor],
+    config: StepConfig,
+    sync_grads: Callable[[Tree], Tree] = _identity,
+) -> tuple[TrainState, dict[str, Any]]:
+    """One optimizer step; pure: `state` is not modified, a new one is returned.
+
+    **Arguments:**
+
+    - `state`: the `TrainState` before the step.
+    - `x`, `y`: a batch of inputs and targets, e.g. int64 `(batch, seq)` from `get_batch`.
+    - `loss_fn`: `(params, x, y) -> scalar loss`.
+    - `config`: a `StepConfig`.
+    - `sync_grads`: applied to the gradient tree before clipping (data-parallel runs average it over
+      processes here); the identity by default.
+
+    **Returns:** `(new_state, metrics)` with `metrics = {"loss", "grad_norm", "lr"}`: the loss and
+    the gradient norm before clipping as 0-d tensors (no host sync), and the learning rate used.
+    """
+    lr = cosine_schedule(state.step, config.lr, config.min_lr, config.warmup_steps, config.cosine_steps)
+    loss, grads = value_and_grad(loss_fn)(state.params, x, y)
+    grads = sync_grads(grads)
+    if config.grad_clip > 0:
+        grads, norm = clip_grad_norm_with_norm(grads, config.grad_clip)
+    else:
+        norm = global_norm(grads)
+    params, opt_state = adamw_step(
+        state.params, state.opt_state, grads, lr=lr, betas=config.betas, eps=config.eps,
+        weight_decay=config.weight_decay,
+    )
+    metrics = {"loss": loss.detach(), "grad_norm": norm.detach() if isinstance(norm, torch.Tensor) else norm, "lr": lr}
+    return TrainState(params, opt_state, state.step + 1), metrics
