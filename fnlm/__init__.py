@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     )
     from fnlm.data import get_batch, load_tokens
     from fnlm.generate import generate, sample_next_token, top_p_mask
+    from fnlm.interop import export_hf, import_hf, import_llama2c, load_params, save_params
     from fnlm.loss import cross_entropy, perplexity
     from fnlm.model import (
         ATTENTIONS,
