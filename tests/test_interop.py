@@ -323,6 +323,25 @@ def test_load_hf_tokenizer_reads_the_export_back(tokenizer_dir, tmp_path):
             interop.load_hf_tokenizer(tmp_path)
 
 
+def test_tokenizer_json_with_a_token_reached_by_two_merges():
+    vocab = {i: bytes([i]) for i in range(256)} | {256: b"ab", 257: b"abc", 258: b"bc", 259: b"abc", 260: b"abcabc"}
+    merges = [(b"a", b"b"), (b"ab", b"c"), (b"b", b"c"), (b"a", b"bc"), (b"abc", b"abc")]
+    tok = fnlm.Tokenizer(vocab, merges, [EOT])
+    hf = tokenizers.Tokenizer.from_str(json.dumps(interop.hf_tokenizer_json(tok)))
+    for text in ["abc", "xabcabc", "bcabc abc", "a b c" + EOT + "abcabcabc"]:
+        assert hf.encode(text).ids == tok.encode(text)
+    assert 259 not in tok.encode("abc abcabc bc")
+
+
+def test_gpt2_tokenizer_json_encodes_the_fixtures_like_fnlm(fixtures_dir):
+    tok = fnlm.Tokenizer.from_files(fixtures_dir / "gpt2_vocab.json", fixtures_dir / "gpt2_merges.txt", [EOT])
+    hf = tokenizers.Tokenizer.from_str(json.dumps(interop.hf_tokenizer_json(tok)))
+    for name in ["address.txt", "german.txt", "tinystories_sample.txt", "corpus.en"]:
+        text = (fixtures_dir / name).read_text(encoding="utf-8")
+        assert hf.encode(text).ids == tok.encode(text)
+    assert hf.encode("Hello world" + EOT).ids == [15496, 995, 50256]  # GPT-2's ids, as in tests/test_tokenizer.py
+
+
 def test_export_tokenizer_bigger_than_the_model_is_refused(tokenizer_dir, tmp_path):
     tok, params, config, _ = tokenizer_dir
     small = fnlm.TransformerConfig(**{**config.__dict__, "vocab_size": 300})
@@ -359,35 +378,44 @@ def write_llama2c(path: Path, *, dim: int, hidden_dim: int, n_layers: int, n_hea
             f.write(np.ascontiguousarray(a, dtype="<f4").tobytes())
 
 
-def run_c_logits(path: Path, tokens: list[int]) -> np.ndarray:
-    """run.c's `forward` transcribed to numpy float32: reads the checkpoint the way
-    `read_checkpoint`/`memory_map_weights` do and runs one token at a time with a KV cache."""
+def read_run_c_checkpoint(path: Path) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+    """run.c's `read_checkpoint` + `memory_map_weights`: the header and the flat float32 arrays."""
     with open(path, "rb") as f:
-        dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = struct.unpack("<7i", f.read(28))
-    shared_weights = vocab_size > 0
-    vocab_size = abs(vocab_size)
+        header = dict(zip(("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"),
+                          struct.unpack("<7i", f.read(28))))
+    shared_weights = header["vocab_size"] > 0
+    header["vocab_size"] = abs(header["vocab_size"])
+    dim, hidden_dim, n_layers, vocab_size = header["dim"], header["hidden_dim"], header["n_layers"], header["vocab_size"]
+    head_size = dim // header["n_heads"]
+    kv_dim = dim * header["n_kv_heads"] // header["n_heads"]
     data = np.fromfile(path, dtype=np.float32, offset=28)
-    head_size = dim // n_heads
-    kv_dim = dim * n_kv_heads // n_heads
-    kv_mul = n_heads // n_kv_heads
-    ptr = 0
-
-    def take(n: int) -> np.ndarray:
-        nonlocal ptr
+    sizes = [
+        ("token_embedding_table", vocab_size * dim), ("rms_att_weight", n_layers * dim),
+        ("wq", n_layers * dim * dim), ("wk", n_layers * dim * kv_dim), ("wv", n_layers * dim * kv_dim),
+        ("wo", n_layers * dim * dim), ("rms_ffn_weight", n_layers * dim), ("w1", n_layers * dim * hidden_dim),
+        ("w2", n_layers * hidden_dim * dim), ("w3", n_layers * dim * hidden_dim), ("rms_final_weight", dim),
+        ("freq_cis_real", header["seq_len"] * head_size // 2), ("freq_cis_imag", header["seq_len"] * head_size // 2),
+    ] + ([] if shared_weights else [("wcls", vocab_size * dim)])
+    w, ptr = {}, 0
+    for name, n in sizes:
+        w[name] = data[ptr : ptr + n]
         ptr += n
-        return data[ptr - n : ptr]
-
-    token_embedding_table = take(vocab_size * dim)
-    rms_att_weight = take(n_layers * dim)
-    wq, wk, wv = take(n_layers * dim * dim), take(n_layers * dim * kv_dim), take(n_layers * dim * kv_dim)
-    wo = take(n_layers * dim * dim)
-    rms_ffn_weight = take(n_layers * dim)
-    w1, w2, w3 = take(n_layers * dim * hidden_dim), take(n_layers * hidden_dim * dim), take(n_layers * dim * hidden_dim)
-    rms_final_weight = take(dim)
-    take(seq_len * head_size // 2)
-    take(seq_len * head_size // 2)
-    wcls = token_embedding_table if shared_weights else take(vocab_size * dim)
     assert ptr == len(data)
+    w.setdefault("wcls", w["token_embedding_table"])
+    return header, w
+
+
+def run_c_logits(path: Path, tokens: list[int]) -> np.ndarray:
+    """run.c's `forward` transcribed to numpy float32, one token at a time with a KV cache."""
+    p, w = read_run_c_checkpoint(path)
+    dim, hidden_dim, n_heads, seq_len = p["dim"], p["hidden_dim"], p["n_heads"], p["seq_len"]
+    head_size = dim // n_heads
+    kv_dim = dim * p["n_kv_heads"] // n_heads
+    kv_mul = n_heads // p["n_kv_heads"]
+    n_layers, vocab_size = p["n_layers"], p["vocab_size"]
+    token_embedding_table, rms_att_weight, rms_ffn_weight = w["token_embedding_table"], w["rms_att_weight"], w["rms_ffn_weight"]
+    wq, wk, wv, wo, w1, w2, w3 = (w[k] for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
+    rms_final_weight, wcls = w["rms_final_weight"], w["wcls"]
 
     def rmsnorm(x, weight):
         ss = np.float32(np.sum(x * x, dtype=np.float32) / np.float32(x.size) + np.float32(1e-5))
