@@ -249,11 +249,11 @@ def _refuse(where: str, key: str, value: Any, why: str) -> ValueError:
 
 def _hf_rope_theta(hf: dict[str, Any], where: str) -> float:
     scaling = hf.get("rope_scaling")
-    if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "default":
+    if scaling is not None and (not isinstance(scaling, dict) or scaling.get("rope_type", scaling.get("type")) != "default"):
         raise _refuse(where, "rope_scaling", scaling, "fnlm's RoPE has no scaling")
     rope = hf.get("rope_parameters")
     if rope is not None:
-        if rope.get("rope_type", "default") != "default":
+        if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
             raise _refuse(where, "rope_parameters", rope, "fnlm's RoPE has no scaling (rope_type must be 'default')")
         return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
     return float(hf.get("rope_theta", 10000.0))
@@ -368,12 +368,26 @@ def import_hf(path: str | os.PathLike) -> tuple[Tree, TransformerConfig]:
 _LLAMA2C_HEADER = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
 
 
-def _llama2c_config(header: dict[str, int], where: str) -> tuple[TransformerConfig, bool]:
+def _llama2c_size(h: dict[str, int]) -> int:
+    """The byte size of a legacy .bin with header `h` (grouped-query shapes included)."""
+    dim, hidden, layers, vocab = h["dim"], h["hidden_dim"], h["n_layers"], abs(h["vocab_size"])
+    kv_dim = dim * h["n_kv_heads"] // h["n_heads"]
+    floats = vocab * dim + layers * (2 * dim + 2 * dim * dim + 2 * dim * kv_dim + 3 * dim * hidden) + dim
+    floats += h["seq_len"] * (dim // h["n_heads"] // 2) * 2 + (vocab * dim if h["vocab_size"] < 0 else 0)
+    return 28 + 4 * floats
+
+
+def _llama2c_config(header: dict[str, int], size: int, where: str) -> tuple[TransformerConfig, bool]:
     if header["dim"] == 0x616B3432:
         raise ValueError(f"{where}: a llama2.c version 1/2 file (magic 'ak42'); only the legacy (v0) export is read")
-    for key in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "seq_len"):
-        if header[key] <= 0:
+    for key in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "seq_len", "vocab_size"):
+        if header[key] <= 0 and not (key == "vocab_size" and header[key] < 0):
             raise ValueError(f"{where}: header {key}={header[key]} is not positive; not a llama2.c legacy .bin")
+    if size != _llama2c_size(header):
+        raise ValueError(
+            f"{where}: {size} bytes, but the header {header} means {_llama2c_size(header)} bytes; "
+            "not a (complete) llama2.c legacy .bin"
+        )
     if header["n_kv_heads"] != header["n_heads"]:
         raise ValueError(
             f"{where}: n_kv_heads={header['n_kv_heads']} < n_heads={header['n_heads']}: "
@@ -433,11 +447,9 @@ def import_llama2c(path: str | os.PathLike) -> tuple[Tree, TransformerConfig]:
         raise ValueError(f"{where}: {size} bytes, shorter than llama2.c's 28-byte header")
     with open(path, "rb") as f:
         header = dict(zip(_LLAMA2C_HEADER, struct.unpack("<7i", f.read(28))))
-    config, shared = _llama2c_config(header, where)
+    config, shared = _llama2c_config(header, size, where)
     layout = _llama2c_layout(config, shared)
-    expected = 28 + 4 * sum(int(np.prod(shape)) for _, shape in layout)
-    if size != expected:
-        raise ValueError(f"{where}: {size} bytes, but the header {header} means {expected} bytes")
+    assert size == 28 + 4 * sum(int(np.prod(shape)) for _, shape in layout)
     data = np.memmap(path, dtype="<f4", mode="r", offset=28)
     arrays: dict[str, torch.Tensor] = {}
     start = 0
