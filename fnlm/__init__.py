@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         save_checkpoint,
     )
     from fnlm.data import batch_generator, get_batch, load_tokens
+    from fnlm.interop import export_hf, import_hf, import_llama2c, load_params, save_params
     from fnlm.loss import cross_entropy, perplexity
     from fnlm.model import (
         ATTENTIONS,

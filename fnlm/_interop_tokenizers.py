@@ -1,0 +1,253 @@
+"""Tokenizer formats for `fnlm.interop`: Hugging Face's ``tokenizer.json`` and llama2.c's
+``tokenizer.bin``.
+
+A fnlm `Tokenizer` is byte-level BPE with the GPT-2 pre-tokenizer, which HF `tokenizers`
+expresses as a ``BPE`` model (vocab and merges in GPT-2's byte-to-unicode strings, no unknown
+token, no byte fallback, merges not skipped) behind a ``Split`` on the GPT-2 pattern and a
+``ByteLevel`` pre-tokenizer, with each special token an added token. Both libraries then apply
+the lowest-ranked merge first, leftmost first among equals, so they give the same ids.
+
+A vocabulary that reaches the same bytes by two merges has two ids for one token; fnlm encodes
+to the smaller id, and so does the exported file, which keeps only that id (HF's vocab is a map
+from string to id). The larger id is not in the file: HF cannot decode it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from fnlm.tokenizer import Tokenizer
+from fnlm.tokenizer.gpt2 import str_to_token, token_to_str
+from fnlm.tokenizer.pretokenize import GPT2_PATTERN
+
+__all__ = ["hf_tokenizer_json", "write_hf_tokenizer", "load_hf_tokenizer", "Llama2cTokenizer", "load_llama2c_tokenizer"]
+
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+_GPT2_SPLIT = {"type": "Split", "pattern": {"Regex": GPT2_PATTERN}, "behavior": "Isolated", "invert": False}
+
+
+def hf_tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
+    """The ``tokenizer.json`` document (a dict) that HF `tokenizers` reads to the same ids as `tokenizer`.
+
+    **Arguments:**
+
+    - `tokenizer`: a fnlm `Tokenizer`.
+
+    **Returns:** a JSON-serializable dict.
+    """
+    vocab: dict[str, int] = {}
+    for idx in sorted(tokenizer.vocab):
+        vocab.setdefault(token_to_str(tokenizer.vocab[idx]), idx)
+    added = [
+        {"id": tokenizer.special_ids[s], "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for s in tokenizer.special_tokens
+    ]
+    model = {
+        "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+        "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+        "vocab": vocab,
+        "merges": [[token_to_str(left), token_to_str(right)] for left, right in tokenizer.merges],
+    }
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [_GPT2_SPLIT, _BYTE_LEVEL]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        "model": model,
+    }
+
+
+def write_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, model_max_length: int) -> None:
+    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` into
+    `out_dir`, so that `transformers.AutoTokenizer.from_pretrained(out_dir)` loads it offline.
+
+    The first special token (fnlm's document separator, e.g. ``<|endoftext|>``) is the EOS token.
+    """
+    out = Path(out_dir)
+    with open(out / "tokenizer.json", "w", encoding="utf-8") as f:
+        json.dump(hf_tokenizer_json(tokenizer), f, ensure_ascii=False, indent=1)
+    specials = {"eos_token": tokenizer.special_tokens[0]} if tokenizer.special_tokens else {}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "add_prefix_space": False,
+        **specials,
+    }
+    for name, doc in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
+        with open(out / name, "w", encoding="utf-8") as f:
+            json.dump(doc, f, ensure_ascii=False, indent=1)
+
+
+def _check_hf_pipeline(doc: dict[str, Any], where: str) -> None:
+    model = doc.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ValueError(f"{where}: model.type is {model.get('type')!r}; fnlm's tokenizer is 'BPE'")
+    neutral = {"byte_fallback": False, "ignore_merges": False, "continuing_subword_prefix": None,
+               "end_of_word_suffix": None, "dropout": None}
+    for key, value in neutral.items():
+        if model.get(key, value) != value:
+            raise ValueError(f"{where}: model.{key} is {model[key]!r}; fnlm's byte-level BPE needs {value!r}")
+    if doc.get("normalizer") is not None:
+        raise ValueError(f"{where}: normalizer is {json.dumps(doc['normalizer'])[:200]}; fnlm's tokenizer has none")
+    pre = doc.get("pre_tokenizer") or {}
+    if pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 2:
+        split, byte_level = pre["pretokenizers"]
+        ours = split == _GPT2_SPLIT and byte_level.get("type") == "ByteLevel" and byte_level.get("use_regex") is False
+    else:
+        split, byte_level, ours = None, pre, False
+    gpt2 = byte_level.get("type") == "ByteLevel" and byte_level.get("use_regex", True) is True and split is None
+    if not (ours or gpt2) or byte_level.get("add_prefix_space", False):
+        raise ValueError(
+            f"{where}: pre_tokenizer {json.dumps(pre)[:200]} is not the GPT-2 byte-level pre-tokenizer fnlm uses"
+        )
+
+
+def load_hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Read a byte-level BPE ``tokenizer.json`` (one `export_hf` wrote, or a GPT-2-style one) into a
+    fnlm `Tokenizer` that encodes to the same ids.
+
+    **Arguments:**
+
+    - `path`: the ``tokenizer.json`` file, or the directory holding it.
+
+    **Returns:** the `Tokenizer`; its special tokens are the file's special added tokens.
+    A ValueError names the setting fnlm cannot represent (a normalizer, byte fallback, another
+    pre-tokenizer, ...); FileNotFoundError when there is no file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    _check_hf_pipeline(doc, os.fspath(path))
+    vocab = {idx: str_to_token(text) for text, idx in doc["model"]["vocab"].items()}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in doc["model"]["merges"]]
+    merges = [(str_to_token(left), str_to_token(right)) for left, right in merges]
+    added = sorted((t for t in doc.get("added_tokens", []) if t.get("special")), key=lambda t: t["id"])
+    for token in added:
+        raw = token["content"].encode("utf-8")
+        if vocab.get(token["id"], raw) != raw:
+            raise ValueError(f"{path}: added token {token['content']!r} has id {token['id']}, which the vocab gives to another token")
+        vocab[token["id"]] = raw
+    tokenizer = Tokenizer(vocab, merges, [t["content"] for t in added])
+    wrong = {t["content"]: (t["id"], tokenizer.special_ids[t["content"]]) for t in added if tokenizer.special_ids[t["content"]] != t["id"]}
+    if wrong:
+        raise ValueError(f"{path}: special tokens whose bytes are also an ordinary token get another id (file, fnlm): {wrong}")
+    return tokenizer
+
+
+class Llama2cTokenizer:
+    """llama2.c's tokenizer (a sentencepiece BPE vocabulary as its ``tokenizer.bin`` stores it),
+    with run.c's encoding and decoding.
+
+    - `pieces`: each id's text as bytes (sentencepiece's ``▁`` already replaced by a space);
+      ids 0, 1, 2 are ``<unk>``, BOS and EOS, and pieces ``<0x00>`` .. ``<0xFF>`` stand for raw bytes.
+    - `scores`: each piece's merge score (higher merges first).
+
+    `decode` follows run.c: a piece after BOS loses its leading space, ``<0xXX>`` pieces are that
+    byte; BOS and EOS decode to nothing (run.c never prints them). `encode` follows run.c too:
+    optional BOS, a leading space piece (sentencepiece's dummy prefix), one piece per character
+    (its UTF-8 bytes as byte tokens ``3 + byte`` when the character is no piece), then repeatedly
+    merge the adjacent pair whose joined text is the highest-scoring piece (leftmost on ties).
+    """
+
+    bos_id = 1
+    eos_id = 2
+
+    def __init__(self, pieces: list[bytes], scores: list[float]):
+        if len(pieces) != len(scores):
+            raise ValueError(f"pieces and scores differ in length: {len(pieces)} vs {len(scores)}")
+        self.pieces = list(pieces)
+        self.scores = list(scores)
+        self._ids: dict[bytes, int] = {}
+        for i, piece in enumerate(self.pieces):
+            self._ids.setdefault(piece, i)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    def _piece_bytes(self, prev: int | None, token: int) -> bytes:
+        if token in (self.bos_id, self.eos_id):
+            return b""
+        piece = self.pieces[token]
+        if prev == self.bos_id and piece.startswith(b" "):
+            piece = piece[1:]
+        if len(piece) == 6 and piece.startswith(b"<0x") and piece.endswith(b">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                return piece
+        return piece
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids` (invalid UTF-8 becomes U+FFFD); ValueError on an id outside the vocab."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < len(self.pieces)]
+        if bad:
+            raise ValueError(f"decode: ids {bad[:8]} are outside the vocab [0, {len(self.pieces)})")
+        data = b"".join(self._piece_bytes(prev, tok) for prev, tok in zip([None, *ids], ids))
+        return data.decode("utf-8", errors="replace")
+
+    def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of `text` as run.c's `encode` computes them (see the class docstring)."""
+        tokens = [self.bos_id] if bos else []
+        if text:
+            tokens.append(self._ids[b" "])
+        for char in text:
+            raw = char.encode("utf-8")
+            if raw in self._ids:
+                tokens.append(self._ids[raw])
+            else:
+                tokens.extend(3 + b for b in raw)
+        while True:
+            best, best_score, best_id = -1, -1e10, -1
+            for i in range(len(tokens) - 1):
+                idx = self._ids.get(self.pieces[tokens[i]] + self.pieces[tokens[i + 1]])
+                if idx is not None and self.scores[idx] > best_score:
+                    best, best_score, best_id = i, self.scores[idx], idx
+            if best < 0:
+                break
+            tokens[best : best + 2] = [best_id]
+        return tokens + ([self.eos_id] if eos else [])
+
+
+def load_llama2c_tokenizer(path: str | os.PathLike) -> Llama2cTokenizer:
+    """Read llama2.c's ``tokenizer.bin``: an int32 ``max_token_length``, then per token a float32
+    score, an int32 byte length and the bytes, until the end of the file.
+
+    **Arguments:**
+
+    - `path`: the file.
+
+    **Returns:** a `Llama2cTokenizer`. A truncated or malformed file raises ValueError.
+    """
+    data = Path(path).read_bytes()
+    if len(data) < 4:
+        raise ValueError(f"{os.fspath(path)!r} is not a llama2.c tokenizer.bin: {len(data)} bytes")
+    (max_len,) = struct.unpack_from("<i", data, 0)
+    pieces: list[bytes] = []
+    scores: list[float] = []
+    pos = 4
+    while pos < len(data):
+        if pos + 8 > len(data):
+            raise ValueError(f"{os.fspath(path)!r}: truncated entry for token {len(pieces)} at byte {pos}")
+        score, length = struct.unpack_from("<fi", data, pos)
+        if not 0 <= length <= max(max_len, 0) or pos + 8 + length > len(data):
+            raise ValueError(
+                f"{os.fspath(path)!r}: token {len(pieces)} at byte {pos} has length {length} "
+                f"(max_token_length {max_len}, {len(data) - pos - 8} bytes left)"
+            )
+        pieces.append(data[pos + 8 : pos + 8 + length])
+        scores.append(score)
+        pos += 8 + length
+    if len(pieces) < 259:
+        raise ValueError(f"{os.fspath(path)!r}: {len(pieces)} tokens; llama2.c needs <unk>, BOS, EOS and 256 byte tokens")
+    return Llama2cTokenizer(pieces, scores)
