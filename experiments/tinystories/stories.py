@@ -30,7 +30,6 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 from fnlm.tokenizer import ENDOFTEXT
 
@@ -153,9 +152,9 @@ class _Character:
     gender: str
 
 
-def _character(rng: random.Random, avoid: set[str], animal_ok: bool = True) -> _Character:
+def _character(rng: random.Random, avoid: set[str]) -> _Character:
     while True:
-        if animal_ok and rng.random() < 0.45:
+        if rng.random() < 0.45:
             kind, names = rng.choice(_ANIMALS)
             name = rng.choice(names.split())
             gender = rng.choice([_GIRL, _BOY])
@@ -277,7 +276,7 @@ class Tell:
     key: str
 
 
-Step = Union[tuple[str, ...], Feel, Pick, NeedObject, Branch, Tell]
+Step = tuple[str, ...] | Feel | Pick | NeedObject | Branch | Tell
 """A tuple of alternative templates (one is told), or a directive."""
 
 _OPENINGS = (
@@ -798,11 +797,11 @@ def _run(t: _Teller, steps: Sequence[Step]) -> None:
                 raise AssertionError(f"not a step: {step!r}")
 
 
-def _tell(rng: random.Random) -> tuple[Plot, dict[str, str], str]:
-    """One story: the plot drawn, the story's final context, and the text."""
+def _tell(rng: random.Random, plots: Sequence[Plot] = PLOTS) -> tuple[Plot, dict[str, str], str]:
+    """One story: the plot drawn from `plots`, the story's final context, and the text."""
     ctx, obj = _context(rng)
     t = _Teller(rng, ctx, obj.tags)
-    plot = rng.choice(PLOTS)
+    plot = rng.choice(plots)
     _run(t, plot.opening)
     start = len(t.lines)
     _run(t, plot.steps)
