@@ -38,8 +38,8 @@ def check_tokenizer(ck: dict, tok: fnlm.Tokenizer, ckpt_path: Path, tok_dir: Pat
     """Exit with code 2 when the checkpoint records another tokenizer (`Tokenizer.fingerprint`) than `tok`."""
     trained = ck.get("tokenizer_fingerprint")
     if trained and trained != tok.fingerprint():
-        print(f"generate.py: error: {ckpt_path} was trained with tokenizer {trained[:12]}, but {tok_dir} holds tokenizer "
-              f"{tok.fingerprint()[:12]}; pass --tokenizer with the folder of the run that made the checkpoint",
+        print(f"generate.py: error: {ckpt_path} was trained with tokenizer {trained[:12]}, but {tok_dir} holds "
+              f"tokenizer {tok.fingerprint()[:12]}; pass --tokenizer with the folder of the run that made the checkpoint",
               file=sys.stderr)
         raise SystemExit(2)
 

@@ -171,7 +171,8 @@ def add_dataclass_flags(
         help_text = _first_sentence(docs.get(f.name, "")).replace("`None`", "none").replace("`", "")
         if default is not None:
             help_text = f"{help_text} (default: {_show(default)})".strip()
-        kwargs: dict[str, Any] = {"default": None, "dest": f"{cls.__name__}.{f.name}", "help": help_text.replace("%", "%%")}
+        kwargs: dict[str, Any] = {"default": None, "dest": f"{cls.__name__}.{f.name}",
+                                  "help": help_text.replace("%", "%%")}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is Literal:
@@ -423,7 +424,8 @@ def _texts(s: Settings) -> list[tuple[str, Path | None, int | None]]:
                               f"fetch with: wget -P {s.data} {urls}")
         return [(f"--data {s.data}", folder / n, None) for n in TINYSTORIES_FILES if n not in missing]
     pc = s.pipeline
-    return [("--corpus-train-bytes", None, pc.corpus_train_bytes), ("--corpus-valid-bytes", None, pc.corpus_valid_bytes)]
+    return [("--corpus-train-bytes", None, pc.corpus_train_bytes),
+            ("--corpus-valid-bytes", None, pc.corpus_valid_bytes)]
 
 
 def _check_texts(s: Settings) -> None:

@@ -287,7 +287,8 @@ def _encode_inputs(s: Settings, m: Manifest, data: DataResult, tok: TokenizerRes
 
 def _train_inputs(s: Settings, m: Manifest, tok: TokenizerResult, enc: EncodeResult, world_size: int) -> dict[str, Any]:
     return {"train": m.file_hash(m.path_of(enc.train)), "valid": m.file_hash(m.path_of(enc.valid)),
-            "model": dataclasses.asdict(model_config_for(s, tok)), "opt": _train_key_fields(s.train), "world": world_size}
+            "model": dataclasses.asdict(model_config_for(s, tok)), "opt": _train_key_fields(s.train),
+            "world": world_size}
 
 
 def stage_data(s: Settings, m: Manifest) -> DataResult:
@@ -464,7 +465,8 @@ def stage_evaluate(s: Settings, m: Manifest, enc: EncodeResult, trained: TrainRe
                    model_fn: Callable | None = None) -> EvalResult:
     """Score the final checkpoint on consecutive validation windows; writes `RUN/eval.json`."""
     ckpt = m.path_of(trained.checkpoint)
-    inputs = {"ckpt": m.file_hash(ckpt), "valid": m.file_hash(m.path_of(enc.valid)), "limit": s.pipeline.final_eval_tokens}
+    inputs = {"ckpt": m.file_hash(ckpt), "valid": m.file_hash(m.path_of(enc.valid)),
+              "limit": s.pipeline.final_eval_tokens}
     if not s.force and m.fresh("evaluate", inputs):
         result = m.result("evaluate", EvalResult)
         _log(f"evaluate: cached (val loss {result.val_loss:.4f})")
@@ -739,8 +741,9 @@ def script() -> int:
         return 130
     except StageInterrupted as e:
         latest = e.out / "checkpoints" / "latest.pt"
-        where = (f"; {latest} holds the last checkpoint: continue with --resume" if e.stage == "train" and latest.exists()
-                 else "; the finished stages are kept: rerun the same command to continue")
+        where = "; the finished stages are kept: rerun the same command to continue"
+        if e.stage == "train" and latest.exists():
+            where = f"; {latest} holds the last checkpoint: continue with --resume"
         print(f"interrupted during the {e.stage} stage{where}", file=sys.stderr, flush=True)
         return 130
     return 0

@@ -91,8 +91,8 @@ def test_sigint_stops_at_the_end_of_a_step(tmp_path):
         except trainer.TrainingInterrupted as e:
             print(e.step, e.checkpoint)
     """)
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], capture_output=True, text=True, timeout=120,
-                          cwd=REPO, env=dict(os.environ, FNLM_TYPECHECK="0"),
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env=dict(os.environ, FNLM_TYPECHECK="0"),
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == 0, proc.stderr
     step, path = proc.stdout.split()
