@@ -5,7 +5,8 @@
     python experiments/generate.py --hf hf_model --prompt "Once upon a time"
     python experiments/generate.py --llama2c stories15M.bin --llama2c-tokenizer tokenizer.bin
 
-The tokenizer is the one saved in the run folder (``RUN/tokenizer``), or ``--tokenizer DIR``.
+The tokenizer is the one saved in the run folder (``RUN/tokenizer``), or ``--tokenizer DIR``; a
+tokenizer other than the one the checkpoint was trained with is refused.
 With ``--hf DIR`` it is DIR's ``tokenizer.json`` (byte-level BPE, as ``fnlm.export_hf`` writes);
 with ``--llama2c`` the ``--llama2c-tokenizer`` file. Without a tokenizer the model starts from
 ``--prompt-ids`` (default: its BOS id, or 0) and the ids are printed.
@@ -37,6 +38,16 @@ def find_files(checkpoint: Path, tokenizer: Path | None) -> tuple[Path, Path]:
         else:
             raise SystemExit(f"no tokenizer folder found beside {checkpoint}; pass --tokenizer DIR")
     return checkpoint, tokenizer
+
+
+def check_tokenizer(ck: dict, tok: fnlm.Tokenizer, ckpt_path: Path, tok_dir: Path) -> None:
+    """Exit with code 2 when the checkpoint records another tokenizer (`Tokenizer.fingerprint`) than `tok`."""
+    trained = ck.get("tokenizer_fingerprint")
+    if trained and trained != tok.fingerprint():
+        print(f"generate.py: error: {ckpt_path} was trained with tokenizer {trained[:12]}, but {tok_dir} holds "
+              f"tokenizer {tok.fingerprint()[:12]}; pass --tokenizer with the folder of the run that made the checkpoint",
+              file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _ablation_block(name: str | None):
@@ -120,6 +131,7 @@ def main(argv: list[str] | None = None) -> str:
     ck = fnlm.load_checkpoint(ckpt_path, map_location=device)
     config = fnlm.TransformerConfig(**ck["config"])
     tok = fnlm.Tokenizer.from_files(tok_dir / "vocab.json", tok_dir / "merges.txt", [ENDOFTEXT])
+    check_tokenizer(ck, tok, ckpt_path, tok_dir)
     eot = tok.encode(ENDOFTEXT)[0]
     prompt_ids = tok.encode(args.prompt) if args.prompt else [eot]
     block = _ablation_block(ck.get("ablation"))

@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import random
+import re
 import struct
 import tempfile
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ __all__ = [
     "restore_rng_state",
     "check_params_match",
     "config_to_data",
+    "intact_alternatives",
 ]
 
 FORMAT = "fnlm-checkpoint"
@@ -235,6 +237,75 @@ def save_checkpoint(
         torch.save(payload, path)
 
 
+def _unpickling_refusal(err: Exception) -> str | None:
+    """Why torch's `weights_only` unpickler refused a file, without torch's advice to load it unsafely."""
+    text = str(err)
+    if "weights_only" not in text and "Weights only load failed" not in text and "GLOBAL" not in text:
+        return None
+    found = re.search(r"GLOBAL\s+([\w.]+)", text)
+    what = f"the Python object {found.group(1)}" if found else "objects that only code could rebuild"
+    return (f"it refers to {what}, and an fnlm checkpoint holds plain data only, so it was not written by "
+            "fnlm.save_checkpoint or has been altered; it was not loaded and none of its code ran")
+
+
+def _read(path: PathOrFile, where: str, map_location: Any) -> dict[str, Any]:
+    """The verified body of a checkpoint; `ValueError` saying what is wrong with it."""
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        refusal = _unpickling_refusal(err)
+        if refusal:
+            raise ValueError(f"checkpoint {where} was refused: {refusal}") from None
+        detail = re.split(r"(?<=\.)\s", str(err).strip(), maxsplit=1)[0].rstrip(".") or type(err).__name__
+        raise ValueError(f"checkpoint {where} is unreadable (truncated or not a torch file: {detail})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "body" not in payload:
+        raise ValueError(f"{where} is not an fnlm checkpoint (no {FORMAT!r} header)")
+    if payload.get("version") != VERSION:
+        raise ValueError(f"checkpoint {where} has format version {payload.get('version')!r}, expected {VERSION}")
+    body = payload["body"]
+    if _digest(body) != payload.get("sha256"):
+        raise ValueError(f"checkpoint {where} is corrupt: its contents do not match the stored SHA-256 digest")
+    return body
+
+
+def intact_alternatives(path: str | os.PathLike, *, limit: int = 5) -> list[tuple[Path, int]]:
+    """The other `step_*.pt` checkpoints beside `path` that load and verify, newest first.
+
+    Hard links to the same file as `path` (the loop's `latest.pt` is one) do not count.
+
+    **Arguments:**
+
+    - `path`: a checkpoint file (it need not exist or be readable).
+    - `limit`: how many of the newest candidates to verify.
+
+    **Returns:** `[(file, step), ...]`.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    found = []
+    for candidate in sorted(path.parent.glob("step_*.pt"), reverse=True)[:limit]:
+        try:
+            if path.exists() and os.path.samefile(candidate, path):
+                continue
+            body = _read(candidate, repr(str(candidate)), "cpu")
+        except (OSError, ValueError):
+            continue
+        found.append((candidate, int(body["step"])))
+    return found
+
+
+def _with_alternatives(message: str, path: PathOrFile) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        return message
+    others = intact_alternatives(path)
+    if not others:
+        return message
+    names = ", ".join(f"{p.name} (step {step})" for p, step in others)
+    use = "copy one over latest.pt to resume from it" if Path(path).name == "latest.pt" else "use one of them instead"
+    return f"{message}; intact checkpoints beside it: {names}: {use}"
+
+
 def load_checkpoint(
     path: PathOrFile,
     *,
@@ -244,9 +315,12 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`, verifying it.
 
-    Loading uses `torch.load(weights_only=True)`, so the file cannot run code. Errors name the file:
+    Loading uses `torch.load(weights_only=True)`, so the file cannot run code (a file that would
+    need code is refused; fnlm never suggests loading it unsafely). Errors name the file:
     `FileNotFoundError` when missing; `ValueError` when it is truncated, not a checkpoint, fails
-    its digest, or does not match `expected_params` / `expected_config`.
+    its digest, or does not match `expected_params` / `expected_config`. When the file is
+    missing or bad, the message names the intact `step_*.pt` checkpoints beside it
+    (`intact_alternatives`).
 
     **Arguments:**
 
@@ -263,18 +337,11 @@ def load_checkpoint(
     """
     where = _describe(path)
     if isinstance(path, (str, os.PathLike)) and not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {where} does not exist")
+        raise FileNotFoundError(_with_alternatives(f"checkpoint {where} does not exist", path))
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise ValueError(f"checkpoint {where} is unreadable (truncated or not a torch file): {err}") from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "body" not in payload:
-        raise ValueError(f"{where} is not an fnlm checkpoint (no {FORMAT!r} header)")
-    if payload.get("version") != VERSION:
-        raise ValueError(f"checkpoint {where} has format version {payload.get('version')!r}, expected {VERSION}")
-    body = payload["body"]
-    if _digest(body) != payload.get("sha256"):
-        raise ValueError(f"checkpoint {where} is corrupt: its contents do not match the stored SHA-256 digest")
+        body = _read(path, where, map_location)
+    except ValueError as err:
+        raise ValueError(_with_alternatives(str(err), path)) from None
     if expected_params is not None:
         check_params_match(body["params"], expected_params, where=f"checkpoint {where}")
     if expected_config is not None:

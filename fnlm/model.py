@@ -99,8 +99,12 @@ class TransformerConfig:
 
     **Fields:**
 
-    - `vocab_size`, `context_length`, `d_model`, `num_layers`, `num_heads`, `d_ff`: positive ints;
-      `d_model` must be divisible by `num_heads` (`d_head = d_model // num_heads`, even for RoPE).
+    - `vocab_size`: number of token ids (the embedding and output rows).
+    - `context_length`: the longest sequence the model reads (RoPE positions, training windows).
+    - `d_model`: width of the residual stream; divisible by `num_heads`.
+    - `num_layers`: number of Transformer blocks.
+    - `num_heads`: attention heads (`d_head = d_model // num_heads`, even for RoPE).
+    - `d_ff`: hidden width of the feed-forward network.
     - `rope_theta`: the RoPE base Θ.
     - `norm`: `"rmsnorm"` or `"none"` (the no-norm ablation: no `ln1`, `ln2`, `ln_final` params).
     - `norm_position`: `"pre"` (the default block) or `"post"` (the post-norm ablation).

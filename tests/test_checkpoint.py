@@ -234,3 +234,60 @@ def test_module_checkpoint_adapters(tmp_path, as_file):
         m(x).sum().backward()
         o.step()
     _assert_flat_equal(model.state_dict(), new_model.state_dict())
+
+
+def test_code_running_pickle_is_refused_without_torchs_unsafe_advice(tmp_path):
+    payload = {"format": "fnlm-checkpoint", "version": 1, "body": {"x": _Evil()}, "sha256": ""}
+    torch.save(payload, tmp_path / "evil.pt")
+    with pytest.raises(ValueError) as caught:
+        fnlm.load_checkpoint(tmp_path / "evil.pt")
+    message = str(caught.value)
+    assert "evil.pt" in message and "was refused" in message and f"{os.system.__module__}.system" in message
+    assert "weights_only" not in message and "Re-running" not in message and "trusted source" not in message
+    assert "none of its code ran" in message and "\n" not in message
+
+
+def _train_like_folder(folder):
+    """Checkpoints as the training loop leaves them: step files, latest.pt a hard link to the newest."""
+    folder.mkdir()
+    params, state = _trained_state()
+    for step in (10, 20, 30):
+        fnlm.save_checkpoint(folder / f"step_{step:07d}.pt", params=params, opt_state=state, step=step, config={})
+    os.link(folder / "step_0000030.pt", folder / "latest.pt")
+    return params
+
+
+def test_a_bad_latest_names_the_intact_step_files(tmp_path):
+    folder = tmp_path / "checkpoints"
+    params = _train_like_folder(folder)
+    latest = folder / "latest.pt"
+    data = bytearray(latest.read_bytes())
+    blob = params["token_embeddings"]["weight"].numpy().tobytes()
+    data[data.find(blob[:64]) + 3] ^= 0x01
+    with open(latest, "r+b") as f:
+        f.write(bytes(data))
+    assert ckpt_mod.intact_alternatives(latest) == [(folder / "step_0000020.pt", 20), (folder / "step_0000010.pt", 10)]
+    with pytest.raises(ValueError, match=r"latest\.pt' is corrupt.*intact checkpoints beside it: step_0000020\.pt "
+                                         r"\(step 20\), step_0000010\.pt \(step 10\): copy one over latest\.pt"):
+        fnlm.load_checkpoint(latest)
+    with pytest.raises(ValueError, match=r"step_0000030\.pt' is corrupt.*step_0000020.*use one of them instead"):
+        fnlm.load_checkpoint(folder / "step_0000030.pt")
+    (folder / "step_0000020.pt").write_bytes(data[: len(data) // 3])
+    latest.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"unreadable \(truncated or not a torch file: .*\); intact checkpoints beside "
+                                         r"it: step_0000010\.pt \(step 10\): copy"):
+        fnlm.load_checkpoint(latest)
+    latest.unlink()
+    with pytest.raises(FileNotFoundError, match=r"latest\.pt' does not exist; intact checkpoints beside it: "
+                                                r"step_0000010\.pt"):
+        fnlm.load_checkpoint(latest)
+
+
+def test_a_good_checkpoint_among_bad_ones_loads_and_names_nothing(tmp_path):
+    folder = tmp_path / "checkpoints"
+    _train_like_folder(folder)
+    assert fnlm.load_checkpoint(folder / "latest.pt")["step"] == 30
+    (tmp_path / "alone.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError) as caught:
+        fnlm.load_checkpoint(tmp_path / "alone.pt")
+    assert "intact" not in str(caught.value)

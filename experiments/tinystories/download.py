@@ -181,6 +181,7 @@ def resolve_corpus(
     base_url: str = TINYSTORIES_URL,
     connect_timeout: float = 5.0,
     progress: bool = True,
+    fallback: bool = True,
 ) -> Corpus:
     """Find or fetch TinyStoriesV2, or fall back to the embedded corpus.
 
@@ -192,9 +193,11 @@ def resolve_corpus(
     - `embedded_train_bytes`, `embedded_valid_bytes`, `seed`: its size and seed.
     - `download_missing`: fetch missing files from ``base_url.format(name=...)``.
     - `connect_timeout`: seconds before a connection attempt is given up.
+    - `fallback`: when TinyStories is not available, use the embedded corpus (saying so in one
+      line on stderr); when `False`, raise the :class:`DownloadError` instead (the training script
+      does that: a preset sized for TinyStories is no use on the small embedded corpus).
 
-    **Returns:** a :class:`Corpus`. A failed download prints one line to stderr saying so and
-    writes and returns the embedded corpus.
+    **Returns:** a :class:`Corpus`.
     """
     if data_dir is not None:
         data_dir = Path(data_dir)
@@ -207,6 +210,8 @@ def resolve_corpus(
                 download(base_url.format(name=p.name), p, connect_timeout=connect_timeout, progress=progress)
             return Corpus(paths[0], paths[1], "tinystories")
         except DownloadError as e:
+            if not fallback:
+                raise
             print(f"fnlm: TinyStories is not available ({e}); using the embedded story corpus instead.", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     train, valid = stories.write_corpus(fallback_dir, embedded_train_bytes, embedded_valid_bytes, seed=seed)

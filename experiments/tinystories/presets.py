@@ -16,10 +16,17 @@ __all__ = ["PipelineConfig", "PRESETS"]
 class PipelineConfig:
     """Settings of the stages around training.
 
-    - `corpus_train_bytes`, `corpus_valid_bytes`, `corpus_seed`: size and seed of the embedded corpus.
-    - `bpe_workers`, `encode_workers`: processes for BPE pre-tokenization and encoding (`None`: all CPUs).
+    - `corpus_train_bytes`: size of the embedded corpus's training text.
+    - `corpus_valid_bytes`: size of the embedded corpus's validation text.
+    - `corpus_seed`: seed of the embedded corpus.
+    - `bpe_workers`: processes for BPE pre-tokenization (`None`: all CPUs).
+    - `encode_workers`: processes for encoding the texts (`None`: all CPUs).
     - `final_eval_tokens`: validation tokens scored by the `evaluate` stage (`None`: all).
-    - `num_samples`, `sample_tokens`, `temperature`, `top_p`, `sample_seed`: the `sample` stage.
+    - `num_samples`: stories written by the `sample` stage.
+    - `sample_tokens`: the most new tokens per sample.
+    - `temperature`: sampling temperature.
+    - `top_p`: nucleus-sampling threshold.
+    - `sample_seed`: seed of the first sample (the others follow it).
     - `prompt`: the first sample's prompt; the others use a few fixed story openings and one
       starts from nothing.
     """

@@ -18,6 +18,12 @@ content hashes of its input files and the settings it depends on) and each runna
 
 A run folder refers to its own files by paths relative to itself (files from elsewhere, such as
 `--train-file`, by absolute paths), so it can be moved or copied.
+
+Before any stage runs, `resolve_settings` checks the settings and `preflight` the run folder; a
+problem is a `ConfigError` that says what to change (the script prints it in one line, exit code
+2). No checkpoint is deleted unless `--overwrite` is given: a folder holding an earlier run's
+checkpoints is continued with `--resume` or refused. Ctrl-C in training saves a checkpoint and
+the script says how to continue (exit code 130).
 """
 
 from __future__ import annotations
@@ -39,15 +45,18 @@ import torch
 
 import fnlm
 from fnlm.tokenizer import ENDOFTEXT
-from fnlm.train import HARMLESS_FIELDS, Parallel, evaluate_windows, lm_loss_fn, resolve_device, train
+from fnlm.train import (
+    HARMLESS_FIELDS, Parallel, TrainingInterrupted, evaluate_windows, lm_loss_fn, resolve_device, resume_mismatches, train,
+)
 
-from .cli import STAGES, Settings, resolve_settings
-from .download import Corpus, resolve_corpus
+from .cli import FIELD_FLAGS, PROG, STAGES, ConfigError, Settings, flag_name, resolve_settings
+from .download import TINYSTORIES_FILES, TINYSTORIES_URL, Corpus, DownloadError, resolve_corpus
 
 __all__ = [
     "STAGES", "DataResult", "TokenizerResult", "EncodeResult", "TrainResult", "EvalResult", "SampleResult",
     "Manifest", "unigram_entropy", "stage_data", "stage_tokenizer", "stage_encode", "stage_train", "stage_evaluate",
-    "stage_sample", "load_tokenizer", "model_config_for", "load_token_files", "main",
+    "stage_sample", "load_tokenizer", "model_config_for", "load_token_files", "plan", "preflight", "main", "script",
+    "ConfigError", "StageInterrupted", "NEEDS", "RESULTS",
 ]
 
 
@@ -130,12 +139,37 @@ class SampleResult:
 
 R = TypeVar("R")
 
+NEEDS: dict[str, tuple[str, ...]] = {
+    "data": (), "tokenizer": ("data",), "encode": ("data", "tokenizer"), "train": ("tokenizer", "encode"),
+    "evaluate": ("encode", "train"), "sample": ("tokenizer", "train"),
+}
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a stage other than training's loop; `stage` names it, `out` is the run folder."""
+
+    def __init__(self, stage: str, out: Path):
+        super().__init__(f"interrupted during the {stage} stage")
+        self.stage, self.out = stage, out
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for k in sorted(set(old) | set(new)) for line in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    if old == new:
+        return []
+    name = prefix.rstrip(".")
+    if isinstance(old, str) and isinstance(new, str) and len(old) == len(new) == 32:
+        return [f"the contents of {name}"]
+    leaf = name.rsplit(".", 1)[-1]
+    return [f"{FIELD_FLAGS.get(leaf, name)} {old!r} -> {new!r}"]
+
 
 class Manifest:
-    """`RUN/stages.json`: per stage, the key of its inputs, its outputs and its typed result.
+    """`RUN/stages.json`: per stage, its inputs and their key, its outputs and its typed result.
 
-    Paths inside the run folder are stored relative to it; `path(p)` turns a stored path back
-    into one that works from the current directory.
+    Paths inside the run folder are stored relative to it, so the folder can be moved or copied;
+    `path_of(p)` turns a stored path back into one that works from the current directory.
     """
 
     def __init__(self, out: Path):
@@ -182,19 +216,31 @@ class Manifest:
     def key(self, **inputs: Any) -> str:
         return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
-    def fresh(self, stage: str, key: str) -> bool:
-        entry = self.state.get(stage)
-        return bool(entry and entry["key"] == key and all(self.path_of(o).exists() for o in entry["outputs"]))
-
-    def result(self, stage: str, cls: type[R]) -> R:
-        """The stored result of `stage`; `RuntimeError` when it has not run in this folder."""
+    def why_stale(self, stage: str, inputs: dict[str, Any]) -> str | None:
+        """`None` when `stage` ran here with these inputs and its outputs exist, else why not."""
         entry = self.state.get(stage)
         if not entry:
-            raise RuntimeError(f"stage {stage!r} has not run in this folder yet; run it first (--stage {stage})")
+            return "it has not finished in this folder"
+        if entry["key"] != self.key(**inputs):
+            old = entry.get("inputs")
+            changes = _diff(old, json.loads(json.dumps(inputs, default=str))) if old else []
+            return "its inputs changed" + (f" ({'; '.join(changes[:4])})" if changes else "")
+        missing = [o for o in entry["outputs"] if not self.path_of(o).exists()]
+        return f"its output {missing[0]} is missing" if missing else None
+
+    def fresh(self, stage: str, inputs: dict[str, Any]) -> bool:
+        return self.why_stale(stage, inputs) is None
+
+    def result(self, stage: str, cls: type[R]) -> R:
+        """The stored result of `stage`; `ConfigError` when it has not run in this folder."""
+        entry = self.state.get(stage)
+        if not entry:
+            raise ConfigError(f"the {stage} stage has not run in {self.out} yet; run it first (--stage {stage})")
         return cls(**entry["info"])
 
-    def done(self, stage: str, key: str, outputs: Sequence[str | os.PathLike], result: Any) -> None:
-        self.state[stage] = {"key": key, "outputs": [self.rel(o) for o in outputs], "info": dataclasses.asdict(result)}
+    def done(self, stage: str, inputs: dict[str, Any], outputs: Sequence[str | os.PathLike], result: Any) -> None:
+        self.state[stage] = {"key": self.key(**inputs), "inputs": json.loads(json.dumps(inputs, default=str)),
+                             "outputs": [self.rel(o) for o in outputs], "info": dataclasses.asdict(result)}
         self.save()
 
 
@@ -221,40 +267,64 @@ def _train_key_fields(tc: fnlm.train.TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(tc).items() if k not in HARMLESS_FIELDS}
 
 
+def _data_inputs(s: Settings, m: Manifest) -> dict[str, Any]:
+    if s.train_file:
+        return {"train": str(Path(s.train_file).resolve()), "valid": str(Path(s.valid_file).resolve())}
+    if s.data:
+        return {"data": str(Path(s.data).resolve())}
+    pc = s.pipeline
+    return {"data": None, "size": (pc.corpus_train_bytes, pc.corpus_valid_bytes, pc.corpus_seed)}
+
+
+def _tokenizer_inputs(s: Settings, m: Manifest, data: DataResult) -> dict[str, Any]:
+    return {"text": m.file_hash(m.path_of(data.train)), "vocab_size": s.model.vocab_size, "specials": [ENDOFTEXT]}
+
+
+def _encode_inputs(s: Settings, m: Manifest, data: DataResult, tok: TokenizerResult) -> dict[str, Any]:
+    return {"train": m.file_hash(m.path_of(data.train)), "valid": m.file_hash(m.path_of(data.valid)),
+            "vocab": m.file_hash(m.path_of(tok.vocab)), "merges": m.file_hash(m.path_of(tok.merges))}
+
+
+def _train_inputs(s: Settings, m: Manifest, tok: TokenizerResult, enc: EncodeResult, world_size: int) -> dict[str, Any]:
+    return {"train": m.file_hash(m.path_of(enc.train)), "valid": m.file_hash(m.path_of(enc.valid)),
+            "model": dataclasses.asdict(model_config_for(s, tok)), "opt": _train_key_fields(s.train),
+            "world": world_size}
+
+
 def stage_data(s: Settings, m: Manifest) -> DataResult:
     """Find or make the two text files."""
     pc = s.pipeline
-    if s.train_file:
-        key = m.key(train=str(Path(s.train_file).resolve()), valid=str(Path(s.valid_file).resolve()))
-    else:
-        key = m.key(data=s.data, size=(pc.corpus_train_bytes, pc.corpus_valid_bytes, pc.corpus_seed))
-    if not s.force and m.fresh("data", key):
+    inputs = _data_inputs(s, m)
+    if not s.force and m.fresh("data", inputs):
         result = m.result("data", DataResult)
         _log(f"data: cached ({result.source}: {result.train})")
         return result
     t0 = time.perf_counter()
     if s.train_file:
-        for f in (s.train_file, s.valid_file):
-            if not Path(f).is_file():
-                raise FileNotFoundError(f"text file {f!r} does not exist")
         corpus = Corpus(Path(s.train_file).resolve(), Path(s.valid_file).resolve(), "files")
     else:
-        corpus = resolve_corpus(
-            s.data, s.out / "data", embedded_train_bytes=pc.corpus_train_bytes,
-            embedded_valid_bytes=pc.corpus_valid_bytes, seed=pc.corpus_seed, download_missing=s.download,
-            progress=s.progress,
-        )
+        try:
+            corpus = resolve_corpus(
+                s.data, s.out / "data", embedded_train_bytes=pc.corpus_train_bytes,
+                embedded_valid_bytes=pc.corpus_valid_bytes, seed=pc.corpus_seed, download_missing=s.download,
+                progress=s.progress, fallback=False,
+            )
+        except DownloadError as e:
+            urls = " ".join(TINYSTORIES_URL.format(name=n) for n in TINYSTORIES_FILES)
+            raise ConfigError(f"--data {s.data}: TinyStories is not there and could not be downloaded ({e}); fetch it "
+                              f"with: wget -P {s.data} {urls} (or drop --data to train on the embedded story corpus)"
+                              ) from None
     result = DataResult(m.rel(corpus.train), m.rel(corpus.valid), corpus.source, corpus.train.stat().st_size,
                         corpus.valid.stat().st_size, round(time.perf_counter() - t0, 2))
-    m.done("data", key, [corpus.train, corpus.valid], result)
+    m.done("data", inputs, [corpus.train, corpus.valid], result)
     _log(f"data: {corpus.source} corpus, {result.train_bytes / 1e6:.1f} MB train, {result.valid_bytes / 1e6:.2f} MB valid")
     return result
 
 
 def stage_tokenizer(s: Settings, m: Manifest, data: DataResult) -> TokenizerResult:
     """Train BPE on the training text."""
-    key = m.key(text=m.file_hash(m.path_of(data.train)), vocab_size=s.model.vocab_size, specials=[ENDOFTEXT])
-    if not s.force and m.fresh("tokenizer", key):
+    inputs = _tokenizer_inputs(s, m, data)
+    if not s.force and m.fresh("tokenizer", inputs):
         result = m.result("tokenizer", TokenizerResult)
         _log(f"tokenizer: cached ({result.vocab_size} tokens)")
         return result
@@ -267,7 +337,7 @@ def stage_tokenizer(s: Settings, m: Manifest, data: DataResult) -> TokenizerResu
     tok.save(folder / "vocab.json", folder / "merges.txt")
     result = TokenizerResult(m.rel(folder / "vocab.json"), m.rel(folder / "merges.txt"), len(vocab),
                              round(time.perf_counter() - t0, 2), tok.fingerprint())
-    m.done("tokenizer", key, [folder / "vocab.json", folder / "merges.txt"], result)
+    m.done("tokenizer", inputs, [folder / "vocab.json", folder / "merges.txt"], result)
     extra = "" if len(vocab) == s.model.vocab_size else f" (asked for {s.model.vocab_size}; the corpus ran out of pairs)"
     _log(f"tokenizer: {len(vocab)} tokens{extra} in {result.seconds:.1f}s")
     return result
@@ -281,9 +351,8 @@ def load_tokenizer(m: Manifest, tok: TokenizerResult) -> fnlm.Tokenizer:
 def stage_encode(s: Settings, m: Manifest, data: DataResult, tok_result: TokenizerResult) -> EncodeResult:
     """Encode both texts to uint16 files, with token counts and the unigram baseline."""
     texts = {"train": m.path_of(data.train), "valid": m.path_of(data.valid)}
-    key = m.key(train=m.file_hash(texts["train"]), valid=m.file_hash(texts["valid"]),
-                vocab=m.file_hash(m.path_of(tok_result.vocab)), merges=m.file_hash(m.path_of(tok_result.merges)))
-    if not s.force and m.fresh("encode", key):
+    inputs = _encode_inputs(s, m, data, tok_result)
+    if not s.force and m.fresh("encode", inputs):
         result = m.result("encode", EncodeResult)
         _log(f"encode: cached ({result.train_tokens:,} train tokens)")
         return result
@@ -295,11 +364,11 @@ def stage_encode(s: Settings, m: Manifest, data: DataResult, tok_result: Tokeniz
     for split in ("train", "valid"):
         counts[split] = fnlm.encode_file(tok, texts[split], folder / f"{split}.bin", num_workers=s.pipeline.encode_workers,
                                          progress=s.progress)
-    valid = np.memmap(folder / "valid.bin", dtype=np.uint16, mode="r")
+    valid = np.fromfile(folder / "valid.bin", dtype=np.uint16)
     result = EncodeResult(m.rel(folder / "train.bin"), m.rel(folder / "valid.bin"), counts["train"], counts["valid"],
                           data.train_bytes / max(counts["train"], 1), data.valid_bytes / max(counts["valid"], 1),
                           unigram_entropy(valid, tok_result.vocab_size), round(time.perf_counter() - t0, 2))
-    m.done("encode", key, [folder / "train.bin", folder / "valid.bin"], result)
+    m.done("encode", inputs, [folder / "train.bin", folder / "valid.bin"], result)
     _log(f"encode: {result.train_tokens:,} train / {result.valid_tokens:,} valid tokens in {result.seconds:.1f}s; "
          f"unigram entropy of the validation set (baseline) {result.unigram_entropy:.3f} nats/token")
     return result
@@ -319,27 +388,69 @@ def load_token_files(m: Manifest, enc: EncodeResult, config: Any) -> tuple[np.nd
     return load(enc.train), load(enc.valid)
 
 
+def _check_token_counts(s: Settings, enc: EncodeResult) -> None:
+    """`ConfigError` when a split has fewer tokens than one training window needs."""
+    need = s.model.context_length + 1
+    for split, count in (("train", enc.train_tokens), ("valid", enc.valid_tokens)):
+        if count < need:
+            more = (f"--corpus-{split}-bytes" if not (s.data or s.train_file) else "a longer text file")
+            raise ConfigError(f"the {split} text encodes to {count:,} tokens, fewer than --context-length "
+                              f"{s.model.context_length} + 1; lower --context-length to {count - 1} or less, or give "
+                              f"more text ({more})")
+
+
+def _load_for_resume(latest: Path) -> dict[str, Any]:
+    try:
+        return fnlm.load_checkpoint(latest)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"cannot resume: {e}") from None
+
+
+def _check_resumable(s: Settings, ck: dict[str, Any], latest: Path, tok: TokenizerResult, world_size: int) -> None:
+    """`ConfigError` unless checkpoint `ck` can be continued with these settings and this tokenizer."""
+    stored = ck.get("tokenizer_fingerprint")
+    if stored and tok.fingerprint and stored != tok.fingerprint:
+        raise ConfigError(f"cannot resume {latest}: it was trained with tokenizer {stored[:12]}, but {s.out}/tokenizer "
+                          f"is now {tok.fingerprint[:12]}; restore the earlier --vocab-size and data, or start over "
+                          "with --overwrite")
+    problems = resume_mismatches(ck, model_config_for(s, tok), s.train, world_size=world_size)
+    if problems:
+        shown = []
+        for name, (stored, now) in problems.items():
+            field = name.split(".", 1)[-1]
+            flag = flag_name(field) if "." in name else "processes, --data-shards"
+            shown.append(f"{flag} {stored} (now {now})")
+        raise ConfigError(f"cannot resume {latest}: it was trained with {', '.join(shown)}; rerun with those settings "
+                          "to continue it, or start over with --overwrite (deletes its checkpoints)")
+
+
 def stage_train(
     s: Settings, m: Manifest, tok: TokenizerResult, enc: EncodeResult, *, model_fn: Callable | None = None,
     init_fn: Callable | None = None, parallel: Parallel = Parallel(), checkpoint_data: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train (or resume) with `fnlm.train.train`."""
     config = model_config_for(s, tok)
-    key = m.key(train=m.file_hash(m.path_of(enc.train)), valid=m.file_hash(m.path_of(enc.valid)),
-                model=dataclasses.asdict(config), opt=_train_key_fields(s.train), world=parallel.world_size)
+    inputs = _train_inputs(s, m, tok, enc, parallel.world_size)
     latest = s.out / "checkpoints" / "latest.pt"
-    if not s.force and m.fresh("train", key):
+    if not s.force and m.fresh("train", inputs):
         result = m.result("train", TrainResult)
         if parallel.is_main:
             _log(f"train: cached (step {result.step}, val loss {result.val_loss:.4f})")
         return result
+    _check_token_counts(s, enc)
+    if s.resume:
+        _check_resumable(s, _load_for_resume(latest), latest, tok, parallel.world_size)
     train_tokens, valid_tokens = load_token_files(m, enc, config)
     extra = {"tokenizer_dir": "tokenizer", "tokenizer_fingerprint": tok.fingerprint, **(checkpoint_data or {})}
-    summary = train(config, s.train, train_tokens, valid_tokens, s.out, model_fn=model_fn, init_fn=init_fn,
-                    resume=s.resume, overwrite=s.force, parallel=parallel, extra_checkpoint_data=extra)
+    try:
+        summary = train(config, s.train, train_tokens, valid_tokens, s.out, model_fn=model_fn, init_fn=init_fn,
+                        resume=s.resume, overwrite=s.overwrite, parallel=parallel, extra_checkpoint_data=extra)
+    except FileExistsError:
+        raise ConfigError(f"{latest.parent} holds checkpoints of an earlier run; continue it with --resume, or start "
+                          "over with --overwrite (deletes them)") from None
     result = TrainResult(checkpoint=m.rel(latest), **summary)
     if parallel.is_main:
-        m.done("train", key, [latest, s.out / "metrics.jsonl"], result)
+        m.done("train", inputs, [latest, s.out / "metrics.jsonl"], result)
         _log(f"train: {result.step} steps, val loss {result.val_loss:.4f} (perplexity {result.val_perplexity:.2f}), "
              f"{result.tokens_per_sec:,.0f} tokens/s, {result.wall_time:.0f}s")
     return result
@@ -354,8 +465,9 @@ def stage_evaluate(s: Settings, m: Manifest, enc: EncodeResult, trained: TrainRe
                    model_fn: Callable | None = None) -> EvalResult:
     """Score the final checkpoint on consecutive validation windows; writes `RUN/eval.json`."""
     ckpt = m.path_of(trained.checkpoint)
-    key = m.key(ckpt=m.file_hash(ckpt), valid=m.file_hash(m.path_of(enc.valid)), limit=s.pipeline.final_eval_tokens)
-    if not s.force and m.fresh("evaluate", key):
+    inputs = {"ckpt": m.file_hash(ckpt), "valid": m.file_hash(m.path_of(enc.valid)),
+              "limit": s.pipeline.final_eval_tokens}
+    if not s.force and m.fresh("evaluate", inputs):
         result = m.result("evaluate", EvalResult)
         _log(f"evaluate: cached (val loss {result.val_loss:.4f})")
         return result
@@ -372,7 +484,7 @@ def stage_evaluate(s: Settings, m: Manifest, enc: EncodeResult, trained: TrainRe
     result = EvalResult(loss, math.exp(loss), count, enc.unigram_entropy, loss / math.log(2) / enc.valid_bytes_per_token,
                         round(time.perf_counter() - t0, 2))
     (s.out / "eval.json").write_text(json.dumps(dataclasses.asdict(result), indent=1))
-    m.done("evaluate", key, [s.out / "eval.json"], result)
+    m.done("evaluate", inputs, [s.out / "eval.json"], result)
     _log(f"evaluate: val loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {count:,} tokens; "
          f"unigram baseline {enc.unigram_entropy:.3f}")
     return result
@@ -385,9 +497,10 @@ def stage_sample(s: Settings, m: Manifest, tok_result: TokenizerResult, trained:
     """Generate a few stories from the final checkpoint; writes `RUN/samples.txt`."""
     pc = s.pipeline
     ckpt = m.path_of(trained.checkpoint)
-    key = m.key(ckpt=m.file_hash(ckpt), vocab=m.file_hash(m.path_of(tok_result.vocab)), settings=dataclasses.asdict(pc))
+    inputs = {"ckpt": m.file_hash(ckpt), "vocab": m.file_hash(m.path_of(tok_result.vocab)),
+              "settings": dataclasses.asdict(pc)}
     out_path = s.out / "samples.txt"
-    if not s.force and m.fresh("sample", key):
+    if not s.force and m.fresh("sample", inputs):
         _log(f"sample: cached ({out_path})")
         return m.result("sample", SampleResult)
     t0 = time.perf_counter()
@@ -406,9 +519,119 @@ def stage_sample(s: Settings, m: Manifest, tok_result: TokenizerResult, trained:
         pieces.append(f"\n--- sample {i + 1} (prompt: {prompt!r})\n{(prompt + tok.decode(new)).strip()}\n")
     out_path.write_text("".join(pieces), encoding="utf-8")
     result = SampleResult(m.rel(out_path), generated, round(time.perf_counter() - t0, 2))
-    m.done("sample", key, [out_path], result)
+    m.done("sample", inputs, [out_path], result)
     _log(f"sample: {pc.num_samples} samples -> {out_path}")
     return result
+
+
+RESULTS: dict[str, type] = {"data": DataResult, "tokenizer": TokenizerResult, "encode": EncodeResult,
+                            "train": TrainResult, "evaluate": EvalResult, "sample": SampleResult}
+_INPUTS: dict[str, Callable[..., dict[str, Any]]] = {
+    "data": _data_inputs, "tokenizer": _tokenizer_inputs, "encode": _encode_inputs, "train": _train_inputs,
+}
+
+
+def plan(s: Settings, m: Manifest, *, world_size: int = 1) -> tuple[dict[str, str | None], dict[str, Any]]:
+    """What the stages up to `train` will do, as far as can be known before any runs.
+
+    **Arguments:**
+
+    - `s`, `m`: the settings and the run folder's manifest.
+    - `world_size`: processes that will train.
+
+    **Returns:** `(why, known)`: `why[stage]` is `None` when the stage will not run (cached, or
+    not selected) and otherwise the reason it runs; `known[stage]` is its result when that is
+    already on disk and will not change.
+    """
+    want = set(s.stages)
+    why: dict[str, str | None] = {}
+    known: dict[str, Any] = {}
+    for stage in ("data", "tokenizer", "encode", "train"):
+        deps = NEEDS[stage]
+        if stage not in want:
+            why[stage] = None
+            if stage in m.state:
+                known[stage] = m.result(stage, RESULTS[stage])
+            continue
+        if s.force:
+            why[stage] = "--force reruns it"
+            continue
+        rerun = [d for d in deps if d not in known]
+        if rerun:
+            why[stage] = f"the {rerun[0]} stage runs before it"
+            continue
+        args = [known[d] for d in deps] + ([world_size] if stage == "train" else [])
+        why[stage] = m.why_stale(stage, _INPUTS[stage](s, m, *args))
+        if why[stage] is None:
+            known[stage] = m.result(stage, RESULTS[stage])
+    return why, known
+
+
+def _check_prerequisites(s: Settings, m: Manifest) -> None:
+    want = set(s.stages)
+    for stage in s.stages:
+        for dep in NEEDS[stage]:
+            if dep in want:
+                continue
+            entry = m.state.get(dep)
+            missing = [o for o in (entry or {}).get("outputs", []) if not m.path_of(o).exists()]
+            if not entry or missing:
+                what = f"which {s.out} does not have yet" if not entry else f"and {m.path_of(missing[0])} is missing"
+                raise ConfigError(f"--stage {','.join(s.stages)}: the {stage} stage needs the {dep} stage's output, "
+                                  f"{what}; add {dep} to --stage (or run all stages)")
+
+
+def preflight(s: Settings, m: Manifest, *, world_size: int = 1) -> None:
+    """Checks of the run folder before any stage runs; raises `ConfigError` saying what to change.
+
+    - every selected stage has its inputs: selected too, or done earlier in this folder;
+    - `--resume`: there is a checkpoint, it loads (see `fnlm.load_checkpoint`), the stages before
+      training keep their inputs, and its settings and tokenizer match (when known already);
+    - without `--resume`: training would not start over in a folder holding an earlier run's
+      checkpoints, unless `--overwrite`;
+    - the token files (when already made) hold more tokens than the context length.
+
+    **Arguments:**
+
+    - `s`, `m`: the settings and the run folder's manifest.
+    - `world_size`: processes that will train.
+    """
+    _check_prerequisites(s, m)
+    if "train" not in s.stages:
+        return
+    why, known = plan(s, m, world_size=world_size)
+    folder = s.out / "checkpoints"
+    latest = folder / "latest.pt"
+    if "encode" in known and why["train"] is not None:
+        _check_token_counts(s, known["encode"])
+    if s.resume:
+        if not latest.is_file():
+            steps = [p.name for p in sorted(folder.glob("step_*.pt"))]
+            extra = f" (the folder holds {', '.join(steps)}: copy one to latest.pt to resume from it)" if steps else ""
+            raise ConfigError(f"--resume: nothing to resume, {latest} does not exist{extra}; run without --resume to "
+                              "start training")
+        if why["train"] is None:
+            return
+        for stage in ("data", "tokenizer", "encode"):
+            if why[stage] and why[stage].startswith("its inputs changed"):
+                detail = why[stage].removeprefix("its inputs changed")
+                raise ConfigError(f"cannot resume {latest}: the {stage} stage's inputs changed since it was written"
+                                  f"{detail}, so the training data would differ; restore those settings to continue "
+                                  "it, or start over with --overwrite")
+        ck = _load_for_resume(latest)
+        if "tokenizer" in known:
+            _check_resumable(s, ck, latest, known["tokenizer"], world_size)
+        return
+    earlier = sorted(folder.glob("step_*.pt"))
+    if why["train"] is None or s.overwrite or not (earlier or latest.exists()):
+        return
+    newest = earlier[-1].name if earlier else latest.name
+    if "train" not in m.state:
+        state = f"holds an unfinished run (newest checkpoint {newest})"
+    else:
+        state = f"holds a finished run (newest checkpoint {newest}) that training would replace: {why['train']}"
+    raise ConfigError(f"{folder} {state}; continue it with --resume, or start over with --overwrite (deletes its "
+                      "checkpoints), or give another --out")
 
 
 def main(
@@ -427,38 +650,59 @@ def main(
       library's Transformer LM). Samples always use `fnlm.generate`, i.e. the config's model.
     - `parallel`: data-parallel hooks; stages other than `train` run on rank 0 only, the
       others wait at `parallel.barrier()`.
+
+    **Raises:** `ConfigError` for settings or a run folder that cannot work (before any stage
+    runs, except where only a stage's output can tell); `fnlm.train.TrainingInterrupted` on
+    Ctrl-C in training (after saving a checkpoint) and `StageInterrupted` in another stage.
     """
     t_start = time.perf_counter()
     s = resolve_settings(argv)
+    m = Manifest(s.out)
+    preflight(s, m, world_size=parallel.world_size)
     s.out.mkdir(parents=True, exist_ok=True)
     if parallel.is_main:
         _log(f"preset {s.preset}, run folder {s.out}, stages {','.join(s.stages)}")
+        for note in s.notes:
+            _log(f"note: {note}")
     want = set(s.stages)
-
-    def stage(name: str, cls: type, fn: Callable, *args: Any) -> Any:
-        if name not in want:
-            return Manifest(s.out).result(name, cls)
-        out = fn(s, Manifest(s.out), *args) if parallel.is_main else None
-        parallel.barrier()
-        return out if out is not None else Manifest(s.out).result(name, cls)
-
+    needed = want | {d for stage in want for d in NEEDS[stage]}
     results: dict[str, Any] = {}
-    results["data"] = data = stage("data", DataResult, stage_data)
-    results["tokenizer"] = tok = stage("tokenizer", TokenizerResult, stage_tokenizer, data)
-    results["encode"] = enc = stage("encode", EncodeResult, stage_encode, data, tok)
-    if "train" in want:
-        results["train"] = trained = stage_train(s, Manifest(s.out), tok, enc, model_fn=model_fn, init_fn=init_fn,
-                                                 parallel=parallel)
-        parallel.barrier()
-    elif {"evaluate", "sample"} & want:
-        trained = Manifest(s.out).result("train", TrainResult)
-    if "evaluate" in want:
-        results["evaluate"] = stage("evaluate", EvalResult, lambda s_, m_: stage_evaluate(s_, m_, enc, trained, model_fn))
-    if "sample" in want:
-        results["sample"] = stage("sample", SampleResult, stage_sample, tok, trained)
+    current = "data"
+    try:
+        for name in STAGES:
+            if name not in needed:
+                continue
+            current = name
+            results[name] = _run_stage(name, name in want, s, m, results, parallel, model_fn, init_fn)
+    except (TrainingInterrupted, StageInterrupted):
+        raise
+    except KeyboardInterrupt:
+        raise StageInterrupted(current, s.out) from None
     if parallel.is_main:
-        _summary(s, results, time.perf_counter() - t_start)
-    return results
+        _summary(s, {k: v for k, v in results.items() if k in want}, time.perf_counter() - t_start)
+    return {k: v for k, v in results.items() if k in want}
+
+
+def _run_stage(name: str, selected: bool, s: Settings, m: Manifest, results: dict[str, Any], parallel: Parallel,
+               model_fn: Callable | None, init_fn: Callable | None) -> Any:
+    mine = m if parallel.is_main else Manifest(s.out)
+    if not selected:
+        return mine.result(name, RESULTS[name])
+    r = results
+    if name == "train":
+        out = stage_train(s, mine, r["tokenizer"], r["encode"], model_fn=model_fn, init_fn=init_fn, parallel=parallel)
+        parallel.barrier()
+        return out
+    calls: dict[str, Callable[[], Any]] = {
+        "data": lambda: stage_data(s, m),
+        "tokenizer": lambda: stage_tokenizer(s, m, r["data"]),
+        "encode": lambda: stage_encode(s, m, r["data"], r["tokenizer"]),
+        "evaluate": lambda: stage_evaluate(s, m, r["encode"], r["train"], model_fn),
+        "sample": lambda: stage_sample(s, m, r["tokenizer"], r["train"]),
+    }
+    out = calls[name]() if parallel.is_main else None
+    parallel.barrier()
+    return out if out is not None else Manifest(s.out).result(name, RESULTS[name])
 
 
 def _summary(s: Settings, results: dict[str, Any], seconds: float) -> None:
@@ -475,3 +719,31 @@ def _summary(s: Settings, results: dict[str, Any], seconds: float) -> None:
         if len(text) > 1:
             lines.append("  first sample:\n    " + text[1].split("\n", 1)[1].strip().replace("\n", "\n    "))
     print("\n".join(lines), flush=True)
+
+
+def script() -> int:
+    """`train_tinystories.py`'s entry: `main` (under torchrun when launched so) with every error
+    the user can fix, and Ctrl-C, reported in one line on stderr; returns the exit code.
+
+    **Returns:** 0 when done; 2 for a `ConfigError` (the message says what to change); 130 on
+    Ctrl-C, after "saved step N to PATH; continue with --resume" when training was interrupted.
+    """
+    from fnlm.train import parallel as dist
+
+    try:
+        dist.run(main, device=lambda: resolve_settings().train.device)
+    except ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingInterrupted as e:
+        if e.checkpoint is not None:
+            print(f"saved step {e.step} to {e.checkpoint}; continue with --resume", file=sys.stderr, flush=True)
+        return 130
+    except StageInterrupted as e:
+        latest = e.out / "checkpoints" / "latest.pt"
+        where = "; the finished stages are kept: rerun the same command to continue"
+        if e.stage == "train" and latest.exists():
+            where = f"; {latest} holds the last checkpoint: continue with --resume"
+        print(f"interrupted during the {e.stage} stage{where}", file=sys.stderr, flush=True)
+        return 130
+    return 0

@@ -1,7 +1,8 @@
 """Training: the pure step, the loop, evaluation, hooks, plots and data parallelism.
 
 - `step`: `TrainState`, `StepConfig`, `init_train_state`, `train_step` (the one training step);
-- `loop`: `train` (a short loop over `train_step`), `resolve_device`, `draw_batch`;
+- `loop`: `train` (a short loop over `train_step`), `resolve_device`, `draw_batch`, `resume_mismatches`,
+  `TrainingInterrupted`;
 - `run`: `TrainConfig` and `Run` (what the loop and its hooks share);
 - `evaluation`: `evaluate`, `evaluate_windows`, `lm_loss_fn`;
 - `hooks`: `Hook` and the loop's hooks (metrics file, evaluation, checkpoints, progress bar,
@@ -27,7 +28,7 @@ from fnlm.train.hooks import (
     default_hooks,
     read_metrics,
 )
-from fnlm.train.loop import draw_batch, resolve_device, train
+from fnlm.train.loop import TrainingInterrupted, draw_batch, resolve_device, resume_mismatches, train
 from fnlm.train.run import HARMLESS_FIELDS, Run, TrainConfig
 from fnlm.train.parallel import Parallel
 from fnlm.train.step import StepConfig, TrainState, init_train_state, train_step
@@ -36,5 +37,5 @@ __all__ = [
     "TrainState", "StepConfig", "init_train_state", "train_step", "TrainConfig", "Run", "train", "resolve_device",
     "draw_batch", "evaluate", "evaluate_windows", "lm_loss_fn", "Hook", "LogWindow", "Evaluator", "DivergenceGuard",
     "MetricsFile", "Callback", "Checkpointer", "ProgressBar", "LossPlot", "Wandb", "default_hooks", "read_metrics",
-    "Parallel", "HARMLESS_FIELDS",
+    "Parallel", "HARMLESS_FIELDS", "TrainingInterrupted", "resume_mismatches",
 ]

@@ -6,7 +6,8 @@ A hook is an object with any of these methods, called by `fnlm.train.train` in l
 - `start(run, state)`: once, before the first step (after a resume, with the restored state);
 - `step(run, state, metrics)`: after every step, with `train_step`'s metrics; a hook adds what it
   measured to `run.record` (the step's line in `metrics.jsonl`) or calls `run.stop(reason)`;
-- `interrupted(run, state)`: on Ctrl-C, before the `KeyboardInterrupt` propagates;
+- `interrupted(run, state)`: on Ctrl-C (after the current step's hooks, see `fnlm.train.loop`),
+  before `TrainingInterrupted` propagates;
 - `end(run, state)`: once, after the last step;
 - `state_dict()` / `load_state_dict(d)`: state to keep in checkpoints under the hook's `name`.
 
@@ -247,13 +248,8 @@ class Checkpointer(Hook):
         if not run.is_main:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        earlier = sorted(self.dir.glob("step_*.pt")) + [p for p in [self.dir / "latest.pt"] if p.exists()]
-        if run.resumed_from is None and earlier:
-            if not run.overwrite:
-                raise FileExistsError(
-                    f"{self.dir} holds checkpoints of an earlier run ({', '.join(p.name for p in earlier[-3:])}); "
-                    "resume it, or overwrite it explicitly, or train in another folder")
-            for old in earlier:
+        if run.resumed_from is None and run.overwrite:
+            for old in sorted(self.dir.glob("step_*.pt")) + [self.dir / "latest.pt"]:
                 with contextlib.suppress(FileNotFoundError):
                     old.unlink()
 

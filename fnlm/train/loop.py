@@ -20,12 +20,21 @@ state. So step `t` does not depend on whether the run was resumed, and a run kil
 and resumed from `checkpoints/latest.pt` ends with the same params, bit for bit on CPU (with the
 machine's default threads), as one that never stopped. Checkpoints are written atomically, and
 `latest.pt` is replaced by a rename, so it is always a complete checkpoint.
+
+**Never losing work.** A fresh run (`resume=False`) refuses a folder that holds an earlier run's
+checkpoints (`FileExistsError`) unless `overwrite=True`, before anything in it is touched. Ctrl-C
+finishes the current step, saves a checkpoint and raises `TrainingInterrupted` (a
+`KeyboardInterrupt` carrying the step and the file); a second Ctrl-C stops at once (the checkpoint
+is then that of the last completed step, still exact).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,7 +52,18 @@ from fnlm.train.run import HARMLESS_FIELDS, Run, TrainConfig
 from fnlm.train.step import TrainState, init_train_state, train_step
 from fnlm.tree import tree_size
 
-__all__ = ["TrainConfig", "Run", "train", "resolve_device", "draw_batch", "HARMLESS_FIELDS"]
+__all__ = ["TrainConfig", "Run", "train", "resolve_device", "draw_batch", "resume_mismatches", "TrainingInterrupted",
+           "HARMLESS_FIELDS"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `train`: `step` is the last completed step and `checkpoint` the file saved at it
+    (`None` when nothing could be saved, e.g. on a rank other than 0). A `KeyboardInterrupt`, so
+    code that catches that still does."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(f"training interrupted after step {step}" + (f"; saved {checkpoint}" if checkpoint else ""))
+        self.step, self.checkpoint = step, checkpoint
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -81,9 +101,25 @@ def draw_batch(
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _check_resume(
-    ck: dict[str, Any], model_config: Any, train_cfg: dict[str, Any], world_size: int, data_shards: int, where: Path
-) -> None:
+def resume_mismatches(ck: dict[str, Any], model_config: Any, train_config: TrainConfig | dict[str, Any], *,
+                      world_size: int = 1, data_shards: int | None = None) -> dict[str, tuple[Any, Any]]:
+    """What keeps `train(..., resume=True)` from continuing checkpoint `ck` with these settings.
+
+    **Arguments:**
+
+    - `ck`: a checkpoint written by `train` (as `fnlm.load_checkpoint` returns it).
+    - `model_config`, `train_config`: the settings of the run that would continue it (the train
+      config as a `TrainConfig` or its `asdict`); they must match the stored ones except for
+      `HARMLESS_FIELDS` (logging, evaluation, device).
+    - `world_size`, `data_shards`: processes and data shards that would continue it (default
+      shards: the train config's for `world_size`).
+
+    **Returns:** `{name: (stored, now)}` for each setting that differs (`model.d_model`,
+    `train.lr`, `world_size, data_shards`); empty when the run can be resumed.
+    """
+    train_cfg = dataclasses.asdict(train_config) if dataclasses.is_dataclass(train_config) else dict(train_config)
+    if data_shards is None:
+        data_shards, _ = TrainConfig(**train_cfg).shards(world_size)
     want_model, _ = config_to_data(model_config)
     problems = {}
     for k in sorted(set(want_model) | set(ck["config"])):
@@ -96,7 +132,15 @@ def _check_resume(
     stored_shards = ck.get("data_shards", ck.get("world_size", 1))
     if stored_shards != data_shards:
         problems["world_size, data_shards"] = ((ck.get("world_size", 1), stored_shards), (world_size, data_shards))
+    return problems
+
+
+def _check_resume(
+    ck: dict[str, Any], model_config: Any, train_cfg: dict[str, Any], world_size: int, data_shards: int, where: Path
+) -> None:
+    problems = resume_mismatches(ck, model_config, train_cfg, world_size=world_size, data_shards=data_shards)
     if problems:
+        stored_shards = problems.get("world_size, data_shards", ((None, None),))[0][1]
         hint = ""
         if "world_size, data_shards" in problems:
             hint = (f"; the checkpoint was made by {ck.get('world_size', 1)} process(es) drawing {stored_shards} data "
@@ -153,6 +197,15 @@ def _initial_state(run: Run, init_fn: Callable, resume: bool) -> tuple[TrainStat
     return TrainState(ck["params"], ck["opt_state"], ck["step"]), ck.get("hooks") or {}
 
 
+def _refuse_earlier_checkpoints(folder: Path) -> None:
+    """`FileExistsError` when `folder` holds checkpoints, before any hook touches the run folder."""
+    earlier = sorted(folder.glob("step_*.pt")) + [p for p in [folder / "latest.pt"] if p.exists()]
+    if earlier:
+        raise FileExistsError(
+            f"{folder} holds checkpoints of an earlier run ({', '.join(p.name for p in earlier[-3:])}); "
+            "resume it, or overwrite it explicitly, or train in another folder")
+
+
 def _announce(run: Run, state: TrainState) -> None:
     if run.is_main:
         print(f"fnlm: training {run.n_params / 1e6:.2f}M parameters on {run.device} for {run.total} steps "
@@ -198,8 +251,8 @@ def train(
     - `resume`: continue from `out_dir/checkpoints/latest.pt` when it exists (its configs must
       match, except for logging/evaluation/device settings).
     - `overwrite`: without `resume`, delete the checkpoints of an earlier run in `out_dir`; when
-      `False` (the default) such a folder is refused with a `FileExistsError`, so no checkpoint is
-      ever lost by accident.
+      `False` (the default) such a folder is refused with a `FileExistsError` before any file in
+      it is touched, so no checkpoint (or metrics log) is ever lost by accident.
     - `parallel`: data-parallel hooks (see `Parallel`).
     - `hooks`: the hooks, or a function of the `Run` that returns them (default `default_hooks`,
       e.g. `hooks=lambda run: [*default_hooks(run), DivergenceGuard(vocab)]`).
@@ -210,6 +263,7 @@ def train(
     **Returns:** the final metrics: `step`, `tokens`, `train_loss` (last logged), `val_loss`,
     `val_perplexity`, `wall_time` (seconds, summed over resumed segments), `tokens_per_sec`,
     `params` (count), `diverged` (a hook stopped the run) and its `stop_reason`, `resumed_from`.
+    On Ctrl-C, raises `TrainingInterrupted` after saving a checkpoint (see the module docstring).
     """
     from fnlm.model import init_transformer_lm, transformer_lm
 
@@ -219,6 +273,8 @@ def train(
     if parallel.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
     state, hook_states = _initial_state(run, init_fn or init_transformer_lm, resume)
+    if run.resumed_from is None and not overwrite and parallel.is_main:
+        _refuse_earlier_checkpoints(run.out / "checkpoints")
     state = state._replace(params=parallel.broadcast(state.params), opt_state=parallel.broadcast(state.opt_state))
     run.n_params = tree_size(state.params)
     chosen = default_hooks if hooks is None else hooks
@@ -237,24 +293,53 @@ def train(
     return _summary(run, state)
 
 
+@contextlib.contextmanager
+def _stop_at_step_end(run: Run) -> Any:
+    """While training in one process, a first Ctrl-C asks the loop to stop after the current step
+    (so the checkpoint and the hooks' state are those of a completed step); a second one stops at
+    once. Left alone under data parallelism, off the main thread, or when SIGINT has another handler."""
+    asked = {"stop": False}
+    if (run.parallel.world_size > 1 or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield asked
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if asked["stop"]:
+            raise KeyboardInterrupt
+        asked["stop"] = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _loop(run: Run, state: TrainState, train_tokens: Any) -> TrainState:
     config = run.train_config.step_config(run.total)
     tc, parallel = run.train_config, run.parallel
-    try:
-        while state.step < run.total and not run.stopping:
-            t0 = time.perf_counter()
-            x, y = draw_batch(train_tokens, tc, run.context_length, state.step, run.device, rank=parallel.rank,
-                              world_size=parallel.world_size)
-            state, metrics = train_step(state, x, y, loss_fn=run.loss_fn, config=config, sync_grads=parallel.sync_grads)
-            run._step_end = time.perf_counter()
-            run.step_seconds = run._step_end - t0
-            run.record = {}
+    with _stop_at_step_end(run) as asked:
+        try:
+            while state.step < run.total and not run.stopping:
+                if asked["stop"]:
+                    raise KeyboardInterrupt
+                t0 = time.perf_counter()
+                x, y = draw_batch(train_tokens, tc, run.context_length, state.step, run.device, rank=parallel.rank,
+                                  world_size=parallel.world_size)
+                state, metrics = train_step(state, x, y, loss_fn=run.loss_fn, config=config,
+                                            sync_grads=parallel.sync_grads)
+                run._step_end = time.perf_counter()
+                run.step_seconds = run._step_end - t0
+                run.record = {}
+                for hook in run.hooks:
+                    hook.step(run, state, metrics)
+            if asked["stop"]:
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
             for hook in run.hooks:
-                hook.step(run, state, metrics)
-    except KeyboardInterrupt:
-        for hook in run.hooks:
-            hook.interrupted(run, state)
-        raise
+                hook.interrupted(run, state)
+            raise TrainingInterrupted(state.step, run.saved_on_interrupt) from None
     if run.stopping and run.is_main:
         print(f"fnlm: stopping at step {state.step}: {run.stop_reason} (diverged)", file=sys.stderr)
     return state

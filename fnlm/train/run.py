@@ -36,19 +36,26 @@ class TrainConfig:
       processes (or resume it with another process count dividing it).
     - `steps`: optimizer steps; when `max_tokens` is set, `steps` is derived from it instead.
     - `max_tokens`: token budget, `steps = max_tokens // (batch_size * context_length)`.
-    - `lr`, `min_lr`: peak and final learning rates of the cosine schedule.
-    - `warmup_steps`: linear warm-up; `cosine_steps`: end of the cosine (default: `steps`).
-    - `beta1`, `beta2`, `eps`, `weight_decay`: AdamW.
+    - `lr`: peak learning rate of the cosine schedule.
+    - `min_lr`: final learning rate of the cosine schedule.
+    - `warmup_steps`: steps of linear warm-up to `lr`.
+    - `cosine_steps`: the step where the cosine reaches `min_lr` (default: the run's steps).
+    - `beta1`: AdamW's first-moment decay.
+    - `beta2`: AdamW's second-moment decay.
+    - `eps`: AdamW's denominator epsilon.
+    - `weight_decay`: AdamW's decoupled weight decay.
     - `grad_clip`: global gradient-norm limit (`0` turns clipping off).
-    - `eval_interval` (steps; also at the end), `eval_batches`: validation loss estimate.
-    - `checkpoint_interval` (steps; also at the end), `keep_checkpoints` (newest step files
-      kept besides `latest.pt`; `0` keeps all).
+    - `eval_interval`: steps between validation-loss estimates (also at the end).
+    - `eval_batches`: validation batches per estimate.
+    - `checkpoint_interval`: steps between checkpoints (also at the end and on Ctrl-C).
+    - `keep_checkpoints`: newest step files kept besides `latest.pt` (`0` keeps all).
     - `log_interval`: steps between `metrics.jsonl` records of the training loss.
     - `seed`: initialisation and data-order seed.
     - `device`: `"auto"` (cuda > mps > cpu) or a torch device string.
     - `compile`: `torch.compile` the loss; `None` means on for CUDA only.
     - `autocast`: `"auto"` (bf16 on CUDA, none elsewhere), `"bf16"` or `"none"`.
-    - `progress`, `plot`: tqdm bar; PNG plots at each evaluation.
+    - `progress`: show a tqdm progress bar.
+    - `plot`: redraw `loss.png` at each evaluation.
     - `wandb_project`: log to Weights & Biases under this project (needs `wandb`).
     """
 

@@ -179,3 +179,12 @@ def test_no_data_dir_means_embedded(tmp_path, capsys):
     corpus = datasets.resolve_corpus(None, tmp_path, embedded_train_bytes=100, embedded_valid_bytes=100, progress=False)
     assert corpus.source == "embedded"
     assert capsys.readouterr().err == ""
+
+
+def test_offline_without_fallback_raises_and_writes_nothing(tmp_path, capsys):
+    url = f"http://127.0.0.1:{_closed_port()}/" + "{name}"
+    with pytest.raises(datasets.DownloadError, match="cannot reach"):
+        datasets.resolve_corpus(tmp_path / "data", tmp_path / "emb", embedded_train_bytes=3000,
+                                embedded_valid_bytes=500, base_url=url, connect_timeout=1.0, progress=False,
+                                fallback=False)
+    assert not (tmp_path / "emb").exists() and capsys.readouterr().err == ""
