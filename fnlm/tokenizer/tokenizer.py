@@ -6,13 +6,16 @@ Encoding works in three stages, the same as GPT-2 and tiktoken:
    one token when it is in the list); each special token becomes its id;
 2. the text between special tokens is cut into pre-tokens by the GPT-2 regex;
 3. each pre-token's UTF-8 bytes start as one token per byte and are merged by BPE: the adjacent
-   pair with the lowest merge rank is merged (every occurrence, left to right), until no
-   adjacent pair is a merge.
+   pair with the lowest merge rank is merged (the leftmost on a tie), until no adjacent pair
+   is a merge.
 
-Pre-token results are kept in a bounded cache, so the BPE loop runs once per distinct word;
-pure-ASCII text is pre-tokenized by an equivalent pattern on the faster standard-library ``re``
-(text holding some non-ASCII characters sends only short stretches around them to the slower
-``regex`` engine; the stretches are joined exactly as `encode_iterable` joins chunks).
+Pre-token results are kept in a bounded cache. The pre-tokens a text misses in the cache are
+gathered and merged together after the text is cut (`fnlm.tokenizer.bpe`): short ones in
+vectorised rounds over all of them, a long one (a run of 100k letters or digits) by a linked
+list in O(n log n). Pure-ASCII text is pre-tokenized by an equivalent pattern on the faster
+standard-library ``re`` (text holding some non-ASCII characters sends only short stretches
+around them to the slower ``regex`` engine; the stretches are joined exactly as
+`encode_iterable` joins chunks).
 """
 
 from __future__ import annotations
@@ -21,33 +24,52 @@ import hashlib
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from itertools import chain, islice, repeat
+from itertools import chain, islice
+from typing import Protocol, runtime_checkable
 
 import numpy as np
-from jaxtyping import Integer
-from torch import Tensor
 
 from fnlm.tokenizer import gpt2
+from fnlm.tokenizer.bpe import MergeTable, bpe_long, bpe_word, bpe_words
 from fnlm.tokenizer.pretokenize import ASCII_GPT2_REGEX, GPT2_REGEX, special_tokens_regex
 
-__all__ = ["Tokenizer"]
+__all__ = ["Tokenizer", "SupportsToList"]
 
 DEFAULT_CACHE_SIZE = 1 << 18
 DEFAULT_BUFFER_CHARS = 1 << 14
 ISLAND_MARGIN = 48
+BATCH_BYTES = 64
+BATCH_MIN = 64
+"""Fewer misses than this in one text are merged one by one (`bpe_word`)."""
+"""Missed pre-tokens up to this many bytes are merged together by `bpe_words`."""
+LONG_BYTES = 256
+"""Pre-tokens of more bytes go to `bpe_long` and are not cached."""
 _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
+_VOCAB_FILE, _MERGES_FILE = "vocab.json", "merges.txt"
+
+
+@runtime_checkable
+class SupportsToList(Protocol):
+    """Anything with ``.tolist()``: a numpy array or a torch tensor of ids (duck typed, so that
+    this module never imports torch)."""
+
+    def tolist(self) -> list: ...
 
 
 class _PretokenCache(dict):
-    """Pre-token string -> tuple of ids; computes misses, and empties itself when full."""
+    """Pre-token string -> ids. A miss records the pre-token and returns an empty list, which
+    `Tokenizer._resolve` fills, for all the misses of a text together, before the ids are read.
+    The cache empties itself when full; pre-tokens longer than `long_chars` are not kept."""
 
-    __slots__ = ("encode_bytes", "capacity")
+    __slots__ = ("pending", "capacity", "long_chars")
 
     def __missing__(self, pretoken):
-        ids = self.encode_bytes(pretoken.encode("utf-8"))
-        if len(self) >= self.capacity:
-            self.clear()
-        self[pretoken] = ids
+        ids: list[int] = []
+        self.pending.append((pretoken, ids))
+        if len(pretoken) <= self.long_chars:
+            if len(self) >= self.capacity:
+                self.clear()
+            self[pretoken] = ids
         return ids
 
 
@@ -142,12 +164,16 @@ class Tokenizer:
             self._ranks.setdefault((ids[0], ids[1]), rank)
         self._no_rank = len(self._merged_by_rank)
 
+        self._table = MergeTable(self._byte_ids, self._ranks, self._merged_by_rank)
+        self._table.arrays()
+
         self._cache_size = cache_size
         self._special_re = special_tokens_regex(self.special_tokens)
         self._max_special_len = max((len(s) for s in self.special_tokens), default=0)
         self._cache = _PretokenCache()
-        self._cache.encode_bytes = self._bpe
+        self._cache.pending = []
         self._cache.capacity = cache_size
+        self._cache.long_chars = LONG_BYTES
 
     @property
     def vocab_size(self) -> int:
@@ -180,33 +206,38 @@ class Tokenizer:
         return _rebuild, (self.vocab, self.merges, self.special_tokens, self._cache_size)
 
     def _bpe(self, piece: bytes) -> tuple[int, ...]:
-        """Merge the bytes of one pre-token: the leftmost pair of lowest rank first, until none.
+        """The ids of one pre-token's bytes (no cache)."""
+        if len(piece) > LONG_BYTES:
+            return tuple(bpe_long(self._table, piece))
+        return bpe_word(self._table, list(map(self._byte_ids.__getitem__, piece)))
 
-        The ranks of adjacent pairs are kept in a list beside the ids, so each merge is a
-        C-level ``min`` and ``index`` plus two dictionary look-ups for the new neighbours.
-        """
-        ids = list(map(self._byte_ids.__getitem__, piece))
-        if len(ids) < 2:
-            return tuple(ids)
-        get = self._ranks.get
-        none = self._no_rank
-        pair_ranks = list(map(get, zip(ids, ids[1:]), repeat(none)))
-        merged = self._merged_by_rank
-        while pair_ranks:
-            rank = min(pair_ranks)
-            if rank == none:
-                break
-            i = pair_ranks.index(rank)
-            ids[i : i + 2] = (merged[rank],)
-            del pair_ranks[i]
-            if i > 0:
-                pair_ranks[i - 1] = get((ids[i - 1], ids[i]), none)
-            if i < len(pair_ranks):
-                pair_ranks[i] = get((ids[i], ids[i + 1]), none)
-        return tuple(ids)
+    def _resolve(self) -> None:
+        """Fill the empty id lists that cache misses handed out, all misses together."""
+        pending = self._cache.pending
+        self._cache.pending = []
+        byte_ids = self._byte_ids.__getitem__
+        short: dict[bytes, list[list[int]]] = {}
+        for pretoken, ids in pending:
+            raw = pretoken.encode("utf-8")
+            if len(raw) > LONG_BYTES:
+                ids += bpe_long(self._table, raw)
+            elif len(raw) > BATCH_BYTES or len(pending) < BATCH_MIN:
+                ids += bpe_word(self._table, list(map(byte_ids, raw)))
+            else:
+                short.setdefault(raw, []).append(ids)
+        if short:
+            for lists, merged in zip(short.values(), bpe_words(self._table, list(short))):
+                for ids in lists:
+                    ids += merged
+
+    def _extend(self, out: list, pieces: Iterable[str]) -> None:
+        values = list(map(self._cache.__getitem__, pieces))
+        if self._cache.pending:
+            self._resolve()
+        out += chain.from_iterable(values)
 
     def _encode_ordinary(self, findall, text: str, out: list, start: int, end: int) -> None:
-        out += chain.from_iterable(map(self._cache.__getitem__, findall(text, start, end)))
+        self._extend(out, findall(text, start, end))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a string.
@@ -294,7 +325,7 @@ class Tokenizer:
         pieces = findall(buf, start, end)
         if len(pieces) < 2:
             return buf[start:]
-        out += chain.from_iterable(map(self._cache.__getitem__, islice(pieces, len(pieces) - 2)))
+        self._extend(out, islice(pieces, len(pieces) - 2))
         return buf[end - len(pieces[-1]) - len(pieces[-2]) :]
 
     def encode_iterable(self, iterable: Iterable[str], *, buffer_chars: int = DEFAULT_BUFFER_CHARS) -> Iterator[int]:
@@ -307,60 +338,71 @@ class Tokenizer:
 
         - `iterable`: strings, cut anywhere (lines of a file, fixed-size reads, ...).
         - `buffer_chars`: chunks are gathered until this many characters before encoding, to
-          spend less time per chunk; ``1`` encodes after every chunk.
+          spend less time per chunk; ``1`` encodes after every chunk. When the text held back
+          grows (one long pre-token, e.g. a line of 1M digits), the next encode waits until the
+          buffer has doubled, so the work stays linear.
 
         **Returns:** an iterator of ids.
         """
         if isinstance(iterable, str):
             raise TypeError("encode_iterable takes an iterable of strings; for one string use encode()")
         buf = ""
+        wait = buffer_chars
         out: list[int] = []
         for chunk in iterable:
             if not isinstance(chunk, str):
                 raise TypeError(f"encode_iterable: chunks must be str, got {type(chunk).__name__}")
             buf += chunk
-            if len(buf) < buffer_chars:
+            if len(buf) < wait:
                 continue
             buf = self._encode_settled(buf, out)
+            wait = max(buffer_chars, 2 * len(buf))
             if out:
                 yield from out
                 out.clear()
         if buf:
             yield from self._encode_whole(buf)
 
-    def decode(self, ids: Iterable[int] | Integer[np.ndarray, " seq"] | Integer[Tensor, " seq"]) -> str:
+    def _join(self, ids) -> bytes:
+        if isinstance(ids, str | bytes):
+            raise TypeError(f"decode takes a sequence of int ids, got {type(ids).__name__} {ids!r:.40}")
+        if isinstance(ids, SupportsToList):
+            ids = ids.tolist()
+            if not isinstance(ids, list):
+                ids = [ids]
+        elif not isinstance(ids, list | tuple):
+            ids = list(ids)
+        kinds = set(map(type, ids))
+        if kinds - {int}:
+            bad = sorted(t.__name__ for t in kinds if t is bool or not issubclass(t, int | np.integer))
+            if bad:
+                raise TypeError(f"decode: token ids must be ints, got {', '.join(bad)}")
+        try:
+            return b"".join(map(self.vocab.__getitem__, ids))
+        except KeyError as e:
+            raise ValueError(f"decode: unknown token id {e.args[0]!r} (ids are 0..{max(self.vocab)})") from None
+
+    def decode(self, ids: Iterable[int] | SupportsToList) -> str:
         """The text of a sequence of ids; byte sequences that are not valid UTF-8 become U+FFFD.
 
         **Arguments:**
 
         - `ids`: token ids (a list, a tuple, a 1-D numpy array or torch tensor, ...).
 
-        **Returns:** the decoded string. An id not in the vocab raises ValueError naming it.
+        **Returns:** the decoded string. An id not in the vocab raises ValueError naming it;
+        an id that is not an int (a float, a bool) raises TypeError.
         """
-        if isinstance(ids, str | bytes):
-            raise TypeError(f"decode takes a sequence of int ids, got {type(ids).__name__} {ids!r:.40}")
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        try:
-            data = b"".join(map(self.vocab.__getitem__, ids))
-        except KeyError as e:
-            raise ValueError(f"decode: unknown token id {e.args[0]!r} (ids are 0..{max(self.vocab)})") from None
-        return data.decode("utf-8", errors="replace")
+        return self._join(ids).decode("utf-8", errors="replace")
 
-    def decode_bytes(self, ids: Iterable[int] | Integer[np.ndarray, " seq"] | Integer[Tensor, " seq"]) -> bytes:
-        """The raw bytes of a sequence of ids (no UTF-8 decoding); ValueError on an unknown id."""
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        try:
-            return b"".join(map(self.vocab.__getitem__, ids))
-        except KeyError as e:
-            raise ValueError(f"decode: unknown token id {e.args[0]!r} (ids are 0..{max(self.vocab)})") from None
+    def decode_bytes(self, ids: Iterable[int] | SupportsToList) -> bytes:
+        """The raw bytes of a sequence of ids (no UTF-8 decoding); errors as in `decode`."""
+        return self._join(ids)
 
     @classmethod
     def from_files(
         cls,
-        vocab_path: str | os.PathLike,
-        merges_path: str | os.PathLike,
+        path: str | os.PathLike,
+        merges_path: str | os.PathLike | None = None,
         special_tokens: Iterable[str] | None = None,
         **options,
     ) -> Tokenizer:
@@ -368,27 +410,62 @@ class Tokenizer:
 
         **Arguments:**
 
-        - `vocab_path`: ``vocab.json``, ``{"byte-to-unicode token": id}`` (see `fnlm.tokenizer.gpt2`).
+        - `path`: a directory holding ``vocab.json`` and ``merges.txt`` (as `save` writes it),
+          or, with `merges_path`, the ``vocab.json`` file itself: ``{"byte-to-unicode token": id}``
+          (see `fnlm.tokenizer.gpt2`).
         - `merges_path`: ``merges.txt``, one ``"left right"`` merge a line in rank order.
         - `special_tokens`: the special tokens; when ``None``, those listed in the merges file's
           ``#special_tokens:`` line (none for GPT-2's files).
         - `options`: passed to the constructor (``cache_size``).
 
-        **Returns:** the tokenizer. A missing file raises FileNotFoundError.
+        **Returns:** the tokenizer. A missing file raises FileNotFoundError naming it; a corrupt
+        one ValueError naming the file (and the line, for the merges).
+
+        Example: ``Tokenizer.from_files("tokenizer/")`` after ``tok.save("tokenizer/")``.
         """
+        vocab_path, merges_path = _file_pair(path, merges_path, reading=True)
         vocab = gpt2.read_vocab(vocab_path)
         merges, saved_specials = gpt2.read_merges(merges_path)
         if special_tokens is None:
             special_tokens = saved_specials
         return cls(vocab, merges, special_tokens, **options)
 
-    def save(self, vocab_path: str | os.PathLike, merges_path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, merges_path: str | os.PathLike | None = None) -> None:
         """Write the tokenizer as GPT-2 style ``vocab.json`` and ``merges.txt``.
+
+        **Arguments:**
+
+        - `path`: a directory (created if missing) to write ``vocab.json`` and ``merges.txt``
+          into, or, with `merges_path`, the path of the vocabulary file itself.
+        - `merges_path`: where to write the merges, when `path` names the vocabulary file.
 
         Token bytes are written with GPT-2's byte-to-unicode map (a space is ``Ġ``); the
         vocabulary one ``"token": id`` a line in id order, the merges one ``left right`` a line
         in rank order after a ``#special_tokens: [...]`` line. `from_files` reads them back to
-        an equal tokenizer.
+        an equal tokenizer (the same `fingerprint`).
         """
+        vocab_path, merges_path = _file_pair(path, merges_path, reading=False)
         gpt2.write_vocab(vocab_path, self.vocab)
         gpt2.write_merges(merges_path, self.merges, self.special_tokens)
+
+
+def _file_pair(path, merges_path, *, reading: bool) -> tuple[str, str]:
+    """``(vocab path, merges path)`` from a directory, or from the two paths."""
+    for name, value in (("path", path), ("merges_path", merges_path)):
+        if value is not None and not isinstance(value, str | os.PathLike):
+            raise TypeError(f"{name} must be a str or os.PathLike, got {type(value).__name__} {value!r:.60}")
+    if path is None:
+        raise TypeError("path must be a directory, or the vocab.json path with merges_path")
+    if merges_path is not None:
+        return os.fspath(path), os.fspath(merges_path)
+    directory = os.fspath(path)
+    if reading and not os.path.isdir(directory):
+        if os.path.exists(directory):
+            raise ValueError(
+                f"{directory!r} is a file: pass the directory that holds {_VOCAB_FILE} and {_MERGES_FILE}, "
+                "or both file paths"
+            )
+        raise FileNotFoundError(f"tokenizer directory not found: {directory!r}")
+    if not reading:
+        os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, _VOCAB_FILE), os.path.join(directory, _MERGES_FILE)

@@ -18,7 +18,7 @@ import fnlm
 from fnlm import Tokenizer
 from fnlm.tokenizer import gpt2
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 EOT = "<|endoftext|>"
 FIXTURE_TEXTS = ["address.txt", "german.txt", "tinystories_sample.txt", "corpus.en"]
 
