@@ -28,6 +28,7 @@ import gc
 import heapq
 import multiprocessing
 import os
+from array import array
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -216,9 +217,11 @@ class _Merger:
     two-character string of its tokens, so that applying a merge to a word is one C-speed
     ``word.split(pair)`` (greedy, left to right, non-overlapping: the BPE rule) whose pieces
     also name the neighbours of every occurrence. Pair counts live in a dict, `where` maps each
-    pair to the words that held it (once per occurrence), and a max-heap with lazy invalidation
-    picks the next pair (highest count; ties go to the lexicographically greater pair of
-    bytes). Each merge rewrites only the words that hold the pair and updates only the pairs
+    pair to the words that held it (once per occurrence), and a heap with lazy invalidation
+    picks the next pair: entries ``(-count, key(left), key(right), pair)``, where ``key(t)`` is
+    the token's bytes inverted (``255 - b``) and then ``U+0100``, so that the smallest entry
+    is the highest count and, on a tie, the lexicographically greater pair of bytes (a token
+    sorts after every longer token it begins). Each merge rewrites only the words that hold the pair and updates only the pairs
     around the merged positions; there is never a full recount.
 
     A word longer than `BIG_WORD` characters (a line of base64, a run of 1M digits) would make
@@ -234,7 +237,7 @@ class _Merger:
         self.counts: list[int] = []
         self.where: defaultdict[str, list[int]] = defaultdict(list)
         self.big: list[tuple[list[str], list[int], list[int], int]] = []
-        self.big_where: defaultdict[str, list[int]] = defaultdict(list)
+        self.big_where: dict[str, int | array] = {}
         big_counts: Counter = Counter()
         where = self.where
         for s, c in words:
@@ -253,18 +256,18 @@ class _Merger:
         for p, c in big_counts.items():
             self.pair_counts[p] = self.pair_counts.get(p, 0) + c
         key = self.token_key
-        self.heap = [(-c, key[ord(p[0])] + key[ord(p[1])], p) for p, c in self.pair_counts.items()]
+        self.heap = [(-c, key[ord(p[0])], key[ord(p[1])], p) for p, c in self.pair_counts.items()]
         heapq.heapify(self.heap)
 
     def _add_big(self, s: str, c: int, big_counts: Counter) -> None:
+        """Add a long word as ``(symbols, next, previous, count)``: the links are compact
+        arrays, and each pair's index entry is ``word << 32 | position`` in an array too."""
         bw = len(self.big) << 32
         n = len(s)
-        self.big.append((list(s) + [""], [*range(1, n + 1), n], [*range(-1, n)], c))
-        pairs = list(map(str.__add__, s, s[1:]))
-        for p, i in zip(pairs, range(bw, bw + n - 1)):
-            self.big_where[p].append(i)
-        for p, m in Counter(pairs).items():
-            big_counts[p] += m * c
+        self.big.append((list(s) + [""], array("q", range(1, n + 2)), array("q", range(-1, n)), c))
+        for i, p in enumerate(map(str.__add__, s, s[1:]), bw):
+            self._index(p, i)
+            big_counts[p] += c
 
     def run(self, num_merges: int, bar) -> list[tuple[bytes, bytes]]:
         merges: list[tuple[bytes, bytes]] = []
@@ -272,11 +275,11 @@ class _Merger:
         token_bytes, token_key, token_id = self.token_bytes, self.token_key, self.token_id
         heappop, heappush = heapq.heappop, heapq.heappush
         while len(merges) < num_merges and heap:
-            neg, key, k = heappop(heap)
+            neg, key_a, key_b, k = heappop(heap)
             c = pair_counts.get(k, 0)
             if c != -neg:
                 if c > 0:
-                    heappush(heap, (-c, key, k))
+                    heappush(heap, (-c, key_a, key_b, k))
                 continue
             left, right = token_bytes[ord(k[0])], token_bytes[ord(k[1])]
             merges.append((left, right))
@@ -303,10 +306,11 @@ class _Merger:
         new_where: defaultdict[str, list[int]] = defaultdict(list)
         zz, ba = z + z, b + a
         for wi in self.where.pop(k, ()):
-            parts = words[wi].split(k)
-            m = len(parts) - 1
-            if not m:
+            w = words[wi]
+            if k not in w:
                 continue
+            parts = w.split(k)
+            m = len(parts) - 1
             cw = counts[wi]
             words[wi] = z.join(parts)
             if m == 1:
@@ -340,11 +344,10 @@ class _Merger:
         """Apply merge ``k -> z`` to the long words at the positions indexed for ``k`` (left to
         right in each word, skipping stale entries); returns the pairs whose count went up."""
         a, b = k
-        pair_counts, big, big_where = self.pair_counts, self.big, self.big_where
+        pair_counts, big = self.pair_counts, self.big
         touched: set[str] = set()
-        entries = big_where.pop(k)
-        entries.sort()
-        for e in entries:
+        entries = self.big_where.pop(k)
+        for e in (entries,) if type(entries) is int else sorted(entries):
             sym, nxt, prv, c = big[e >> 32]
             i = e & 0xFFFFFFFF
             if sym[i] != a:
@@ -355,23 +358,33 @@ class _Merger:
             x, y = prv[i], nxt[j]
             if x >= 0:
                 sx = sym[x]
-                pair_counts[sx + a] -= c
+                _decrement(pair_counts, sx + a, c)
                 nk = sx + z
                 pair_counts[nk] = pair_counts.get(nk, 0) + c
                 touched.add(nk)
-                big_where[nk].append(e - i + x)
+                self._index(nk, e - i + x)
             if sym[y]:
                 sy = sym[y]
-                pair_counts[b + sy] -= c
+                _decrement(pair_counts, b + sy, c)
                 nk = z + sy
                 pair_counts[nk] = pair_counts.get(nk, 0) + c
                 touched.add(nk)
-                big_where[nk].append(e)
+                self._index(nk, e)
                 prv[y] = i
             sym[i] = z
             sym[j] = ""
             nxt[i] = y
         return touched
+
+    def _index(self, pair: str, entry: int) -> None:
+        """Note a long-word position of `pair`: one entry as an int, more in an array."""
+        old = self.big_where.get(pair)
+        if old is None:
+            self.big_where[pair] = entry
+        elif type(old) is int:
+            self.big_where[pair] = array("q", (old, entry))
+        else:
+            old.append(entry)
 
     def _push_new(self, new_where: dict[str, list[int]], touched: Iterable[str]) -> None:
         """Add the short words' new pair counts, push every raised count on the heap, and merge
@@ -382,7 +395,7 @@ class _Merger:
         for nk, lst in new_where.items():
             nc = pair_counts.get(nk, 0) + sum(map(count_of, lst))
             pair_counts[nk] = nc
-            heappush(heap, (-nc, key[ord(nk[0])] + key[ord(nk[1])], nk))
+            heappush(heap, (-nc, key[ord(nk[0])], key[ord(nk[1])], nk))
             old = where.get(nk)
             if old is None:
                 where[nk] = lst
@@ -390,9 +403,17 @@ class _Merger:
                 old += lst
         for nk in touched:
             if nk not in new_where:
-                nc = pair_counts[nk]
+                nc = pair_counts.get(nk, 0)
                 if nc > 0:
-                    heappush(heap, (-nc, key[ord(nk[0])] + key[ord(nk[1])], nk))
+                    heappush(heap, (-nc, key[ord(nk[0])], key[ord(nk[1])], nk))
+
+
+def _decrement(counts: dict[str, int], key: str, c: int) -> None:
+    left = counts[key] - c
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 def _latin1_words(counts: Counter) -> Iterator[tuple[str, int]]:
