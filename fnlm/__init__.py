@@ -107,7 +107,7 @@ if TYPE_CHECKING:
         sgd_init,
         sgd_step,
     )
-    from fnlm.tokenizer import Tokenizer, encode_file, train_bpe
+    from fnlm.tokenizer import ENDOFTEXT, Tokenizer, encode_file, train_bpe
     from fnlm.trainer import Parallel, TrainConfig, train
     from fnlm.tree import (
         tree_flatten,

@@ -92,6 +92,10 @@ def str_to_token(text: str) -> bytes:
         raise ValueError(f"{text!r} is not a GPT-2 byte-to-unicode string: {bad!r} maps to no byte") from None
 
 
+class _Pairs(list):
+    """A JSON object's ``(key, value)`` pairs in file order (repeated keys kept)."""
+
+
 def _read_text(path: str | os.PathLike, what: str) -> str:
     name = os.fspath(path)
     if not os.path.exists(name):
@@ -118,15 +122,17 @@ def read_vocab(path: str | os.PathLike) -> dict[int, bytes]:
     name = os.fspath(path)
     text = _read_text(name, "vocab")
     try:
-        raw = json.loads(text, object_pairs_hook=lambda pairs: pairs)
+        raw = json.loads(text, object_pairs_hook=_Pairs)
     except json.JSONDecodeError as e:
         raise ValueError(f"{name!r}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(raw, list):
-        raise ValueError(f"{name!r}: expected a JSON object of token -> id, got {type(raw).__name__}")
+    if not isinstance(raw, _Pairs):
+        kind = "a JSON array" if isinstance(raw, list) else type(raw).__name__
+        raise ValueError(f"{name!r}: expected a JSON object of token -> id, got {kind}")
     vocab: dict[int, bytes] = {}
     for text, idx in raw:
         if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
-            raise ValueError(f"{name!r}: token {text!r} has id {idx!r}, expected an int >= 0")
+            shown = "a JSON object" if isinstance(idx, _Pairs) else repr(idx)
+            raise ValueError(f"{name!r}: token {text!r} has id {shown}, expected an int >= 0")
         if idx in vocab:
             raise ValueError(f"{name!r}: id {idx} is given to both {token_to_str(vocab[idx])!r} and {text!r}")
         try:

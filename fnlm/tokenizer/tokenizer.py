@@ -415,7 +415,7 @@ class Tokenizer:
         except KeyError as e:
             raise ValueError(f"decode: unknown token id {e.args[0]!r} (ids are 0..{max(self.vocab)})") from None
 
-    def decode(self, ids: Iterable[int] | SupportsToList) -> str:
+    def decode(self, ids: Iterable[int | np.integer] | SupportsToList) -> str:
         """The text of a sequence of ids; byte sequences that are not valid UTF-8 become U+FFFD.
 
         **Arguments:**
@@ -427,7 +427,7 @@ class Tokenizer:
         """
         return self._join(ids).decode("utf-8", errors="replace")
 
-    def decode_bytes(self, ids: Iterable[int] | SupportsToList) -> bytes:
+    def decode_bytes(self, ids: Iterable[int | np.integer] | SupportsToList) -> bytes:
         """The raw bytes of a sequence of ids (no UTF-8 decoding); errors as in `decode`."""
         return self._join(ids)
 
