@@ -57,6 +57,7 @@ class MergeTable:
         self.none = len(self.merged)
         self.monotone = _is_monotone(ranks, self.merged)
         self.pair = {rank: pair for pair, rank in ranks.items()}
+        self.sentinel = max(self.byte_ids + self.merged + [i for pair in ranks for i in pair]) + 1
         self._arrays: tuple | None = None
 
     def arrays(self) -> tuple:
@@ -74,7 +75,7 @@ class MergeTable:
                     if rank is not None:
                         row[ib] = rank
             merged = np.array([*self.merged, 0], dtype=np.int64)
-            self._arrays = (byte_ids, byte_pairs, merged, _PairHash(self.ranks, self.none))
+            self._arrays = (byte_ids, byte_pairs, merged, _PairHash(self.ranks, self.none, self.sentinel + 1))
         return self._arrays
 
 
@@ -88,24 +89,25 @@ def _is_monotone(ranks: dict[tuple[int, int], int], merged: list[int]) -> bool:
 
 
 class _PairHash:
-    """``(left id, right id) -> rank`` for numpy arrays of ids: linear probing over a table at
-    most a quarter full, keyed by ``left * width + right``."""
+    """``(left id, right id) -> rank`` for numpy arrays of ids in ``[0, width)``: linear probing
+    over a table at most a quarter full, keyed by ``left * width + right``. Id ``width - 1`` is
+    in no pair (a sentinel)."""
 
-    def __init__(self, ranks: dict[tuple[int, int], int], none: int):
+    def __init__(self, ranks: dict[tuple[int, int], int], none: int, width: int):
         self.none = none
+        self.width = width
         pairs = np.array(list(ranks), dtype=np.int64).reshape(-1, 2)
-        self.width = int(pairs.max()) + 1 if len(pairs) else 1
         bits = max(4, (4 * len(ranks)).bit_length())
         self.mask = (1 << bits) - 1
         self.shift = np.uint64(64 - bits)
-        self.keys = np.full(1 << bits, _EMPTY_KEY, dtype=np.uint64)
+        self.keys = np.full(1 << bits, -1, dtype=np.int64)
         self.values = np.full(1 << bits, none, dtype=np.int64)
-        keys = (pairs[:, 0] * self.width + pairs[:, 1]).astype(np.uint64)
+        keys = pairs[:, 0] * width + pairs[:, 1]
         values = np.fromiter(ranks.values(), dtype=np.int64, count=len(ranks))
         slots = self._slot(keys)
         todo = np.arange(len(keys))
         while todo.size:
-            free = self.keys[slots[todo]] == _EMPTY_KEY
+            free = self.keys[slots[todo]] == -1
             take = todo[free]
             _, first = np.unique(slots[take], return_index=True)
             put = take[first]
@@ -117,21 +119,24 @@ class _PairHash:
             slots[todo] = (slots[todo] + 1) & self.mask
 
     def _slot(self, keys: np.ndarray) -> np.ndarray:
-        return ((keys * _HASH_MUL) >> self.shift).astype(np.int64)
+        return ((keys.view(np.uint64) * _HASH_MUL) >> self.shift).view(np.int64)
 
     def lookup(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-        """Ranks of the pairs ``(left[i], right[i])`` (ids >= 0); `none` where there is no merge."""
-        out = np.full(len(left), self.none, dtype=np.int64)
-        known = (left >= 0) & (left < self.width) & (right >= 0) & (right < self.width)
-        todo = np.flatnonzero(known)
-        keys = left[todo].astype(np.uint64) * np.uint64(self.width) + right[todo].astype(np.uint64)
+        """Ranks of the pairs ``(left[i], right[i])``; `none` where there is no merge."""
+        keys = left * self.width + right
         slots = self._slot(keys)
-        while todo.size:
+        found = self.keys[slots]
+        hit = found == keys
+        out = np.where(hit, self.values[slots], self.none)
+        more = np.flatnonzero(~hit & (found != -1))
+        keys, slots = keys[more], slots[more]
+        while more.size:
+            slots = (slots + 1) & self.mask
             found = self.keys[slots]
             hit = found == keys
-            out[todo[hit]] = self.values[slots[hit]]
-            more = ~hit & (found != _EMPTY_KEY)
-            todo, keys, slots = todo[more], keys[more], (slots[more] + 1) & self.mask
+            out[more[hit]] = self.values[slots[hit]]
+            go_on = ~hit & (found != -1)
+            more, keys, slots = more[go_on], keys[go_on], slots[go_on]
         return out
 
 
@@ -166,7 +171,8 @@ def bpe_words(table: MergeTable, pieces: Sequence[bytes]) -> list[tuple[int, ...
     The words are laid end to end in numpy arrays (ids, the rank of the pair that starts at
     each symbol, links to the next and previous live symbol). A round finds, per word, the
     minimum of ``rank * 2**32 + position`` (one ``minimum.reduceat``), i.e. the leftmost
-    lowest-rank pair, merges it, and looks up the two new pairs around it.
+    lowest-rank pair, merges it, and looks up the two new pairs around it. Slot ``n`` is a
+    sentinel symbol (in no pair) before the first and after the last symbol of every word.
     """
     if not pieces:
         return []
@@ -187,7 +193,7 @@ def bpe_words(table: MergeTable, pieces: Sequence[bytes]) -> list[tuple[int, ...
     done_key = none << 32
     ids = np.empty(n + 1, dtype=np.int64)
     ids[:n] = byte_ids[raw]
-    ids[n] = -1
+    ids[n] = table.sentinel
     nxt = position + 1
     nxt[lasts] = n
     prv = position - 1
@@ -203,18 +209,15 @@ def bpe_words(table: MergeTable, pieces: Sequence[bytes]) -> list[tuple[int, ...
         q = nxt[p]
         ids[p] = merged[best >> 32]
         ids[q] = -1
-        key[q] = done_key | q
+        key[q] = done_key
         after = nxt[q]
         nxt[p] = after
         prv[after] = p
         before = prv[p]
         ranks = pair_hash.lookup(np.concatenate((ids[before], ids[p])), np.concatenate((ids[p], ids[after])))
         k = len(p)
-        ranks[k:][after == n] = none
-        ranks[:k][before == n] = none
         key[before] = (ranks[:k] << 32) | before
         key[p] = (ranks[k:] << 32) | p
-        key[n] = done_key | n
     alive = ids[:n] >= 0
     counts = np.add.reduceat(alive, starts, dtype=np.int64).tolist()
     flat = iter(ids[:n][alive].tolist())
@@ -287,7 +290,8 @@ def _merge_by_heap(table: MergeTable, ids: list[int], pair_ranks: np.ndarray) ->
 
 class _Symbols:
     """A word as a doubly linked list of symbols in numpy arrays of length ``n + 1``; slot
-    ``n`` is a sentinel (id ``-1``, no pair) that ends the list on both sides. ``pair[i]`` is
+    ``n`` is a sentinel (an id in no pair) that ends the list on both sides; merged-away
+    symbols get id ``-1``. ``pair[i]`` is
     the rank of the pair that starts at symbol ``i`` (`none` if it has no right neighbour, no
     merge, or was merged away). Pending pairs wait in buckets by rank: ``{rank: (positions,
     position arrays)}``, beside a heap of the ranks."""
@@ -298,7 +302,7 @@ class _Symbols:
         none = table.none
         self.ids = np.empty(n + 1, dtype=np.int64)
         self.ids[:n] = byte_ids[raw]
-        self.ids[n] = -1
+        self.ids[n] = table.sentinel
         self.pair = np.full(n + 1, none, dtype=np.int64)
         self.pair[: n - 1] = byte_pairs[raw[:-1], raw[1:]]
         self.nxt = np.arange(1, n + 2, dtype=np.int64)

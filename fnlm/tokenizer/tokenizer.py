@@ -24,9 +24,9 @@ import gc
 import hashlib
 import os
 import re
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping
-from itertools import chain
+from itertools import chain, islice
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -58,19 +58,6 @@ class SupportsToList(Protocol):
     this module never imports torch)."""
 
     def tolist(self) -> list: ...
-
-
-class _PretokenCache(dict):
-    """Pre-token string -> list of ids. A miss stores an empty list under the pre-token and
-    notes the pre-token in `pending`; `Tokenizer._resolve` fills the lists of all the misses of
-    a text together, before the ids are read."""
-
-    __slots__ = ("pending",)
-
-    def __missing__(self, pretoken):
-        self[pretoken] = ids = []
-        self.pending.append(pretoken)
-        return ids
 
 
 _drain = deque(maxlen=0).extend
@@ -174,8 +161,7 @@ class Tokenizer:
         self._cache_size = cache_size
         self._special_re = special_tokens_regex(self.special_tokens)
         self._max_special_len = max((len(s) for s in self.special_tokens), default=0)
-        self._cache = _PretokenCache()
-        self._cache.pending = []
+        self._cache: defaultdict[str, tuple[int, ...] | list[int]] = defaultdict(list)
 
     @property
     def vocab_size(self) -> int:
@@ -213,12 +199,12 @@ class Tokenizer:
             return tuple(bpe_long(self._table, piece))
         return bpe_word(self._table, list(map(self._byte_ids.__getitem__, piece)))
 
-    def _resolve(self) -> None:
-        """Fill the empty id lists that cache misses handed out, all misses together: short
-        pre-tokens by `bpe_words` in one batch, long ones by `bpe_long` (and not kept). The
-        cache then keeps the ids as tuples (faster to read back than lists)."""
+    def _resolve(self, misses: int) -> None:
+        """Fill the empty id lists that the last `misses` cache misses made, all together:
+        short pre-tokens by `bpe_words` in one batch, long ones by `bpe_long` (and not kept).
+        The cache then keeps the ids as tuples (faster to read back than lists)."""
         cache = self._cache
-        pending, cache.pending = cache.pending, []
+        pending = list(islice(reversed(cache), misses))
         lists = list(map(cache.__getitem__, pending))
         raws = list(map(str.encode, pending))
         lengths = list(map(len, raws))
@@ -251,6 +237,10 @@ class Tokenizer:
     def _extend(self, out: list, pieces: list[str]) -> None:
         """Append the ids of pre-tokens, in blocks so that the cache stays near its size.
 
+        The cache is a ``defaultdict(list)``: a miss inserts an empty list (in C, no Python
+        call) at the end of the dict's order, so the misses of a block are its last entries;
+        `_resolve` fills them before the ids are read.
+
         For many pre-tokens the cyclic garbage collector is paused (the cache and the id
         tuples are acyclic; collections triggered by their allocation cost ~10 % of a cold encode).
         """
@@ -261,9 +251,10 @@ class Tokenizer:
         try:
             for start in range(0, len(pieces), _BLOCK):
                 block = pieces[start : start + _BLOCK] if len(pieces) > _BLOCK else pieces
+                size = len(cache)
                 values = list(map(cache.__getitem__, block))
-                if cache.pending:
-                    self._resolve()
+                if len(cache) > size:
+                    self._resolve(len(cache) - size)
                 _drain(map(out.extend, values))
         finally:
             if pause:
