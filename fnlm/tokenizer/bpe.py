@@ -29,12 +29,11 @@ import numpy as np
 
 __all__ = ["MergeTable", "bpe_word", "bpe_words", "bpe_long"]
 
-_EMPTY_KEY = np.uint64(2**64 - 1)
 _HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
 BATCH_MIN_WORDS = 64
 """`bpe_words` stops its numpy rounds when fewer words than this are unfinished."""
 LEVEL_BULK = 16
-"""`bpe_long` merges a rank with at least this many pending pairs by C-level gathers."""
+"""`bpe_long` merges a rank with at least this many pending pairs by numpy gathers and scatters."""
 
 
 class MergeTable:

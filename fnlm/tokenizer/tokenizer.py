@@ -26,7 +26,7 @@ import os
 import re
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping
-from itertools import chain, islice
+from itertools import islice
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -41,9 +41,9 @@ DEFAULT_CACHE_SIZE = 1 << 18
 DEFAULT_BUFFER_CHARS = 1 << 14
 ISLAND_MARGIN = 48
 BATCH_BYTES = 64
-BATCH_MIN = 64
-"""Fewer misses than this in one text are merged one by one (`bpe_word`)."""
 """Missed pre-tokens up to this many bytes are merged together by `bpe_words`."""
+BATCH_MIN = 64
+"""Fewer misses than this in one block of text are merged one by one (`bpe_word`)."""
 LONG_BYTES = 256
 """Pre-tokens of more bytes go to `bpe_long` and are not cached."""
 _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
@@ -193,12 +193,6 @@ class Tokenizer:
     def __reduce__(self):
         return _rebuild, (self.vocab, self.merges, self.special_tokens, self._cache_size)
 
-    def _bpe(self, piece: bytes) -> tuple[int, ...]:
-        """The ids of one pre-token's bytes (no cache)."""
-        if len(piece) > LONG_BYTES:
-            return tuple(bpe_long(self._table, piece))
-        return bpe_word(self._table, list(map(self._byte_ids.__getitem__, piece)))
-
     def _resolve(self, misses: int) -> None:
         """Fill the empty id lists that the last `misses` cache misses made, all together:
         short pre-tokens by `bpe_words` in one batch, long ones by `bpe_long` (and not kept).
@@ -256,6 +250,9 @@ class Tokenizer:
                 if len(cache) > size:
                     self._resolve(len(cache) - size)
                 _drain(map(out.extend, values))
+        except BaseException:
+            cache.clear()  # no unfilled miss may stay behind (e.g. a lone surrogate failed to encode)
+            raise
         finally:
             if pause:
                 gc.enable()

@@ -270,6 +270,10 @@ def test_encode_rejects_non_strings_and_lone_surrogates():
         tok.encode(b"abc")
     with pytest.raises(ValueError):
         tok.encode("a\ud800b")
+    assert tok.encode("a b") == [ord("a"), ord(" "), ord("b")], "a failed encode leaves no empty cache entry"
+    with pytest.raises(ValueError):
+        tok.encode(" ab" * 20_000 + "\ud800")
+    assert tok.encode(" ab") == [ord(" "), 256]
     with pytest.raises(TypeError):
         list(tok.encode_iterable("a plain string"))
     with pytest.raises(TypeError):
