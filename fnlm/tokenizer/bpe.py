@@ -206,14 +206,15 @@ def bpe_words(table: MergeTable, pieces: Sequence[bytes]) -> list[tuple[int, ...
             active, best = active[live], best[live]
         p = best & 0xFFFFFFFF
         q = nxt[p]
-        ids[p] = merged[best >> 32]
+        z = merged[best >> 32]
+        ids[p] = z
         ids[q] = -1
         key[q] = done_key
         after = nxt[q]
         nxt[p] = after
         prv[after] = p
         before = prv[p]
-        ranks = pair_hash.lookup(np.concatenate((ids[before], ids[p])), np.concatenate((ids[p], ids[after])))
+        ranks = pair_hash.lookup(np.concatenate((ids[before], z)), np.concatenate((z, ids[after])))
         k = len(p)
         key[before] = (ranks[:k] << 32) | before
         key[p] = (ranks[k:] << 32) | p

@@ -1,7 +1,7 @@
-"""Encode a text corpus into a flat file of uint16 token ids, in parallel.
+"""Encode a text file into a flat file of uint16 token ids, in parallel.
 
 This is the "pretokenize to uint16" stage of the data pipeline (download -> train tokenizer ->
-encode corpus -> train). The output is either
+encode the text -> train). The output is either
 
 - ``*.npy``: a 1-D ``uint16`` NumPy array (read it with ``np.load(path, mmap_mode="r")``), or
 - anything else, e.g. ``*.bin``: the raw little-endian ``uint16`` ids with no header
@@ -10,7 +10,7 @@ encode corpus -> train). The output is either
 The file is cut into chunks at the document separator (``<|endoftext|>``), so that encoding
 the chunks separately gives exactly the ids of encoding the whole file; worker processes
 encode the chunks and the main process writes their ids in file order as they arrive, so
-memory stays bounded by a few chunks however large the corpus.
+memory stays bounded by a few chunks however large the file.
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ __all__ = ["Tokenizer", "SupportsToList"]
 DEFAULT_CACHE_SIZE = 1 << 18
 DEFAULT_BUFFER_CHARS = 1 << 14
 ISLAND_MARGIN = 48
+ISLAND_TAIL = 256
+ISLAND_SPACING = 2048
 BATCH_BYTES = 64
 """Missed pre-tokens up to this many bytes are merged together by `bpe_words`."""
 BATCH_MIN = 64
@@ -61,6 +63,15 @@ class SupportsToList(Protocol):
 
 
 _drain = deque(maxlen=0).extend
+
+
+def _sparse_non_ascii(text: str) -> bool:
+    """Whether runs of non-ASCII characters are on average `ISLAND_SPACING` characters apart."""
+    limit = len(text) // ISLAND_SPACING
+    for count, _ in enumerate(_NON_ASCII_RUN.finditer(text), 1):
+        if count > limit:
+            return False
+    return True
 
 
 def _rebuild(vocab, merges, special_tokens, cache_size):
@@ -279,32 +290,42 @@ class Tokenizer:
         return self._encode_islands(text)
 
     def _encode_islands(self, text: str) -> list[int]:
-        """`encode` for text with non-ASCII characters, so ASCII stretches still use ``re``.
-
-        The text is cut into pieces: each run of non-ASCII characters with a margin of ASCII
-        on both sides (close runs joined), and the ASCII stretches between them. The pieces are
-        joined by the carry logic of `encode_iterable` (exact for any cut), and each is
-        pre-tokenized by ``re`` when it and the carried text are ASCII, else by ``regex``.
-        """
-        if len(text) < 1024:
+        """`encode` for text with non-ASCII characters, so ASCII stretches still use ``re``."""
+        if len(text) < 1024 or not _sparse_non_ascii(text):
             return self._encode_whole(text)
+        out: list[int] = []
+        rest = self._settle_islands(text, out)
+        out += self._encode_whole(rest)
+        return out
+
+    def _settle_islands(self, text: str, out: list) -> str:
+        """`_encode_settled` of `text` cut into pieces: each run of non-ASCII characters with a
+        margin of ASCII on both sides (close runs joined), and the ASCII stretches between
+        them (the first 256 characters of a stretch apart, to absorb a non-ASCII carry). The
+        pieces are joined by the carry logic of `encode_iterable` (exact for any cut), and each
+        is pre-tokenized by ``re`` when it and the carried text are ASCII, else by ``regex``.
+        Where non-ASCII runs come closer than `ISLAND_SPACING` characters on average, the
+        per-piece cost outweighs the faster engine and the whole text goes to ``regex``.
+        """
+        if text.isascii() or not _sparse_non_ascii(text):
+            return self._encode_settled(text, out)
         cuts = [0]
-        in_island = False
         for m in _NON_ASCII_RUN.finditer(text):
             lo, hi = max(0, m.start() - ISLAND_MARGIN), min(len(text), m.end() + ISLAND_MARGIN)
-            if in_island and lo <= cuts[-1]:
+            if len(cuts) > 1 and lo <= cuts[-1]:
                 cuts[-1] = max(cuts[-1], hi)
                 continue
+            if lo > cuts[-1] + 2 * ISLAND_TAIL:
+                cuts.append(cuts[-1] + ISLAND_TAIL)
             if lo > cuts[-1]:
                 cuts.append(lo)
             cuts.append(hi)
-            in_island = True
-        out: list[int] = []
-        buf = ""
+        if len(text) > cuts[-1] + 2 * ISLAND_TAIL:
+            cuts.append(cuts[-1] + ISLAND_TAIL)
+        carry = ""
         for a, b in zip(cuts, cuts[1:]):
-            buf = self._encode_settled(buf + text[a:b], out)
-        out += self._encode_whole(buf + text[cuts[-1] :])
-        return out
+            carry = self._encode_settled(carry + text[a:b], out)
+        return self._encode_settled(carry + text[cuts[-1] :], out)
 
     def _encode_whole(self, text: str) -> list[int]:
         out: list[int] = []
@@ -376,13 +397,13 @@ class Tokenizer:
             buf += chunk
             if len(buf) < wait:
                 continue
-            buf = self._encode_settled(buf, out)
+            buf = self._settle_islands(buf, out)
             wait = max(buffer_chars, 2 * len(buf))
             if out:
                 yield from out
                 out.clear()
         if buf:
-            yield from self._encode_whole(buf)
+            yield from self._encode_islands(buf) if not buf.isascii() else self._encode_whole(buf)
 
     def _join(self, ids) -> bytes:
         if isinstance(ids, str | bytes):

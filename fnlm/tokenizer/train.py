@@ -16,7 +16,12 @@ Two stages:
    to the words that held it, and a max-heap with lazy invalidation picks the next pair
    (highest count; ties go to the lexicographically greater pair of bytes). Each merge
    rewrites only the words that hold the pair and updates only the pairs around the merged
-   positions; there is never a full recount.
+   positions; there is never a full recount. A word longer than `BIG_WORD` bytes (a line of
+   base64 or digits) is kept as a linked list with an index from each pair to its positions,
+   so that a merge costs its occurrences, not the word's length (`_Merger`).
+
+The pre-token counts are handed to the merge loop one entry at a time (the `Counter` is
+emptied as the words are built), and the process never imports torch.
 
 The file is read as bytes and decoded as strict UTF-8 (line endings are kept as they are);
 a byte sequence that is not UTF-8 raises `ValueError` naming the file and the byte offset.
