@@ -42,6 +42,7 @@ DEFAULT_BUFFER_CHARS = 1 << 14
 ISLAND_MARGIN = 48
 ISLAND_TAIL = 256
 ISLAND_SPACING = 2048
+ISLAND_DENSE = 512
 BATCH_BYTES = 64
 """Missed pre-tokens up to this many bytes are merged together by `bpe_words`."""
 BATCH_MIN = 64
@@ -66,8 +67,8 @@ _drain = deque(maxlen=0).extend
 
 
 def _sparse_non_ascii(text: str) -> bool:
-    """Whether runs of non-ASCII characters are on average `ISLAND_SPACING` characters apart."""
-    limit = len(text) // ISLAND_SPACING
+    """Whether runs of non-ASCII characters are on average `ISLAND_DENSE` characters apart or more."""
+    limit = len(text) // ISLAND_DENSE
     for count, _ in enumerate(_NON_ASCII_RUN.finditer(text), 1):
         if count > limit:
             return False
@@ -300,19 +301,19 @@ class Tokenizer:
 
     def _settle_islands(self, text: str, out: list) -> str:
         """`_encode_settled` of `text` cut into pieces: each run of non-ASCII characters with a
-        margin of ASCII on both sides (close runs joined), and the ASCII stretches between
-        them (the first 256 characters of a stretch apart, to absorb a non-ASCII carry). The
+        margin of ASCII on both sides (runs less than `ISLAND_SPACING` apart joined into one
+        island), and the ASCII stretches between them (the first 256 characters of a stretch apart, to absorb a non-ASCII carry). The
         pieces are joined by the carry logic of `encode_iterable` (exact for any cut), and each
         is pre-tokenized by ``re`` when it and the carried text are ASCII, else by ``regex``.
-        Where non-ASCII runs come closer than `ISLAND_SPACING` characters on average, the
-        per-piece cost outweighs the faster engine and the whole text goes to ``regex``.
+        Where non-ASCII runs come closer than `ISLAND_DENSE` characters on average, the whole
+        text goes to ``regex`` at once.
         """
         if text.isascii() or not _sparse_non_ascii(text):
             return self._encode_settled(text, out)
         cuts = [0]
         for m in _NON_ASCII_RUN.finditer(text):
             lo, hi = max(0, m.start() - ISLAND_MARGIN), min(len(text), m.end() + ISLAND_MARGIN)
-            if len(cuts) > 1 and lo <= cuts[-1]:
+            if len(cuts) > 1 and lo <= cuts[-1] + ISLAND_SPACING:
                 cuts[-1] = max(cuts[-1], hi)
                 continue
             if lo > cuts[-1] + 2 * ISLAND_TAIL:

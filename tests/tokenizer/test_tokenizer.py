@@ -658,3 +658,14 @@ def test_tokenizer_runs_without_torch(code):
     env = {k: v for k, v in os.environ.items() if k != "FNLM_TYPECHECK"}
     result = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_sparse_non_ascii_islands_match_tiktoken(gpt2_tok, tiktoken_gpt2, fixtures_dir):
+    """ASCII stretches go through `re` and islands around non-ASCII runs through `regex`;
+    the cuts fall inside words, whitespace runs and letter runs that continue past an island."""
+    english = (fixtures_dir / "tinystories_sample.txt").read_text(encoding="utf-8")[:6000].encode("ascii", "ignore").decode()
+    parts = [english, "café" + "x" * 400 + " ", english, "  \u3000  日本語 ", english[:3000], "naïve", "s'll " * 900, "é", english]
+    text = "".join(parts)
+    ids = gpt2_tok.encode(text)
+    assert ids == tiktoken_gpt2.encode(text, allowed_special="all") == gpt2_tok._encode_whole(text)
+    assert list(gpt2_tok.encode_iterable([text[i : i + 5000] for i in range(0, len(text), 5000)])) == ids
