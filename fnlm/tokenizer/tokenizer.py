@@ -41,8 +41,9 @@ DEFAULT_CACHE_SIZE = 1 << 18
 DEFAULT_BUFFER_CHARS = 1 << 14
 ISLAND_MARGIN = 48
 ISLAND_TAIL = 256
-ISLAND_SPACING = 2048
+LONG_STRETCH = 4096
 ISLAND_DENSE = 512
+_SCAN_BLOCK = 4096
 BATCH_BYTES = 64
 """Missed pre-tokens up to this many bytes are merged together by `bpe_words`."""
 BATCH_MIN = 64
@@ -66,13 +67,36 @@ class SupportsToList(Protocol):
 _drain = deque(maxlen=0).extend
 
 
-def _sparse_non_ascii(text: str) -> bool:
-    """Whether runs of non-ASCII characters are on average `ISLAND_DENSE` characters apart or more."""
+def _island_cuts(text: str) -> list[int] | None:
+    """Cut points around the runs of non-ASCII characters of `text`: each run with a margin of
+    ASCII on both sides is an island (overlapping ones joined); an ASCII stretch longer than
+    `LONG_STRETCH` has its first `ISLAND_TAIL` characters cut apart, so that a non-ASCII carry
+    from the island before cannot send the rest of it to ``regex``. ``None`` where the cuts would
+    be closer than `ISLAND_DENSE` characters on average (cutting would cost more than it saves).
+
+    The text is scanned in blocks: ``block.isascii()`` is a fast C scan, and only non-ASCII
+    blocks are searched for runs (a run across a block edge comes out as two, then joined).
+    """
     limit = len(text) // ISLAND_DENSE
-    for count, _ in enumerate(_NON_ASCII_RUN.finditer(text), 1):
-        if count > limit:
-            return False
-    return True
+    cuts = [0]
+    for start in range(0, len(text), _SCAN_BLOCK):
+        if text[start : start + _SCAN_BLOCK].isascii():
+            continue
+        for m in _NON_ASCII_RUN.finditer(text, start, start + _SCAN_BLOCK):
+            lo, hi = max(0, m.start() - ISLAND_MARGIN), min(len(text), m.end() + ISLAND_MARGIN)
+            if len(cuts) > 1 and lo <= cuts[-1]:
+                cuts[-1] = max(cuts[-1], hi)
+                continue
+            if lo > cuts[-1] + LONG_STRETCH:
+                cuts.append(cuts[-1] + ISLAND_TAIL)
+            if lo > cuts[-1]:
+                cuts.append(lo)
+            cuts.append(hi)
+            if len(cuts) > limit:
+                return None
+    if len(text) > cuts[-1] + LONG_STRETCH:
+        cuts.append(cuts[-1] + ISLAND_TAIL)
+    return cuts
 
 
 def _rebuild(vocab, merges, special_tokens, cache_size):
@@ -292,37 +316,24 @@ class Tokenizer:
 
     def _encode_islands(self, text: str) -> list[int]:
         """`encode` for text with non-ASCII characters, so ASCII stretches still use ``re``."""
-        if len(text) < 1024 or not _sparse_non_ascii(text):
+        cuts = _island_cuts(text) if len(text) >= 1024 else None
+        if cuts is None:
             return self._encode_whole(text)
         out: list[int] = []
-        rest = self._settle_islands(text, out)
-        out += self._encode_whole(rest)
+        out += self._encode_whole(self._settle_pieces(text, cuts, out))
         return out
 
     def _settle_islands(self, text: str, out: list) -> str:
-        """`_encode_settled` of `text` cut into pieces: each run of non-ASCII characters with a
-        margin of ASCII on both sides (runs less than `ISLAND_SPACING` apart joined into one
-        island), and the ASCII stretches between them (the first 256 characters of a stretch apart, to absorb a non-ASCII carry). The
-        pieces are joined by the carry logic of `encode_iterable` (exact for any cut), and each
-        is pre-tokenized by ``re`` when it and the carried text are ASCII, else by ``regex``.
-        Where non-ASCII runs come closer than `ISLAND_DENSE` characters on average, the whole
-        text goes to ``regex`` at once.
-        """
-        if text.isascii() or not _sparse_non_ascii(text):
+        """`_encode_settled` of `text`, cut by `_island_cuts` where that pays."""
+        cuts = None if text.isascii() else _island_cuts(text)
+        if cuts is None:
             return self._encode_settled(text, out)
-        cuts = [0]
-        for m in _NON_ASCII_RUN.finditer(text):
-            lo, hi = max(0, m.start() - ISLAND_MARGIN), min(len(text), m.end() + ISLAND_MARGIN)
-            if len(cuts) > 1 and lo <= cuts[-1] + ISLAND_SPACING:
-                cuts[-1] = max(cuts[-1], hi)
-                continue
-            if lo > cuts[-1] + 2 * ISLAND_TAIL:
-                cuts.append(cuts[-1] + ISLAND_TAIL)
-            if lo > cuts[-1]:
-                cuts.append(lo)
-            cuts.append(hi)
-        if len(text) > cuts[-1] + 2 * ISLAND_TAIL:
-            cuts.append(cuts[-1] + ISLAND_TAIL)
+        return self._settle_pieces(text, cuts, out)
+
+    def _settle_pieces(self, text: str, cuts: list[int], out: list) -> str:
+        """Settle the pieces between `cuts` one after another, joined by the carry logic of
+        `encode_iterable` (exact for any cut); each piece is pre-tokenized by ``re`` when it
+        and the carried text are ASCII, else by ``regex``."""
         carry = ""
         for a, b in zip(cuts, cuts[1:]):
             carry = self._encode_settled(carry + text[a:b], out)
