@@ -669,3 +669,22 @@ def test_sparse_non_ascii_islands_match_tiktoken(gpt2_tok, tiktoken_gpt2, fixtur
     ids = gpt2_tok.encode(text)
     assert ids == tiktoken_gpt2.encode(text, allowed_special="all") == gpt2_tok._encode_whole(text)
     assert list(gpt2_tok.encode_iterable([text[i : i + 5000] for i in range(0, len(text), 5000)])) == ids
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    inserts=st.lists(
+        st.tuples(
+            st.one_of(st.integers(4090, 4100), st.integers(8185, 8200), st.integers(0, 20_000)),
+            st.sampled_from(["é", "日本語", "\u3000", "’s", "naïve", "é" * 60, "\U0001f600"]),
+        ),
+        max_size=6,
+    )
+)
+def test_island_cuts_at_block_edges_match_tiktoken(gpt2_tok, tiktoken_gpt2, inserts):
+    words = [" the", " cat", "  ", "\n", " 42", "'s", ",", " sat", "aaaa"]
+    text = "".join(words[(i * 7 + i // 3) % len(words)] for i in range(6000))
+    for at, piece in sorted(inserts, reverse=True):
+        text = text[:at] + piece + text[at:]
+    ids = gpt2_tok.encode(text)
+    assert ids == tiktoken_gpt2.encode(text, allowed_special="all") == gpt2_tok._encode_whole(text)
