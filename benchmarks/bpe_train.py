@@ -12,7 +12,7 @@ Each trainer runs in its own fresh child process. Memory is sampled every 200 ms
 over that process and all its descendants (the fnlm pre-tokenization workers): the figure is
 the peak of the summed PSS (proportional set size, so pages shared between a forked worker and
 its parent are not counted twice). The child's footprint right after its imports is printed
-too: importing `fnlm` imports torch (150-225 MB), which HF's child does not pay. CPU time
+too (fnlm's child imports only `fnlm.tokenizer`: no torch). CPU time
 (user + system, the trainer process and its reaped workers, training only) is printed beside the
 wall time: on a shared machine it is the steadier figure.
 
@@ -25,6 +25,7 @@ own way, so the two merge lists differ a little; this script measures cost, the 
 correctness.
 
 Usage: ``python benchmarks/bpe_train.py [--vocab-size 10000] [--workers N] [--input FILE]``.
+`benchmarks/bpe_train_long_line.py` runs the same children on a file of one 1 MB line.
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ import psutil
 
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
 GCIDE_INDEX = Path("/usr/share/dictd/gcide.index")
-EOT = "<|endoftext|>"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from fnlm.tokenizer import ENDOFTEXT as EOT  # noqa: E402
+
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
@@ -76,10 +80,9 @@ def build_gcide_corpus(out: Path) -> int:
 
 CHILD = r"""
 import json, resource, sys, time
-which, path, vocab_size, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-EOT = "<|endoftext|>"
+which, path, vocab_size, workers, EOT = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 if which == "fnlm":
-    import fnlm
+    from fnlm.tokenizer import train_bpe
 else:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 import psutil
@@ -88,7 +91,7 @@ def cpu():
     return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 c0, t0 = cpu(), time.perf_counter()
 if which == "fnlm":
-    vocab, merges = fnlm.train_bpe(path, vocab_size, [EOT], progress=False,
+    vocab, merges = train_bpe(path, vocab_size, [EOT], progress=False,
                                    num_workers=None if workers == "auto" else int(workers))
     n = len(vocab)
 else:
@@ -112,13 +115,13 @@ def _tree_pss(proc: psutil.Process) -> int:
     return total
 
 
-def run_child(which: str, path: Path, vocab_size: int, workers: str) -> dict:
-    """Run one trainer in a fresh process; returns seconds, vocab size, peak and import PSS (MB)."""
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def run_child(which: str, path: Path, vocab_size: int, workers: str, cap: float | None = None) -> dict | None:
+    """Run one trainer in a fresh process; returns seconds, vocab size, peak and import PSS (MB),
+    or None when it ran longer than `cap` seconds (then it is killed)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("FNLM_TYPECHECK", None)
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, which, str(path), str(vocab_size), workers],
+        [sys.executable, "-c", CHILD, which, str(path), str(vocab_size), workers, EOT],
         stdout=subprocess.PIPE, text=True, env=env,
     )
     proc = psutil.Process(child.pid)
@@ -126,7 +129,13 @@ def run_child(which: str, path: Path, vocab_size: int, workers: str) -> dict:
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(child.stdout), daemon=True)
     reader.start()
+    start = time.perf_counter()
     while child.poll() is None:
+        if cap is not None and time.perf_counter() - start > cap:
+            for p in [*proc.children(recursive=True), proc]:
+                p.kill()
+            child.wait()
+            return None
         try:
             peak = max(peak, _tree_pss(proc))
         except psutil.NoSuchProcess:
@@ -139,6 +148,7 @@ def run_child(which: str, path: Path, vocab_size: int, workers: str) -> dict:
     for line in lines:
         result.update(json.loads(line))
     result["peak_mb"] = peak / 2**20
+    result["cap"] = cap
     return result
 
 

@@ -25,10 +25,10 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fnlm import Tokenizer  # noqa: E402
+from fnlm.tokenizer import ENDOFTEXT as EOT  # noqa: E402
+from fnlm.tokenizer import Tokenizer  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
-EOT = "<|endoftext|>"
 
 SUBJECTS = ["The little dog", "A girl named Lily", "Tom", "The old man", "Her brother", "A small bird", "The teacher", "Émile"]
 VERBS = ["saw", "found", "wanted", "liked", "painted", "lost", "shared", "carried", "didn't want"]

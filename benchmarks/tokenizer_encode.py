@@ -1,112 +1,126 @@
-"""Encode throughput of fnlm.Tokenizer against tiktoken, single-threaded, on GPT-2's vocabulary.
+"""Encode throughput of fnlm.Tokenizer against tiktoken: cold (fresh process, first pass), one thread.
 
-Both tokenizers load GPT-2's vocab + merges from ../shared/fixtures (tiktoken offline through
-../shared/tools/seed_tiktoken_gpt2.py) with ``<|endoftext|>`` as a special token, encode the
-same text, and must give the same ids. Reported: MB/s (UTF-8 bytes of input per second, best of
-``--repeats``) for fnlm with an empty pre-token cache ("cold") and a filled one ("warm"), for
-tiktoken's ``encode(allowed_special="all")`` (the same work) and ``encode_ordinary``, and the
-ratio fnlm / tiktoken.
+What a user gets the first time they encode a text: each tokenizer runs in its own fresh child
+process (``RAYON_NUM_THREADS=1`` for tiktoken, whose ``encode`` is single-threaded anyway),
+loads GPT-2's files (from ../shared/fixtures; tiktoken offline through
+../shared/tools/seed_tiktoken_gpt2.py) with ``<|endoftext|>`` as its special token, reads the
+text, and encodes it: the first pass is "cold" (fnlm's pre-token cache is empty, so every
+distinct word is merged by BPE), a second pass is "warm". The children's ids must be equal
+(compared by a SHA-256 of the ids). Figures are MB/s of UTF-8 input, wall clock of the
+encode call alone (the load time is printed apart), best of ``--runs`` fresh processes; the
+best CPU time of the cold pass is printed beside it (steadier on a shared machine).
 
-Texts: "fixtures" (TinyStories sample, corpus.en, german.txt joined by <|endoftext|> and
-repeated to --mb MB, so few distinct words) and, where the Debian package dict-gcide is
-installed, "gcide" (the first --mb MB of the GCIDE dictionary, real English with many
-distinct words and some non-ASCII).
+Texts: "gcide" (the first --mb MB of the GCIDE dictionary, English the tokenizer has not seen,
+``apt-get install -y dict-gcide``), and "fixtures" (TinyStories sample, corpus.en and
+german.txt joined by <|endoftext|> and repeated to --mb MB: few distinct words, so the cache
+makes the cold pass nearly warm). ``--text PATH`` benchmarks a file instead.
 
-    python benchmarks/tokenizer_encode.py [--mb 8] [--repeats 3] [--text PATH]
+    python benchmarks/tokenizer_encode.py [--mb 8] [--runs 3] [--text PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
+import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tokenizer_refs import FIXTURES, GCIDE, ROOT, gcide_text, seed_tiktoken
 
-from fnlm import Tokenizer  # noqa: E402
-
-SHARED = ROOT.parent / "shared"
-FIXTURES = SHARED / "fixtures"
-GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
-EOT = "<|endoftext|>"
+CHILD = r"""
+import hashlib, json, sys, time
+which, path = sys.argv[1], sys.argv[2]
+sys.path.insert(0, sys.argv[3])
+t0 = time.perf_counter()
+if which == "fnlm":
+    from tokenizer_refs import gpt2_tokenizer
+    encode = gpt2_tokenizer().encode
+else:
+    from tokenizer_refs import tiktoken_gpt2
+    enc = tiktoken_gpt2()
+    encode = lambda text: enc.encode(text, allowed_special="all")
+load = time.perf_counter() - t0
+text = open(path, encoding="utf-8").read()
+w, c = time.perf_counter(), time.process_time()
+ids = encode(text)
+cold, cold_cpu = time.perf_counter() - w, time.process_time() - c
+w = time.perf_counter()
+encode(text)
+warm = time.perf_counter() - w
+digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+print(json.dumps({"load": load, "cold": cold, "cold_cpu": cold_cpu, "warm": warm, "ids": len(ids), "sha": digest}))
+"""
 
 
 def fixture_text(mb: float) -> str:
+    from fnlm.tokenizer import ENDOFTEXT
+
     docs = [(FIXTURES / n).read_text(encoding="utf-8") for n in ["tinystories_sample.txt", "corpus.en", "german.txt"]]
-    block = EOT.join(docs) + EOT
-    reps = max(1, int(mb * 1e6 / len(block.encode("utf-8"))))
-    return block * reps
+    block = ENDOFTEXT.join(docs) + ENDOFTEXT
+    return block * max(1, int(mb * 1e6 / len(block.encode("utf-8"))))
 
 
-def file_text(path: Path, mb: float) -> str:
-    opener = gzip.open if path.suffix in (".dz", ".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read(int(mb * 1e6))
-    return data.decode("utf-8", errors="ignore")
+def run_child(which: str, path: Path) -> dict:
+    env = dict(os.environ, RAYON_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("FNLM_TYPECHECK", None)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, which, str(path), str(Path(__file__).parent)],
+        check=True, capture_output=True, text=True, env=env,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def best_rate(fn, nbytes: int, repeats: int, before=None) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e6
+def best_of(which: str, path: Path, runs: int) -> dict:
+    results = [run_child(which, path) for _ in range(runs)]
+    best = dict(results[0])
+    for key in ("load", "cold", "cold_cpu", "warm"):
+        best[key] = min(r[key] for r in results)
+    if len({r["sha"] for r in results}) != 1:
+        sys.exit(f"{which}: ids differ between runs")
+    return best
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=float, default=8.0, help="MB of text per benchmark")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--text", type=Path, default=None, help="benchmark this file (.dz/.gz ok) instead")
+    ap.add_argument("--runs", type=int, default=3, help="fresh processes per tokenizer and text")
+    ap.add_argument("--text", type=Path, default=None, help="benchmark this file instead")
     args = ap.parse_args()
-    if not FIXTURES.is_dir():
-        sys.exit(f"needs {FIXTURES} (GPT-2 vocab and merges)")
-
-    cache = tempfile.mkdtemp(prefix="tiktoken-gpt2-")
-    subprocess.run([sys.executable, str(SHARED / "tools" / "seed_tiktoken_gpt2.py"), cache], check=True, capture_output=True)
-    os.environ["TIKTOKEN_CACHE_DIR"] = cache
-    import tiktoken
-
-    enc = tiktoken.get_encoding("gpt2")
-    t0 = time.perf_counter()
-    tok = Tokenizer.from_files(FIXTURES / "gpt2_vocab.json", FIXTURES / "gpt2_merges.txt", [EOT])
-    print(f"fnlm: loaded GPT-2 vocab+merges in {time.perf_counter() - t0:.2f} s")
+    sys.path.insert(0, str(ROOT))
+    seed_tiktoken()
 
     texts = {}
     if args.text is not None:
-        texts[args.text.name] = file_text(args.text, args.mb)
+        texts[args.text.name] = args.text.read_text(encoding="utf-8")
     else:
-        texts["fixtures"] = fixture_text(args.mb)
         if GCIDE.is_file():
-            texts["gcide"] = file_text(GCIDE, args.mb)
+            texts["gcide"] = gcide_text(args.mb)
+        else:
+            print(f"({GCIDE} not found: `apt-get install -y dict-gcide` adds the unseen-English text)")
+        texts["fixtures"] = fixture_text(args.mb)
 
-    print(f"python {sys.version.split()[0]}, tiktoken {tiktoken.__version__}, 1 thread each, best of {args.repeats}")
-    print(f"{'text':<10} {'MB':>6} {'fnlm cold':>10} {'fnlm warm':>10} {'tiktoken':>10} {'tt ordinary':>12} {'warm/tt':>8} {'cold/tt':>8}")
-    for name, text in texts.items():
-        nbytes = len(text.encode("utf-8"))
-        ours = tok.encode(text)
-        theirs = enc.encode(text, allowed_special="all")
-        if ours != theirs:
-            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-            sys.exit(f"{name}: ids differ from tiktoken at position {first}")
-        cold = best_rate(lambda: tok.encode(text), nbytes, args.repeats, before=tok._cache.clear)
-        warm = best_rate(lambda: tok.encode(text), nbytes, args.repeats)
-        tt = best_rate(lambda: enc.encode(text, allowed_special="all"), nbytes, args.repeats)
-        tt_ord = best_rate(lambda: enc.encode_ordinary(text), nbytes, args.repeats)
-        print(
-            f"{name:<10} {nbytes / 1e6:>6.1f} {cold:>10.2f} {warm:>10.2f} {tt:>10.2f} {tt_ord:>12.2f}"
-            f" {warm / tt:>7.2f}x {cold / tt:>7.2f}x"
-        )
-    print(f"(MB/s of UTF-8 input; ids identical to tiktoken on every text; {len(ours):,} ids in the last)")
+    import tiktoken
+
+    print(f"python {sys.version.split()[0]}, tiktoken {tiktoken.__version__}; one thread; fresh process per run, best of {args.runs}")
+    print(f"{'text':<9} {'MB':>5} {'load s':>11} {'fnlm cold':>10} {'(CPU)':>7} {'fnlm warm':>10} "
+          f"{'tiktoken':>9} {'(CPU)':>7} {'cold/tt':>8} {'CPU/CPU':>8} {'warm/tt':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in texts.items():
+            path = Path(tmp) / f"{name}.txt"
+            path.write_text(text, encoding="utf-8")
+            mb = path.stat().st_size / 1e6
+            ours, theirs = best_of("fnlm", path, args.runs), best_of("tiktoken", path, args.runs)
+            if ours["sha"] != theirs["sha"]:
+                sys.exit(f"{name}: fnlm's ids differ from tiktoken's")
+            rate = {k: mb / v for k, v in [("cold", ours["cold"]), ("cpu", ours["cold_cpu"]), ("warm", ours["warm"]),
+                                           ("tt", theirs["cold"]), ("tt_cpu", theirs["cold_cpu"])]}
+            print(f"{name:<9} {mb:>5.1f} {ours['load']:>5.2f}/{theirs['load']:<5.2f} {rate['cold']:>10.2f} {rate['cpu']:>7.2f} "
+                  f"{rate['warm']:>10.2f} {rate['tt']:>9.2f} {rate['tt_cpu']:>7.2f} {rate['cold'] / rate['tt']:>7.2f}x "
+                  f"{rate['cpu'] / rate['tt_cpu']:>7.2f}x {rate['warm'] / rate['tt']:>7.2f}x")
+    print("(MB/s of UTF-8 input; load s = fnlm/tiktoken; ratios > 1 mean fnlm is faster; ids identical to tiktoken)")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
 __all__ = [
+    "ENDOFTEXT",
     "bytes_to_unicode",
     "unicode_to_bytes",
     "token_to_str",
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 ENDOFTEXT = "<|endoftext|>"
-"""GPT-2's document separator, the special token fnlm's corpora and tokenizers use."""
+"""GPT-2's document separator, the special token the data pipeline cuts and joins documents at."""
 
 SPECIALS_PREFIX = "#special_tokens:"
 
@@ -92,6 +93,21 @@ def str_to_token(text: str) -> bytes:
         raise ValueError(f"{text!r} is not a GPT-2 byte-to-unicode string: {bad!r} maps to no byte") from None
 
 
+class _Pairs(list):
+    """A JSON object's ``(key, value)`` pairs in file order (repeated keys kept)."""
+
+
+def _read_text(path: str | os.PathLike, what: str) -> str:
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise FileNotFoundError(f"{what} file not found: {name!r}")
+    try:
+        with open(name, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name!r}: not UTF-8 text ({what}), byte offset {e.start}: {e.reason}") from None
+
+
 def read_vocab(path: str | os.PathLike) -> dict[int, bytes]:
     """Read a GPT-2 style ``vocab.json`` (``{"mapped token": id}``) into ``{id: token bytes}``.
 
@@ -100,20 +116,30 @@ def read_vocab(path: str | os.PathLike) -> dict[int, bytes]:
     - `path`: the JSON file.
 
     **Returns:** the vocabulary, id -> bytes. A token written twice keeps both ids (a trained
-    vocabulary may reach the same bytes by two merges). A ValueError names a non-integer or
-    repeated id, or a string that is not in the byte-to-unicode form.
+    vocabulary may reach the same bytes by two merges). A missing file raises FileNotFoundError;
+    a file that is not a JSON object of ``"token": id``, a non-integer or repeated id, or a
+    string that is not in the byte-to-unicode form raises ValueError naming the file.
     """
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f, object_pairs_hook=lambda pairs: pairs)
-    if not isinstance(raw, list):
-        raise ValueError(f"{os.fspath(path)!r}: expected a JSON object of token -> id, got {type(raw).__name__}")
+    name = os.fspath(path)
+    text = _read_text(name, "vocab")
+    try:
+        raw = json.loads(text, object_pairs_hook=_Pairs)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name!r}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(raw, _Pairs):
+        kind = "a JSON array" if isinstance(raw, list) else type(raw).__name__
+        raise ValueError(f"{name!r}: expected a JSON object of token -> id, got {kind}")
     vocab: dict[int, bytes] = {}
     for text, idx in raw:
         if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
-            raise ValueError(f"{os.fspath(path)!r}: token {text!r} has id {idx!r}, expected an int >= 0")
+            shown = "a JSON object" if isinstance(idx, _Pairs) else repr(idx)
+            raise ValueError(f"{name!r}: token {text!r} has id {shown}, expected an int >= 0")
         if idx in vocab:
-            raise ValueError(f"{os.fspath(path)!r}: id {idx} is given to both {token_to_str(vocab[idx])!r} and {text!r}")
-        vocab[idx] = str_to_token(text)
+            raise ValueError(f"{name!r}: id {idx} is given to both {token_to_str(vocab[idx])!r} and {text!r}")
+        try:
+            vocab[idx] = str_to_token(text)
+        except ValueError as e:
+            raise ValueError(f"{name!r}: {e}") from None
     return vocab
 
 
@@ -126,23 +152,31 @@ def read_merges(path: str | os.PathLike) -> tuple[list[tuple[bytes, bytes]], lis
 
     **Returns:** ``(merges, special_tokens)``: the merges in rank order, and the special tokens
     from a ``#special_tokens: [...]`` line, or ``None`` when the file has none (GPT-2's has none).
+    A missing file raises FileNotFoundError; a malformed line raises ValueError naming the file
+    and the line number.
     """
+    name = os.fspath(path)
     merges: list[tuple[bytes, bytes]] = []
     specials: list[str] | None = None
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not merges and line.startswith(SPECIALS_PREFIX):
+    for lineno, line in enumerate(_read_text(name, "merges").split("\n"), 1):
+        where = f"{name!r} line {lineno}"
+        if not merges and line.startswith(SPECIALS_PREFIX):
+            try:
                 specials = json.loads(line[len(SPECIALS_PREFIX) :])
-                if not isinstance(specials, list) or not all(isinstance(s, str) for s in specials):
-                    raise ValueError(f"{os.fspath(path)!r} line {lineno}: special tokens must be a JSON list of strings")
-                continue
-            if not line or (not merges and line.startswith("#version")):
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2 or not parts[0] or not parts[1]:
-                raise ValueError(f"{os.fspath(path)!r} line {lineno}: expected 'left right', got {line!r}")
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: the special tokens are not valid JSON ({e.msg})") from None
+            if not isinstance(specials, list) or not all(isinstance(s, str) for s in specials):
+                raise ValueError(f"{where}: special tokens must be a JSON list of strings, got {specials!r:.80}")
+            continue
+        if not line or (not merges and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise ValueError(f"{where}: expected 'left right', got {line!r}")
+        try:
             merges.append((str_to_token(parts[0]), str_to_token(parts[1])))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     return merges, specials
 
 

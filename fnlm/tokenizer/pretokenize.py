@@ -19,14 +19,22 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 GPT2_REGEX = regex.compile(GPT2_PATTERN)
 
 
-def _ascii_members(prop: str) -> str:
-    return "".join(re.escape(chr(c)) for c in range(128) if regex.fullmatch(prop, chr(c)))
+def _ascii_class(prop: str) -> str:
+    """The ASCII members of a `regex` property as a character class body of ranges."""
+    codes = [c for c in range(128) if regex.fullmatch(prop, chr(c))]
+    runs: list[list[int]] = []
+    for c in codes:
+        if runs and runs[-1][1] == c - 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in runs)
 
 
 def _ascii_gpt2_pattern() -> str:
-    letter, number, space = _ascii_members(r"\p{L}"), _ascii_members(r"\p{N}"), _ascii_members(r"\s")
+    letter, number, space = _ascii_class(r"\p{L}"), _ascii_class(r"\p{N}"), _ascii_class(r"\s")
     return (
-        rf"'(?:[sdmt]|ll|ve|re)| ?[{letter}]+| ?[{number}]+| ?[^{space}{letter}{number}]+"
+        rf" ?[{letter}]+|'(?:[sdmt]|ll|ve|re)| ?[{number}]+| ?[^{space}{letter}{number}]+"
         rf"|[{space}]+(?![^{space}])|[{space}]+"
     )
 
@@ -34,9 +42,10 @@ def _ascii_gpt2_pattern() -> str:
 ASCII_GPT2_REGEX = re.compile(_ascii_gpt2_pattern())
 """The GPT-2 pattern for the standard-library ``re`` engine, exact on pure-ASCII text only.
 
-Its classes are the ASCII members of ``\\p{L}``, ``\\p{N}`` and ``\\s`` as ``regex`` defines them;
-``re`` runs it about twice as fast as ``regex`` runs `GPT2_PATTERN`. Use it where
-``text.isascii()`` (an O(1) check in CPython).
+Its classes are the ASCII members of ``\\p{L}``, ``\\p{N}`` and ``\\s`` as ``regex`` defines them,
+written as ranges, and the letters come first (no other alternative can match where a letter
+run starts, so the order does not change a match). ``re`` runs it about twice as fast as
+``regex`` runs `GPT2_PATTERN`. Use it where ``text.isascii()`` (an O(1) check in CPython).
 """
 
 __all__ = [

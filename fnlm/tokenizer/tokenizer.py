@@ -6,49 +6,97 @@ Encoding works in three stages, the same as GPT-2 and tiktoken:
    one token when it is in the list); each special token becomes its id;
 2. the text between special tokens is cut into pre-tokens by the GPT-2 regex;
 3. each pre-token's UTF-8 bytes start as one token per byte and are merged by BPE: the adjacent
-   pair with the lowest merge rank is merged (every occurrence, left to right), until no
-   adjacent pair is a merge.
+   pair with the lowest merge rank is merged (the leftmost on a tie), until no adjacent pair
+   is a merge.
 
-Pre-token results are kept in a bounded cache, so the BPE loop runs once per distinct word;
-pure-ASCII text is pre-tokenized by an equivalent pattern on the faster standard-library ``re``
-(text holding some non-ASCII characters sends only short stretches around them to the slower
-``regex`` engine; the stretches are joined exactly as `encode_iterable` joins chunks).
+Pre-token results are kept in a bounded cache. The pre-tokens a text misses in the cache are
+gathered and merged together after the text is cut (`fnlm.tokenizer.bpe`): short ones in
+vectorised rounds over all of them, a long one (a run of 100k letters or digits) by a linked
+list in O(n log n). Pure-ASCII text is pre-tokenized by an equivalent pattern on the faster
+standard-library ``re`` (text holding some non-ASCII characters sends only short stretches
+around them to the slower ``regex`` engine; the stretches are joined exactly as
+`encode_iterable` joins chunks).
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import re
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping
-from itertools import chain, islice, repeat
+from itertools import islice
+from typing import Protocol, runtime_checkable
 
 import numpy as np
-from jaxtyping import Integer
-from torch import Tensor
 
 from fnlm.tokenizer import gpt2
+from fnlm.tokenizer.bpe import MergeTable, bpe_long, bpe_word, bpe_words
 from fnlm.tokenizer.pretokenize import ASCII_GPT2_REGEX, GPT2_REGEX, special_tokens_regex
 
-__all__ = ["Tokenizer"]
+__all__ = ["Tokenizer", "SupportsToList"]
 
 DEFAULT_CACHE_SIZE = 1 << 18
 DEFAULT_BUFFER_CHARS = 1 << 14
 ISLAND_MARGIN = 48
+ISLAND_TAIL = 256
+LONG_STRETCH = 4096
+ISLAND_DENSE = 512
+_SCAN_BLOCK = 4096
+BATCH_BYTES = 64
+"""Missed pre-tokens up to this many bytes are merged together by `bpe_words`."""
+BATCH_MIN = 64
+"""Fewer misses than this in one block of text are merged one by one (`bpe_word`)."""
+LONG_BYTES = 256
+"""Pre-tokens of more bytes go to `bpe_long` and are not cached."""
 _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
+_VOCAB_FILE, _MERGES_FILE = "vocab.json", "merges.txt"
+_BLOCK = 1 << 20
+_PAUSE_GC = 1 << 14
 
 
-class _PretokenCache(dict):
-    """Pre-token string -> tuple of ids; computes misses, and empties itself when full."""
+@runtime_checkable
+class SupportsToList(Protocol):
+    """Anything with ``.tolist()``: a numpy array or a torch tensor of ids (duck typed, so that
+    this module never imports torch)."""
 
-    __slots__ = ("encode_bytes", "capacity")
+    def tolist(self) -> list: ...
 
-    def __missing__(self, pretoken):
-        ids = self.encode_bytes(pretoken.encode("utf-8"))
-        if len(self) >= self.capacity:
-            self.clear()
-        self[pretoken] = ids
-        return ids
+
+_drain = deque(maxlen=0).extend
+
+
+def _island_cuts(text: str) -> list[int] | None:
+    """Cut points around the runs of non-ASCII characters of `text`: each run with a margin of
+    ASCII on both sides is an island (overlapping ones joined); an ASCII stretch longer than
+    `LONG_STRETCH` has its first `ISLAND_TAIL` characters cut apart, so that a non-ASCII carry
+    from the island before cannot send the rest of it to ``regex``. ``None`` where the cuts would
+    be closer than `ISLAND_DENSE` characters on average (cutting would cost more than it saves).
+
+    The text is scanned in blocks: ``block.isascii()`` is a fast C scan, and only non-ASCII
+    blocks are searched for runs (a run across a block edge comes out as two, then joined).
+    """
+    limit = len(text) // ISLAND_DENSE
+    cuts = [0]
+    for start in range(0, len(text), _SCAN_BLOCK):
+        if text[start : start + _SCAN_BLOCK].isascii():
+            continue
+        for m in _NON_ASCII_RUN.finditer(text, start, start + _SCAN_BLOCK):
+            lo, hi = max(0, m.start() - ISLAND_MARGIN), min(len(text), m.end() + ISLAND_MARGIN)
+            if len(cuts) > 1 and lo <= cuts[-1]:
+                cuts[-1] = max(cuts[-1], hi)
+                continue
+            if lo > cuts[-1] + LONG_STRETCH:
+                cuts.append(cuts[-1] + ISLAND_TAIL)
+            if lo > cuts[-1]:
+                cuts.append(lo)
+            cuts.append(hi)
+            if len(cuts) > limit:
+                return None
+    if len(text) > cuts[-1] + LONG_STRETCH:
+        cuts.append(cuts[-1] + ISLAND_TAIL)
+    return cuts
 
 
 def _rebuild(vocab, merges, special_tokens, cache_size):
@@ -66,7 +114,8 @@ class Tokenizer:
     - `special_tokens`: strings that are always encoded as one token each and never merged
       with their neighbours. Those whose UTF-8 bytes are not in `vocab` get new ids, appended
       after the largest id, in the order given.
-    - `cache_size`: how many distinct pre-tokens to remember (the cache is emptied when full).
+    - `cache_size`: about how many distinct pre-tokens to remember (the cache is emptied when
+      it holds more after a text, or a block of 1,048,576 pre-tokens of a text, is encoded).
 
     Example:
 
@@ -142,12 +191,13 @@ class Tokenizer:
             self._ranks.setdefault((ids[0], ids[1]), rank)
         self._no_rank = len(self._merged_by_rank)
 
+        self._table = MergeTable(self._byte_ids, self._ranks, self._merged_by_rank)
+        self._table.arrays()
+
         self._cache_size = cache_size
         self._special_re = special_tokens_regex(self.special_tokens)
         self._max_special_len = max((len(s) for s in self.special_tokens), default=0)
-        self._cache = _PretokenCache()
-        self._cache.encode_bytes = self._bpe
-        self._cache.capacity = cache_size
+        self._cache: defaultdict[str, tuple[int, ...] | list[int]] = defaultdict(list)
 
     @property
     def vocab_size(self) -> int:
@@ -179,34 +229,72 @@ class Tokenizer:
     def __reduce__(self):
         return _rebuild, (self.vocab, self.merges, self.special_tokens, self._cache_size)
 
-    def _bpe(self, piece: bytes) -> tuple[int, ...]:
-        """Merge the bytes of one pre-token: the leftmost pair of lowest rank first, until none.
+    def _resolve(self, misses: int) -> None:
+        """Fill the empty id lists that the last `misses` cache misses made, all together:
+        short pre-tokens by `bpe_words` in one batch, long ones by `bpe_long` (and not kept).
+        The cache then keeps the ids as tuples (faster to read back than lists)."""
+        cache = self._cache
+        pending = list(islice(reversed(cache), misses))
+        lists = list(map(cache.__getitem__, pending))
+        raws = list(map(str.encode, pending))
+        lengths = list(map(len, raws))
+        longest = max(lengths)
+        table = self._table
+        if len(raws) >= BATCH_MIN and longest <= BATCH_BYTES:
+            results = bpe_words(table, raws)
+        else:
+            results = [None] * len(raws)
+            batch = []
+            for i, (raw, length) in enumerate(zip(raws, lengths)):
+                if length > LONG_BYTES:
+                    results[i] = bpe_long(table, raw)
+                elif length > BATCH_BYTES or len(raws) < BATCH_MIN:
+                    results[i] = bpe_word(table, list(map(self._byte_ids.__getitem__, raw)))
+                else:
+                    batch.append(i)
+            for i, ids in zip(batch, bpe_words(table, [raws[i] for i in batch])):
+                results[i] = ids
+        _drain(map(list.extend, lists, results))
+        if len(cache) > self._cache_size:
+            cache.clear()
+            return
+        cache.update(zip(pending, map(tuple, results)))
+        if longest > LONG_BYTES:
+            for pretoken, length in zip(pending, lengths):
+                if length > LONG_BYTES:
+                    del cache[pretoken]
 
-        The ranks of adjacent pairs are kept in a list beside the ids, so each merge is a
-        C-level ``min`` and ``index`` plus two dictionary look-ups for the new neighbours.
+    def _extend(self, out: list, pieces: list[str]) -> None:
+        """Append the ids of pre-tokens, in blocks so that the cache stays near its size.
+
+        The cache is a ``defaultdict(list)``: a miss inserts an empty list (in C, no Python
+        call) at the end of the dict's order, so the misses of a block are its last entries;
+        `_resolve` fills them before the ids are read.
+
+        For many pre-tokens the cyclic garbage collector is paused (the cache and the id
+        tuples are acyclic; collections triggered by their allocation cost ~10 % of a cold encode).
         """
-        ids = list(map(self._byte_ids.__getitem__, piece))
-        if len(ids) < 2:
-            return tuple(ids)
-        get = self._ranks.get
-        none = self._no_rank
-        pair_ranks = list(map(get, zip(ids, ids[1:]), repeat(none)))
-        merged = self._merged_by_rank
-        while pair_ranks:
-            rank = min(pair_ranks)
-            if rank == none:
-                break
-            i = pair_ranks.index(rank)
-            ids[i : i + 2] = (merged[rank],)
-            del pair_ranks[i]
-            if i > 0:
-                pair_ranks[i - 1] = get((ids[i - 1], ids[i]), none)
-            if i < len(pair_ranks):
-                pair_ranks[i] = get((ids[i], ids[i + 1]), none)
-        return tuple(ids)
+        cache = self._cache
+        pause = len(pieces) >= _PAUSE_GC and gc.isenabled()
+        if pause:
+            gc.disable()
+        try:
+            for start in range(0, len(pieces), _BLOCK):
+                block = pieces[start : start + _BLOCK] if len(pieces) > _BLOCK else pieces
+                size = len(cache)
+                values = list(map(cache.__getitem__, block))
+                if len(cache) > size:
+                    self._resolve(len(cache) - size)
+                _drain(map(out.extend, values))
+        except BaseException:
+            cache.clear()  # no unfilled miss may stay behind (e.g. a lone surrogate failed to encode)
+            raise
+        finally:
+            if pause:
+                gc.enable()
 
     def _encode_ordinary(self, findall, text: str, out: list, start: int, end: int) -> None:
-        out += chain.from_iterable(map(self._cache.__getitem__, findall(text, start, end)))
+        self._extend(out, findall(text, start, end))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a string.
@@ -227,32 +315,29 @@ class Tokenizer:
         return self._encode_islands(text)
 
     def _encode_islands(self, text: str) -> list[int]:
-        """`encode` for text with non-ASCII characters, so ASCII stretches still use ``re``.
-
-        The text is cut into pieces: each run of non-ASCII characters with a margin of ASCII
-        on both sides (close runs joined), and the ASCII stretches between them. The pieces are
-        joined by the carry logic of `encode_iterable` (exact for any cut), and each is
-        pre-tokenized by ``re`` when it and the carried text are ASCII, else by ``regex``.
-        """
-        if len(text) < 1024:
+        """`encode` for text with non-ASCII characters, so ASCII stretches still use ``re``."""
+        cuts = _island_cuts(text) if len(text) >= 1024 else None
+        if cuts is None:
             return self._encode_whole(text)
-        cuts = [0]
-        in_island = False
-        for m in _NON_ASCII_RUN.finditer(text):
-            lo, hi = max(0, m.start() - ISLAND_MARGIN), min(len(text), m.end() + ISLAND_MARGIN)
-            if in_island and lo <= cuts[-1]:
-                cuts[-1] = max(cuts[-1], hi)
-                continue
-            if lo > cuts[-1]:
-                cuts.append(lo)
-            cuts.append(hi)
-            in_island = True
         out: list[int] = []
-        buf = ""
-        for a, b in zip(cuts, cuts[1:]):
-            buf = self._encode_settled(buf + text[a:b], out)
-        out += self._encode_whole(buf + text[cuts[-1] :])
+        out += self._encode_whole(self._settle_pieces(text, cuts, out))
         return out
+
+    def _settle_islands(self, text: str, out: list) -> str:
+        """`_encode_settled` of `text`, cut by `_island_cuts` where that pays."""
+        cuts = None if text.isascii() else _island_cuts(text)
+        if cuts is None:
+            return self._encode_settled(text, out)
+        return self._settle_pieces(text, cuts, out)
+
+    def _settle_pieces(self, text: str, cuts: list[int], out: list) -> str:
+        """Settle the pieces between `cuts` one after another, joined by the carry logic of
+        `encode_iterable` (exact for any cut); each piece is pre-tokenized by ``re`` when it
+        and the carried text are ASCII, else by ``regex``."""
+        carry = ""
+        for a, b in zip(cuts, cuts[1:]):
+            carry = self._encode_settled(carry + text[a:b], out)
+        return self._encode_settled(carry + text[cuts[-1] :], out)
 
     def _encode_whole(self, text: str) -> list[int]:
         out: list[int] = []
@@ -294,7 +379,7 @@ class Tokenizer:
         pieces = findall(buf, start, end)
         if len(pieces) < 2:
             return buf[start:]
-        out += chain.from_iterable(map(self._cache.__getitem__, islice(pieces, len(pieces) - 2)))
+        self._extend(out, pieces[:-2])
         return buf[end - len(pieces[-1]) - len(pieces[-2]) :]
 
     def encode_iterable(self, iterable: Iterable[str], *, buffer_chars: int = DEFAULT_BUFFER_CHARS) -> Iterator[int]:
@@ -307,60 +392,71 @@ class Tokenizer:
 
         - `iterable`: strings, cut anywhere (lines of a file, fixed-size reads, ...).
         - `buffer_chars`: chunks are gathered until this many characters before encoding, to
-          spend less time per chunk; ``1`` encodes after every chunk.
+          spend less time per chunk; ``1`` encodes after every chunk. When the text held back
+          grows (one long pre-token, e.g. a line of 1M digits), the next encode waits until the
+          buffer has doubled, so the work stays linear.
 
         **Returns:** an iterator of ids.
         """
         if isinstance(iterable, str):
             raise TypeError("encode_iterable takes an iterable of strings; for one string use encode()")
         buf = ""
+        wait = buffer_chars
         out: list[int] = []
         for chunk in iterable:
             if not isinstance(chunk, str):
                 raise TypeError(f"encode_iterable: chunks must be str, got {type(chunk).__name__}")
             buf += chunk
-            if len(buf) < buffer_chars:
+            if len(buf) < wait:
                 continue
-            buf = self._encode_settled(buf, out)
+            buf = self._settle_islands(buf, out)
+            wait = max(buffer_chars, 2 * len(buf))
             if out:
                 yield from out
                 out.clear()
         if buf:
-            yield from self._encode_whole(buf)
+            yield from self._encode_islands(buf) if not buf.isascii() else self._encode_whole(buf)
 
-    def decode(self, ids: Iterable[int] | Integer[np.ndarray, " seq"] | Integer[Tensor, " seq"]) -> str:
+    def _join(self, ids) -> bytes:
+        if isinstance(ids, str | bytes):
+            raise TypeError(f"decode takes a sequence of int ids, got {type(ids).__name__} {ids!r:.40}")
+        if isinstance(ids, SupportsToList):
+            ids = ids.tolist()
+            if not isinstance(ids, list):
+                ids = [ids]
+        elif not isinstance(ids, list | tuple):
+            ids = list(ids)
+        kinds = set(map(type, ids))
+        if kinds - {int}:
+            bad = sorted(t.__name__ for t in kinds if t is bool or not issubclass(t, int | np.integer))
+            if bad:
+                raise TypeError(f"decode: token ids must be ints, got {', '.join(bad)}")
+        try:
+            return b"".join(map(self.vocab.__getitem__, ids))
+        except KeyError as e:
+            raise ValueError(f"decode: unknown token id {e.args[0]!r} (ids are 0..{max(self.vocab)})") from None
+
+    def decode(self, ids: Iterable[int | np.integer] | SupportsToList) -> str:
         """The text of a sequence of ids; byte sequences that are not valid UTF-8 become U+FFFD.
 
         **Arguments:**
 
         - `ids`: token ids (a list, a tuple, a 1-D numpy array or torch tensor, ...).
 
-        **Returns:** the decoded string. An id not in the vocab raises ValueError naming it.
+        **Returns:** the decoded string. An id not in the vocab raises ValueError naming it;
+        an id that is not an int (a float, a bool) raises TypeError.
         """
-        if isinstance(ids, str | bytes):
-            raise TypeError(f"decode takes a sequence of int ids, got {type(ids).__name__} {ids!r:.40}")
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        try:
-            data = b"".join(map(self.vocab.__getitem__, ids))
-        except KeyError as e:
-            raise ValueError(f"decode: unknown token id {e.args[0]!r} (ids are 0..{max(self.vocab)})") from None
-        return data.decode("utf-8", errors="replace")
+        return self._join(ids).decode("utf-8", errors="replace")
 
-    def decode_bytes(self, ids: Iterable[int] | Integer[np.ndarray, " seq"] | Integer[Tensor, " seq"]) -> bytes:
-        """The raw bytes of a sequence of ids (no UTF-8 decoding); ValueError on an unknown id."""
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        try:
-            return b"".join(map(self.vocab.__getitem__, ids))
-        except KeyError as e:
-            raise ValueError(f"decode: unknown token id {e.args[0]!r} (ids are 0..{max(self.vocab)})") from None
+    def decode_bytes(self, ids: Iterable[int | np.integer] | SupportsToList) -> bytes:
+        """The raw bytes of a sequence of ids (no UTF-8 decoding); errors as in `decode`."""
+        return self._join(ids)
 
     @classmethod
     def from_files(
         cls,
-        vocab_path: str | os.PathLike,
-        merges_path: str | os.PathLike,
+        path: str | os.PathLike,
+        merges_path: str | os.PathLike | None = None,
         special_tokens: Iterable[str] | None = None,
         **options,
     ) -> Tokenizer:
@@ -368,27 +464,62 @@ class Tokenizer:
 
         **Arguments:**
 
-        - `vocab_path`: ``vocab.json``, ``{"byte-to-unicode token": id}`` (see `fnlm.tokenizer.gpt2`).
+        - `path`: a directory holding ``vocab.json`` and ``merges.txt`` (as `save` writes it),
+          or, with `merges_path`, the ``vocab.json`` file itself: ``{"byte-to-unicode token": id}``
+          (see `fnlm.tokenizer.gpt2`).
         - `merges_path`: ``merges.txt``, one ``"left right"`` merge a line in rank order.
         - `special_tokens`: the special tokens; when ``None``, those listed in the merges file's
           ``#special_tokens:`` line (none for GPT-2's files).
         - `options`: passed to the constructor (``cache_size``).
 
-        **Returns:** the tokenizer. A missing file raises FileNotFoundError.
+        **Returns:** the tokenizer. A missing file raises FileNotFoundError naming it; a corrupt
+        one ValueError naming the file (and the line, for the merges).
+
+        Example: ``Tokenizer.from_files("tokenizer/")`` after ``tok.save("tokenizer/")``.
         """
+        vocab_path, merges_path = _file_pair(path, merges_path, reading=True)
         vocab = gpt2.read_vocab(vocab_path)
         merges, saved_specials = gpt2.read_merges(merges_path)
         if special_tokens is None:
             special_tokens = saved_specials
         return cls(vocab, merges, special_tokens, **options)
 
-    def save(self, vocab_path: str | os.PathLike, merges_path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, merges_path: str | os.PathLike | None = None) -> None:
         """Write the tokenizer as GPT-2 style ``vocab.json`` and ``merges.txt``.
+
+        **Arguments:**
+
+        - `path`: a directory (created if missing) to write ``vocab.json`` and ``merges.txt``
+          into, or, with `merges_path`, the path of the vocabulary file itself.
+        - `merges_path`: where to write the merges, when `path` names the vocabulary file.
 
         Token bytes are written with GPT-2's byte-to-unicode map (a space is ``Ġ``); the
         vocabulary one ``"token": id`` a line in id order, the merges one ``left right`` a line
         in rank order after a ``#special_tokens: [...]`` line. `from_files` reads them back to
-        an equal tokenizer.
+        an equal tokenizer (the same `fingerprint`).
         """
+        vocab_path, merges_path = _file_pair(path, merges_path, reading=False)
         gpt2.write_vocab(vocab_path, self.vocab)
         gpt2.write_merges(merges_path, self.merges, self.special_tokens)
+
+
+def _file_pair(path, merges_path, *, reading: bool) -> tuple[str, str]:
+    """``(vocab path, merges path)`` from a directory, or from the two paths."""
+    for name, value in (("path", path), ("merges_path", merges_path)):
+        if value is not None and not isinstance(value, str | os.PathLike):
+            raise TypeError(f"{name} must be a str or os.PathLike, got {type(value).__name__} {value!r:.60}")
+    if path is None:
+        raise TypeError("path must be a directory, or the vocab.json path with merges_path")
+    if merges_path is not None:
+        return os.fspath(path), os.fspath(merges_path)
+    directory = os.fspath(path)
+    if reading and not os.path.isdir(directory):
+        if os.path.exists(directory):
+            raise ValueError(
+                f"{directory!r} is a file: pass the directory that holds {_VOCAB_FILE} and {_MERGES_FILE}, "
+                "or both file paths"
+            )
+        raise FileNotFoundError(f"tokenizer directory not found: {directory!r}")
+    if not reading:
+        os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, _VOCAB_FILE), os.path.join(directory, _MERGES_FILE)

@@ -16,7 +16,12 @@ Two stages:
    to the words that held it, and a max-heap with lazy invalidation picks the next pair
    (highest count; ties go to the lexicographically greater pair of bytes). Each merge
    rewrites only the words that hold the pair and updates only the pairs around the merged
-   positions; there is never a full recount.
+   positions; there is never a full recount. A word longer than `BIG_WORD` bytes (a line of
+   base64 or digits) is kept as a linked list with an index from each pair to its positions,
+   so that a merge costs its occurrences, not the word's length (`_Merger`).
+
+The pre-token counts are handed to the merge loop one entry at a time (the `Counter` is
+emptied as the words are built), and the process never imports torch.
 
 The file is read as bytes and decoded as strict UTF-8 (line endings are kept as they are);
 a byte sequence that is not UTF-8 raises `ValueError` naming the file and the byte offset.
@@ -28,11 +33,11 @@ import gc
 import heapq
 import multiprocessing
 import os
+from array import array
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
-from tqdm.auto import tqdm
-
+from fnlm.tokenizer._progress import progress_bar
 from fnlm.tokenizer.pretokenize import (
     ASCII_GPT2_REGEX,
     GPT2_REGEX,
@@ -43,6 +48,8 @@ from fnlm.tokenizer.pretokenize import (
 __all__ = ["train_bpe", "count_pretokens", "bpe_merges_from_counts"]
 
 _MAX_TOKENS = 0x110000
+BIG_WORD = 512
+"""Words longer than this (in bytes) are merged through a linked list instead of ``str.split``."""
 _INVERT = bytes(range(255, -1, -1))
 _END = "\u0100"
 
@@ -144,8 +151,7 @@ def count_pretokens(
         )
     spans = list(zip(cuts, cuts[1:]))
     total: Counter = Counter()
-    bar = tqdm(total=size, unit="B", unit_scale=True, desc="pre-tokenize", disable=not progress)
-    try:
+    with progress_bar(size, "pre-tokenize", progress, unit="B", unit_scale=True) as bar:
         if not parallel or len(spans) <= 1:
             for span in spans:
                 bar.update(_count_spans(path, [span], specials, total))
@@ -164,8 +170,6 @@ def count_pretokens(
                 for counts, done in pool.imap_unordered(_count_task, tasks):
                     total.update(counts)
                     bar.update(done)
-    finally:
-        bar.close()
     return total
 
 
@@ -179,12 +183,6 @@ def bpe_merges_from_counts(
     right_bytes)``. In a word, occurrences are merged greedily left to right. Training stops
     early when no pair is left. Two merges that spell the same bytes make the same symbol.
 
-    Internally a word is a `str` with one character per token (``chr(token_id)``) and a pair
-    is the two-character string of its tokens, so that applying a merge to a word is one
-    C-speed ``word.split(pair)`` (greedy, left to right, non-overlapping: the BPE rule) whose
-    pieces also name the neighbours of every occurrence. The cyclic garbage collector is
-    paused while the loop runs (it only allocates acyclic lists and tuples).
-
     **Arguments:**
 
     - `word_counts`: pre-token bytes -> count.
@@ -196,6 +194,12 @@ def bpe_merges_from_counts(
     Example: ``bpe_merges_from_counts({b"abab": 1, b"ab": 1}, 2, progress=False)
     == [(b"a", b"b"), (b"ab", b"ab")]``.
     """
+    words = [(w.decode("latin-1"), c) for w, c in word_counts.items()]
+    return _learn_merges(words, num_merges, progress)
+
+
+def _learn_merges(words: Iterable[tuple[str, int]], num_merges: int, progress: bool) -> list[tuple[bytes, bytes]]:
+    """`bpe_merges_from_counts` over ``(word, count)`` with words as latin-1 strings (one char a byte)."""
     if num_merges < 0:
         raise ValueError(f"num_merges must be non-negative, got {num_merges}")
     if num_merges > _MAX_TOKENS - 256:
@@ -203,47 +207,86 @@ def bpe_merges_from_counts(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _merge_loop(word_counts, num_merges, progress)
+        merger = _Merger(words)
+        with progress_bar(num_merges, "merges", progress) as bar:
+            return merger.run(num_merges, bar)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _merge_loop(word_counts: dict[bytes, int], num_merges: int, progress: bool) -> list[tuple[bytes, bytes]]:
-    token_bytes: list[bytes] = [bytes([i]) for i in range(256)]
-    token_key: list[str] = [tb.translate(_INVERT).decode("latin-1") + _END for tb in token_bytes]
-    token_id: dict[bytes, int] = {tb: i for i, tb in enumerate(token_bytes)}
+class _Merger:
+    """The merge loop's state.
 
-    words: list[str] = []
-    counts: list[int] = []
-    where: defaultdict[str, list[int]] = defaultdict(list)
-    for wb, c in word_counts.items():
-        if len(wb) < 2 or c <= 0:
-            continue
-        wi = len(words)
-        s = wb.decode("latin-1")
-        words.append(s)
-        counts.append(c)
-        for p in map(str.__add__, s, s[1:]):
-            where[p].append(wi)
-    count_of = counts.__getitem__
-    pair_counts: dict[str, int] = {p: sum(map(count_of, lst)) for p, lst in where.items()}
-    heap = [(-c, token_key[ord(p[0])] + token_key[ord(p[1])], p) for p, c in pair_counts.items()]
-    heapq.heapify(heap)
+    A word is a `str` with one character per token (``chr(token_id)``) and a pair is the
+    two-character string of its tokens, so that applying a merge to a word is one C-speed
+    ``word.split(pair)`` (greedy, left to right, non-overlapping: the BPE rule) whose pieces
+    also name the neighbours of every occurrence. Pair counts live in a dict, `where` maps each
+    pair to the words that held it (once per occurrence), and a heap with lazy invalidation
+    picks the next pair: entries ``(-count, key(left), key(right), pair)``, where ``key(t)`` is
+    the token's bytes inverted (``255 - b``) and then ``U+0100``, so that the smallest entry
+    is the highest count and, on a tie, the lexicographically greater pair of bytes (a token
+    sorts after every longer token it begins). Each merge rewrites only the words that hold the pair and updates only the pairs
+    around the merged positions; there is never a full recount.
 
-    merges: list[tuple[bytes, bytes]] = []
-    heappop, heappush = heapq.heappop, heapq.heappush
-    bar = tqdm(total=num_merges, desc="merges", disable=not progress)
-    try:
+    A word longer than `BIG_WORD` characters (a line of base64, a run of 1M digits) would make
+    each split cost its whole length; such a word is kept instead as a linked list of symbols,
+    with an index from each pair to its positions, so a merge costs only its occurrences.
+    """
+
+    def __init__(self, words: Iterable[tuple[str, int]]):
+        self.token_bytes: list[bytes] = [bytes([i]) for i in range(256)]
+        self.token_key: list[str] = [tb.translate(_INVERT).decode("latin-1") + _END for tb in self.token_bytes]
+        self.token_id: dict[bytes, int] = {tb: i for i, tb in enumerate(self.token_bytes)}
+        self.words: list[str] = []
+        self.counts: list[int] = []
+        self.where: defaultdict[str, list[int]] = defaultdict(list)
+        self.big: list[tuple[list[str], list[int], list[int], int]] = []
+        self.big_where: dict[str, int | array] = {}
+        big_counts: Counter = Counter()
+        where = self.where
+        for s, c in words:
+            if len(s) < 2 or c <= 0:
+                continue
+            if len(s) > BIG_WORD:
+                self._add_big(s, c, big_counts)
+                continue
+            wi = len(self.words)
+            self.words.append(s)
+            self.counts.append(c)
+            for p in map(str.__add__, s, s[1:]):
+                where[p].append(wi)
+        count_of = self.counts.__getitem__
+        self.pair_counts: dict[str, int] = {p: sum(map(count_of, lst)) for p, lst in where.items()}
+        for p, c in big_counts.items():
+            self.pair_counts[p] = self.pair_counts.get(p, 0) + c
+        key = self.token_key
+        self.heap = [(-c, key[ord(p[0])], key[ord(p[1])], p) for p, c in self.pair_counts.items()]
+        heapq.heapify(self.heap)
+
+    def _add_big(self, s: str, c: int, big_counts: Counter) -> None:
+        """Add a long word as ``(symbols, next, previous, count)``: the links are compact
+        arrays, and each pair's index entry is ``word << 32 | position`` in an array too."""
+        bw = len(self.big) << 32
+        n = len(s)
+        self.big.append((list(s) + [""], array("q", range(1, n + 2)), array("q", range(-1, n)), c))
+        for i, p in enumerate(map(str.__add__, s, s[1:]), bw):
+            self._index(p, i)
+            big_counts[p] += c
+
+    def run(self, num_merges: int, bar) -> list[tuple[bytes, bytes]]:
+        merges: list[tuple[bytes, bytes]] = []
+        heap, pair_counts = self.heap, self.pair_counts
+        token_bytes, token_key, token_id = self.token_bytes, self.token_key, self.token_id
+        heappop, heappush = heapq.heappop, heapq.heappush
         while len(merges) < num_merges and heap:
-            neg, key, k = heappop(heap)
+            neg, key_a, key_b, k = heappop(heap)
             c = pair_counts.get(k, 0)
             if c != -neg:
                 if c > 0:
-                    heappush(heap, (-c, key, k))
+                    heappush(heap, (-c, key_a, key_b, k))
                 continue
-            a, b = k
-            left, right = token_bytes[ord(a)], token_bytes[ord(b)]
+            left, right = token_bytes[ord(k[0])], token_bytes[ord(k[1])]
             merges.append((left, right))
             ab = left + right
             zi = token_id.get(ab)
@@ -253,54 +296,138 @@ def _merge_loop(word_counts: dict[bytes, int], num_merges: int, progress: bool) 
                 token_key.append(ab.translate(_INVERT).decode("latin-1") + _END)
                 token_id[ab] = zi
             z = chr(zi)
-            new_where: defaultdict[str, list[int]] = defaultdict(list)
-            zz, ba = z + z, b + a
-            for wi in where.pop(k, ()):
-                parts = words[wi].split(k)
-                m = len(parts) - 1
-                if not m:
-                    continue
-                cw = counts[wi]
-                words[wi] = z.join(parts)
-                if m == 1:
-                    p, q = parts
-                    if p:
-                        x = p[-1]
-                        pair_counts[x + a] -= cw
-                        new_where[x + z].append(wi)
-                    if q:
-                        y = q[0]
-                        pair_counts[b + y] -= cw
-                        new_where[z + y].append(wi)
-                    continue
-                for j in range(m):
-                    p, q = parts[j], parts[j + 1]
-                    if p:
-                        x = p[-1]
-                        pair_counts[x + a] -= cw
-                        new_where[x + z].append(wi)
-                    elif j:
-                        new_where[zz].append(wi)
-                    if q:
-                        y = q[0]
-                        pair_counts[b + y] -= cw
-                        new_where[z + y].append(wi)
-                    elif j + 1 < m:
-                        pair_counts[ba] -= cw
+            touched = self._merge_big(k, z) if k in self.big_where else ()
+            new_where = self._merge_small(k, z)
             pair_counts.pop(k, None)
-            for nk, lst in new_where.items():
-                nc = pair_counts.get(nk, 0) + sum(map(count_of, lst))
-                pair_counts[nk] = nc
-                heappush(heap, (-nc, token_key[ord(nk[0])] + token_key[ord(nk[1])], nk))
-                old = where.get(nk)
-                if old is None:
-                    where[nk] = lst
-                else:
-                    old += lst
+            self._push_new(new_where, touched)
             bar.update(1)
-    finally:
-        bar.close()
-    return merges
+        return merges
+
+    def _merge_small(self, k: str, z: str) -> defaultdict[str, list[int]]:
+        """Apply merge ``k -> z`` to the short words that hold ``k``; returns the new pairs
+        and, for each, the words it appeared in (once per occurrence)."""
+        words, counts, pair_counts = self.words, self.counts, self.pair_counts
+        a, b = k
+        new_where: defaultdict[str, list[int]] = defaultdict(list)
+        zz, ba = z + z, b + a
+        for wi in self.where.pop(k, ()):
+            w = words[wi]
+            if k not in w:
+                continue
+            parts = w.split(k)
+            m = len(parts) - 1
+            cw = counts[wi]
+            words[wi] = z.join(parts)
+            if m == 1:
+                p, q = parts
+                if p:
+                    x = p[-1]
+                    pair_counts[x + a] -= cw
+                    new_where[x + z].append(wi)
+                if q:
+                    y = q[0]
+                    pair_counts[b + y] -= cw
+                    new_where[z + y].append(wi)
+                continue
+            for j in range(m):
+                p, q = parts[j], parts[j + 1]
+                if p:
+                    x = p[-1]
+                    pair_counts[x + a] -= cw
+                    new_where[x + z].append(wi)
+                elif j:
+                    new_where[zz].append(wi)
+                if q:
+                    y = q[0]
+                    pair_counts[b + y] -= cw
+                    new_where[z + y].append(wi)
+                elif j + 1 < m:
+                    pair_counts[ba] -= cw
+        return new_where
+
+    def _merge_big(self, k: str, z: str) -> set[str]:
+        """Apply merge ``k -> z`` to the long words at the positions indexed for ``k`` (left to
+        right in each word, skipping stale entries); returns the pairs whose count went up."""
+        a, b = k
+        pair_counts, big = self.pair_counts, self.big
+        touched: set[str] = set()
+        entries = self.big_where.pop(k)
+        for e in (entries,) if type(entries) is int else sorted(entries):
+            sym, nxt, prv, c = big[e >> 32]
+            i = e & 0xFFFFFFFF
+            if sym[i] != a:
+                continue
+            j = nxt[i]
+            if sym[j] != b:
+                continue
+            x, y = prv[i], nxt[j]
+            if x >= 0:
+                sx = sym[x]
+                _decrement(pair_counts, sx + a, c)
+                nk = sx + z
+                pair_counts[nk] = pair_counts.get(nk, 0) + c
+                touched.add(nk)
+                self._index(nk, e - i + x)
+            if sym[y]:
+                sy = sym[y]
+                _decrement(pair_counts, b + sy, c)
+                nk = z + sy
+                pair_counts[nk] = pair_counts.get(nk, 0) + c
+                touched.add(nk)
+                self._index(nk, e)
+                prv[y] = i
+            sym[i] = z
+            sym[j] = ""
+            nxt[i] = y
+        return touched
+
+    def _index(self, pair: str, entry: int) -> None:
+        """Note a long-word position of `pair`: one entry as an int, more in an array."""
+        old = self.big_where.get(pair)
+        if old is None:
+            self.big_where[pair] = entry
+        elif type(old) is int:
+            self.big_where[pair] = array("q", (old, entry))
+        else:
+            old.append(entry)
+
+    def _push_new(self, new_where: dict[str, list[int]], touched: Iterable[str]) -> None:
+        """Add the short words' new pair counts, push every raised count on the heap, and merge
+        the new pairs' word lists into `where`."""
+        pair_counts, where, key, heap = self.pair_counts, self.where, self.token_key, self.heap
+        count_of = self.counts.__getitem__
+        heappush = heapq.heappush
+        for nk, lst in new_where.items():
+            nc = pair_counts.get(nk, 0) + sum(map(count_of, lst))
+            pair_counts[nk] = nc
+            heappush(heap, (-nc, key[ord(nk[0])], key[ord(nk[1])], nk))
+            old = where.get(nk)
+            if old is None:
+                where[nk] = lst
+            else:
+                old += lst
+        for nk in touched:
+            if nk not in new_where:
+                nc = pair_counts.get(nk, 0)
+                if nc > 0:
+                    heappush(heap, (-nc, key[ord(nk[0])], key[ord(nk[1])], nk))
+
+
+def _decrement(counts: dict[str, int], key: str, c: int) -> None:
+    left = counts[key] - c
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
+
+
+def _latin1_words(counts: Counter) -> Iterator[tuple[str, int]]:
+    """Empty a Counter of pre-tokens into ``(word, count)`` with each word's UTF-8 bytes as a
+    latin-1 string (ASCII words as they are), freeing each key as it goes."""
+    popitem = counts.popitem
+    for _ in range(len(counts)):
+        s, c = popitem()
+        yield (s if s.isascii() else s.encode("utf-8").decode("latin-1")), c
 
 
 def train_bpe(
@@ -356,11 +483,7 @@ def train_bpe(
         min_parallel_bytes=min_parallel_bytes,
         progress=progress,
     )
-    word_counts: dict[bytes, int] = {}
-    for token, c in pretoken_counts.items():
-        word_counts[token.encode("utf-8")] = c
-    del pretoken_counts
-    merges = bpe_merges_from_counts(word_counts, vocab_size - 256 - len(specials), progress=progress)
+    merges = _learn_merges(_latin1_words(pretoken_counts), vocab_size - 256 - len(specials), progress)
     vocab: dict[int, bytes] = {i: s.encode("utf-8") for i, s in enumerate(specials)}
     offset = len(specials)
     for i in range(256):

@@ -12,14 +12,14 @@ from hypothesis import strategies as st
 
 import fnlm
 from fnlm import Tokenizer, encode_file
-from fnlm.tokenizer.corpus import _cuttable_at, _npy_header
+from fnlm.tokenizer.files import _cuttable_at, _npy_header
 
 EOT = "<|endoftext|>"
 
 
 @pytest.fixture(scope="module")
 def gpt2() -> Tokenizer:
-    fixtures = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+    fixtures = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
     if not fixtures.is_dir():
         pytest.skip("../shared/fixtures is not present beside this checkout")
     return Tokenizer.from_files(fixtures / "gpt2_vocab.json", fixtures / "gpt2_merges.txt", [EOT])

@@ -10,6 +10,7 @@ pair per merge, same tie-break), on hypothesis-generated corpora.
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fnlm
-from fnlm.tokenizer.pretokenize import GPT2_PATTERN, GPT2_REGEX
-from fnlm.tokenizer.train import ASCII_GPT2_REGEX, bpe_merges_from_counts, count_pretokens, train_bpe
+import fnlm.tokenizer.train as train_module
+from fnlm.tokenizer.pretokenize import ASCII_GPT2_REGEX, GPT2_PATTERN, GPT2_REGEX
+from fnlm.tokenizer.train import bpe_merges_from_counts, count_pretokens, train_bpe
 from tests.adapters import run_train_bpe
 
 EOT = "<|endoftext|>"
@@ -252,3 +254,35 @@ def test_chunks_cut_at_a_special_not_inside_another(tmp_path):
     multi = count_pretokens(path, specials, num_workers=2, progress=False, chunk_bytes=64, min_parallel_bytes=0)
     assert multi == single
     assert "x" not in single and single["w"] == 300 and single[" "] == 600
+
+
+# ---- long words (a line of letters or digits with no space is one pre-token)
+
+
+@settings(max_examples=200, deadline=None)
+@given(word_counts=words_strategy, num_merges=st.integers(min_value=0, max_value=40), big=st.sampled_from([0, 1, 3, 8]))
+def test_long_word_path_equals_slow_trainer(word_counts, num_merges, big):
+    saved = train_module.BIG_WORD
+    train_module.BIG_WORD = big  # every word longer than `big` goes through the linked-list path
+    try:
+        assert bpe_merges_from_counts(word_counts, num_merges, progress=False) == slow_merges(word_counts, num_merges)
+    finally:
+        train_module.BIG_WORD = saved
+
+
+def test_one_long_line_equals_slow_trainer(tmp_path):
+    rng = random.Random(0)
+    text = "".join(rng.choice("abcab") for _ in range(3_000)) + " x " + "12" * 700 + "<|endoftext|>" + "ab" * 800
+    path = _write(tmp_path, text)
+    assert train_bpe(path, 256 + 1 + 60, [EOT], progress=False, num_workers=1) == slow_train_bpe(text, 256 + 1 + 60, [EOT])
+
+
+def test_a_long_line_trains_and_starts_like_the_definition(tmp_path):
+    """A 200 kB single-word line: every merge touches it (quadratic before the linked list;
+    `benchmarks/bpe_train_long_line.py` times a 1 MB one)."""
+    rng = random.Random(1)
+    path = _write(tmp_path, "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(200_000)))
+    vocab, merges = train_bpe(path, 2_000, [EOT], progress=False, num_workers=1)
+    assert len(vocab) == 2_000 and len(merges) == 2_000 - 257
+    counts = {b"".join(bytes([c]) for c in path.read_bytes()): 1}
+    assert merges[:50] == slow_merges(counts, 50)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import random
 import os
 import pickle
 import subprocess
@@ -18,7 +19,7 @@ import fnlm
 from fnlm import Tokenizer
 from fnlm.tokenizer import gpt2
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 EOT = "<|endoftext|>"
 FIXTURE_TEXTS = ["address.txt", "german.txt", "tinystories_sample.txt", "corpus.en"]
 
@@ -269,6 +270,10 @@ def test_encode_rejects_non_strings_and_lone_surrogates():
         tok.encode(b"abc")
     with pytest.raises(ValueError):
         tok.encode("a\ud800b")
+    assert tok.encode("a b") == [ord("a"), ord(" "), ord("b")], "a failed encode leaves no empty cache entry"
+    with pytest.raises(ValueError):
+        tok.encode(" ab" * 20_000 + "\ud800")
+    assert tok.encode(" ab") == [ord(" "), 256]
     with pytest.raises(TypeError):
         list(tok.encode_iterable("a plain string"))
     with pytest.raises(TypeError):
@@ -424,3 +429,262 @@ def test_encode_iterable_memory_stays_bounded(gpt2_tok):
     # holding the ids in a list would take > 14 MB (8-byte pointers alone); allow 8 MB of noise
     print(f"RSS grew by {(peak - before) / 2**20:.2f} MiB over {count} ids")
     assert peak - before < 8 << 20, f"RSS grew by {(peak - before) / 2**20:.1f} MiB"
+
+
+# ---- long pre-tokens (one run of 10k+ letters, digits or CJK characters)
+
+
+def hostile(seed: int = 0) -> dict[str, str]:
+    rng = random.Random(seed)
+    return {
+        "letters": "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABC") for _ in range(20_000)),
+        "digits": "".join(rng.choice("0123456789") for _ in range(30_000)),
+        "cjk": "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(10_000)),
+        "ab": "ab" * 20_000,
+        "a": "a" * 20_001,
+        "mixed": "x" * 5_000 + " " + "7" * 5_000 + "é" * 3_000 + "!" * 4_000 + "\n" * 2_000,
+    }
+
+
+@pytest.mark.parametrize("name", list(hostile()))
+def test_long_pretokens_match_tiktoken(gpt2_tok, tiktoken_gpt2, name):
+    text = hostile()[name]
+    ids = gpt2_tok.encode(text)
+    assert ids == tiktoken_gpt2.encode(text, allowed_special="all")
+    assert gpt2_tok.decode(ids) == text
+    chunks = [text[i : i + 777] for i in range(0, len(text), 777)]
+    assert list(gpt2_tok.encode_iterable(chunks, buffer_chars=100)) == ids
+
+
+def test_long_pretokens_are_not_cached(gpt2_tok):
+    tok = Tokenizer(gpt2_tok.vocab, gpt2_tok.merges, [EOT])
+    tok.encode("z" * 5_000 + " short words")
+    assert " short" in tok._cache and " words" in tok._cache
+    assert all(len(k) <= 256 for k in tok._cache)
+
+
+def test_many_misses_are_merged_in_one_batch(gpt2_tok, tiktoken_gpt2):
+    rng = random.Random(1)
+    words = ["".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(rng.randint(1, 15))) for _ in range(3_000)]
+    text = " ".join(words) + " " + "q" * 600
+    tok = Tokenizer(gpt2_tok.vocab, gpt2_tok.merges, [EOT])
+    assert tok.encode(text) == tiktoken_gpt2.encode(text) == tok.encode(text)
+
+
+# ---- errors name what was wrong
+
+
+def test_encode_rejects_non_str_naming_the_type():
+    tok = tiny_tokenizer()
+    encode = getattr(Tokenizer.encode, "__wrapped__", Tokenizer.encode)  # the message without FNLM_TYPECHECK's wrapper
+    for bad, name in [(b"ab", "bytes"), (5, "int"), (["a"], "list"), (None, "NoneType")]:
+        with pytest.raises(TypeError, match=name):
+            encode(tok, bad)
+        with pytest.raises(TypeError):
+            tok.encode(bad)
+
+
+def test_decode_rejects_non_int_ids():
+    import numpy as np
+    import torch
+
+    tok = tiny_tokenizer()
+    assert tok.decode([256, 99]) == tok.decode(np.array([256, 99])) == tok.decode(torch.tensor([256, 99])) == "abc"
+    assert tok.decode([np.int64(256), np.uint16(99)]) == "abc"
+    assert tok.decode(np.int64(97)) == "a"
+    decode = getattr(Tokenizer.decode, "__wrapped__", Tokenizer.decode)  # the message without FNLM_TYPECHECK's wrapper
+    for bad, name in [([97, 98.0], "float"), ([True], "bool"), (np.array([1.5]), "float"), (torch.tensor([97.0]), "float"), (np.array([True]), "bool")]:
+        with pytest.raises(TypeError, match=name):
+            decode(tok, bad)
+        with pytest.raises(TypeError):
+            tok.decode(bad)
+    with pytest.raises(TypeError, match="bool"):
+        tok.decode_bytes([97, False])
+    with pytest.raises(ValueError, match="999"):
+        tok.decode_bytes([999])
+
+
+def write_files(tmp_path, vocab_text: str, merges_text: str) -> tuple[Path, Path]:
+    (tmp_path / "vocab.json").write_text(vocab_text, encoding="utf-8")
+    (tmp_path / "merges.txt").write_text(merges_text, encoding="utf-8")
+    return tmp_path / "vocab.json", tmp_path / "merges.txt"
+
+
+def good_files(tmp_path) -> tuple[str, str]:
+    tiny_tokenizer().save(tmp_path)
+    return (tmp_path / "vocab.json").read_text(encoding="utf-8"), (tmp_path / "merges.txt").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "vocab_text, message",
+    [
+        ('{"a": 0,', "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"a": "zero"}', "'zero'"),
+        ('{"a": 1.5}', "1.5"),
+        ('{"a": -3}', "-3"),
+        ('{"a": 0, "b": 0}', "id 0 is given to both"),
+        ('{"a b": 0}', "byte-to-unicode"),
+    ],
+)
+def test_corrupt_vocab_file_names_it(tmp_path, vocab_text, message):
+    _, merges_text = good_files(tmp_path)
+    vocab, merges = write_files(tmp_path, vocab_text, merges_text)
+    with pytest.raises(ValueError, match=message) as info:
+        Tokenizer.from_files(vocab, merges)
+    assert "vocab.json" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [("a b c", "expected 'left right'"), ("a", "expected 'left right'"), ("a  b", "expected 'left right'"), ("a \u3000", "byte-to-unicode")],
+)
+def test_corrupt_merges_line_names_file_and_line(tmp_path, bad_line, message):
+    vocab_text, merges_text = good_files(tmp_path)
+    lines = merges_text.splitlines()
+    lines.insert(3, bad_line)
+    vocab, merges = write_files(tmp_path, vocab_text, "\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=message) as info:
+        Tokenizer.from_files(vocab, merges)
+    assert "merges.txt' line 4" in str(info.value)
+
+
+def test_corrupt_special_tokens_line(tmp_path):
+    vocab_text, _ = good_files(tmp_path)
+    vocab, merges = write_files(tmp_path, vocab_text, '#version: 0.2\n#special_tokens: ["<|a|>"\na b\n')
+    with pytest.raises(ValueError, match="merges.txt' line 2: the special tokens are not valid JSON"):
+        Tokenizer.from_files(vocab, merges)
+    write_files(tmp_path, vocab_text, "#version: 0.2\n#special_tokens: [1]\na b\n")
+    with pytest.raises(ValueError, match="line 2: special tokens must be a JSON list of strings"):
+        Tokenizer.from_files(vocab, merges)
+
+
+def test_not_utf8_files_name_them(tmp_path):
+    vocab_text, merges_text = good_files(tmp_path)
+    (tmp_path / "merges.txt").write_bytes(b"#version: 0.2\na \xff\n")
+    with pytest.raises(ValueError, match="merges.txt.*not UTF-8"):
+        Tokenizer.from_files(tmp_path)
+
+
+def test_missing_files_are_named(tmp_path):
+    vocab_text, merges_text = good_files(tmp_path)
+    (tmp_path / "merges.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="merges.txt"):
+        Tokenizer.from_files(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        Tokenizer.from_files(tmp_path / "nope.json", tmp_path / "merges.txt")
+    with pytest.raises(FileNotFoundError, match="no_dir"):
+        Tokenizer.from_files(tmp_path / "no_dir")
+    with pytest.raises(ValueError, match="is a file"):
+        Tokenizer.from_files(tmp_path / "vocab.json")
+    with pytest.raises(TypeError, match="merges_path"):
+        Tokenizer.from_files(tmp_path, ["<|endoftext|>"])
+
+
+# ---- save(directory) / from_files(directory), fingerprint
+
+
+def test_save_and_load_a_directory(tmp_path, gpt2_tok):
+    target = tmp_path / "nested" / "tokenizer"
+    gpt2_tok.save(target)
+    assert sorted(p.name for p in target.iterdir()) == ["merges.txt", "vocab.json"]
+    again = Tokenizer.from_files(target)
+    assert again.vocab == gpt2_tok.vocab and again.merges == gpt2_tok.merges and again.special_ids == gpt2_tok.special_ids
+    assert again.fingerprint() == gpt2_tok.fingerprint()
+    gpt2_tok.save(str(target))
+    assert Tokenizer.from_files(str(target), special_tokens=[]).special_tokens == []
+
+
+def test_readme_snippet_save_then_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tok = tiny_tokenizer([EOT])
+    tok.save("tokenizer/")
+    tok2 = Tokenizer.from_files("tokenizer/")
+    tok3 = Tokenizer.from_files("tokenizer/vocab.json", "tokenizer/merges.txt")
+    assert tok.fingerprint() == tok2.fingerprint() == tok3.fingerprint()
+    assert tok2.encode(f"abc the{EOT}") == tok.encode(f"abc the{EOT}")
+
+
+def test_fingerprint_changes_with_anything_that_changes_ids():
+    base = tiny_tokenizer([EOT])
+    same = tiny_tokenizer([EOT])
+    assert base.fingerprint() == same.fingerprint() and len(base.fingerprint()) == 64
+    vocab, merges = dict(base.vocab), list(base.merges)
+    variants = [
+        Tokenizer({**vocab, 300: b"zz"}, merges, [EOT]),
+        Tokenizer(vocab, merges[:-1], [EOT]),
+        Tokenizer(vocab, [merges[1], merges[0], *merges[2:]], [EOT]),
+        Tokenizer(vocab, merges, ["<|other|>"]),
+        Tokenizer(vocab, merges, [EOT, "<|other|>"]),
+        Tokenizer(vocab, merges),
+        Tokenizer({**vocab, 256: b"ba", 257: b"bac"}, [(b"b", b"a"), (b"ba", b"c"), *merges[2:]], [EOT]),
+    ]
+    prints = {t.fingerprint() for t in variants}
+    assert len(prints) == len(variants) and base.fingerprint() not in prints
+    assert pickle.loads(pickle.dumps(base)).fingerprint() == base.fingerprint()
+
+
+# ---- the package: its names, and no torch
+
+
+def test_package_exports():
+    import fnlm.tokenizer as package
+
+    assert sorted(package.__all__) == ["ENDOFTEXT", "Tokenizer", "encode_file", "train_bpe"]
+    assert package.ENDOFTEXT == "<|endoftext|>" == fnlm.ENDOFTEXT
+    assert fnlm.Tokenizer is package.Tokenizer and fnlm.encode_file is package.encode_file
+    assert fnlm.train_bpe is package.train_bpe
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import fnlm.tokenizer",
+        "from fnlm.tokenizer import train_bpe, Tokenizer, encode_file, ENDOFTEXT",
+        "import fnlm; fnlm.Tokenizer; fnlm.train_bpe",
+        "from fnlm.tokenizer import train_bpe\n"
+        "import sys, tempfile, os\n"
+        "path = os.path.join(tempfile.mkdtemp(), 'c.txt')\n"
+        "open(path, 'w').write('low lower lowest<|endoftext|>newer wider' * 50)\n"
+        "vocab, merges = train_bpe(path, 270, ['<|endoftext|>'], progress=False, num_workers=1)\n"
+        "assert len(vocab) == 270\n"
+        "from fnlm.tokenizer import Tokenizer\n"
+        "tok = Tokenizer(vocab, merges, ['<|endoftext|>'])\n"
+        "assert tok.decode(tok.encode('lowest newer')) == 'lowest newer'",
+    ],
+)
+def test_tokenizer_runs_without_torch(code):
+    check = "\nimport sys\nheavy = [m for m in ('torch', 'tqdm', 'matplotlib') if m in sys.modules]\nassert not heavy, heavy"
+    env = {k: v for k, v in os.environ.items() if k != "FNLM_TYPECHECK"}
+    result = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_sparse_non_ascii_islands_match_tiktoken(gpt2_tok, tiktoken_gpt2, fixtures_dir):
+    """ASCII stretches go through `re` and islands around non-ASCII runs through `regex`;
+    the cuts fall inside words, whitespace runs and letter runs that continue past an island."""
+    english = (fixtures_dir / "tinystories_sample.txt").read_text(encoding="utf-8")[:6000].encode("ascii", "ignore").decode()
+    parts = [english, "café" + "x" * 400 + " ", english, "  \u3000  日本語 ", english[:3000], "naïve", "s'll " * 900, "é", english]
+    text = "".join(parts)
+    ids = gpt2_tok.encode(text)
+    assert ids == tiktoken_gpt2.encode(text, allowed_special="all") == gpt2_tok._encode_whole(text)
+    assert list(gpt2_tok.encode_iterable([text[i : i + 5000] for i in range(0, len(text), 5000)])) == ids
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    inserts=st.lists(
+        st.tuples(
+            st.one_of(st.integers(4090, 4100), st.integers(8185, 8200), st.integers(0, 20_000)),
+            st.sampled_from(["é", "日本語", "\u3000", "’s", "naïve", "é" * 60, "\U0001f600"]),
+        ),
+        max_size=6,
+    )
+)
+def test_island_cuts_at_block_edges_match_tiktoken(gpt2_tok, tiktoken_gpt2, inserts):
+    words = [" the", " cat", "  ", "\n", " 42", "'s", ",", " sat", "aaaa"]
+    text = "".join(words[(i * 7 + i // 3) % len(words)] for i in range(6000))
+    for at, piece in sorted(inserts, reverse=True):
+        text = text[:at] + piece + text[at:]
+    ids = gpt2_tok.encode(text)
+    assert ids == tiktoken_gpt2.encode(text, allowed_special="all") == gpt2_tok._encode_whole(text)

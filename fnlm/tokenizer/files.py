@@ -1,7 +1,7 @@
-"""Encode a text corpus into a flat file of uint16 token ids, in parallel.
+"""Encode a text file into a flat file of uint16 token ids, in parallel.
 
 This is the "pretokenize to uint16" stage of the data pipeline (download -> train tokenizer ->
-encode corpus -> train). The output is either
+encode the text -> train). The output is either
 
 - ``*.npy``: a 1-D ``uint16`` NumPy array (read it with ``np.load(path, mmap_mode="r")``), or
 - anything else, e.g. ``*.bin``: the raw little-endian ``uint16`` ids with no header
@@ -10,7 +10,7 @@ encode corpus -> train). The output is either
 The file is cut into chunks at the document separator (``<|endoftext|>``), so that encoding
 the chunks separately gives exactly the ids of encoding the whole file; worker processes
 encode the chunks and the main process writes their ids in file order as they arrive, so
-memory stays bounded by a few chunks however large the corpus.
+memory stays bounded by a few chunks however large the file.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from fnlm.tokenizer._progress import progress_bar
+from fnlm.tokenizer.gpt2 import ENDOFTEXT
 from fnlm.tokenizer.pretokenize import find_chunk_boundaries
 from fnlm.tokenizer.tokenizer import Tokenizer
 
@@ -110,7 +111,7 @@ def encode_file(
     output_path: str | os.PathLike,
     *,
     num_workers: int | None = None,
-    split_token: str = "<|endoftext|>",
+    split_token: str = ENDOFTEXT,
     chunk_bytes: int = 4 << 20,
     progress: bool = True,
 ) -> int:
@@ -164,9 +165,8 @@ def encode_file(
     is_npy = output_path.endswith(".npy")
     tmp_path = output_path + ".tmp"
     total = 0
-    bar = tqdm(total=size, unit="B", unit_scale=True, desc="encode", disable=not progress)
     try:
-        with open(tmp_path, "wb") as out:
+        with open(tmp_path, "wb") as out, progress_bar(size, "encode", progress, unit="B", unit_scale=True) as bar:
             if is_npy:
                 out.write(_npy_header(0))
             if workers == 1:
@@ -187,7 +187,6 @@ def encode_file(
             os.remove(tmp_path)
         raise
     finally:
-        bar.close()
         _worker_state.clear()
     return total
 
