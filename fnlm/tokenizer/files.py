@@ -162,17 +162,21 @@ def encode_file(
     chunks = list(zip(bounds, bounds[1:]))
     workers = min(num_workers or default_num_workers(), max(1, len(chunks)))
 
+    return _encode_chunks(tok, input_path, output_path, chunks, workers, size, progress)
+
+
+def _encode_chunks(tok: Tokenizer, input_path: str, output_path: str, chunks: list, workers: int, size: int,
+                   progress: bool) -> int:
+    """Encode `chunks` of the input with `workers` processes into `output_path` (atomically)."""
     is_npy = output_path.endswith(".npy")
     tmp_path = output_path + ".tmp"
-    total = 0
     try:
         with open(tmp_path, "wb") as out, progress_bar(size, "encode", progress, unit="B", unit_scale=True) as bar:
             if is_npy:
                 out.write(_npy_header(0))
             if workers == 1:
                 _init_worker(tok, input_path)
-                results = map(_encode_chunk, chunks)
-                total = _write_all(results, out, bar)
+                total = _write_all(map(_encode_chunk, chunks), out, bar)
             else:
                 with multiprocessing.get_context().Pool(
                     workers, initializer=_init_worker, initargs=(tok, input_path)
