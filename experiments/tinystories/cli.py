@@ -205,7 +205,8 @@ class Settings:
 
     `resume` continues `OUT/checkpoints/latest.pt`; `overwrite` allows deleting an earlier run's
     checkpoints; `force` reruns the selected stages even when cached; `notes` are adjustments
-    made to the settings (printed at the start of the run).
+    made to the settings (printed at the start of the run); `export_hf` is a folder to write the
+    trained model and its tokenizer to in Hugging Face's format (`fnlm.export_hf`).
     """
 
     preset: str
@@ -223,6 +224,7 @@ class Settings:
     progress: bool
     overwrite: bool = False
     notes: tuple[str, ...] = ()
+    export_hf: Path | None = None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -289,6 +291,9 @@ def build_parser(preset: str | None = None, *, real: bool = False) -> argparse.A
                         "a folder is refused)")
     p.add_argument("--force", action="store_true", help="rerun the selected stages even when cached")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--export-hf", metavar="DIR", type=Path,
+                   help="after training, write the model and tokenizer to DIR as a Hugging Face Llama folder "
+                        "(loads with transformers' AutoModelForCausalLM / AutoTokenizer)")
     groups = (("model (fnlm.TransformerConfig)", fnlm.TransformerConfig, set(), base["model"]),
               ("training (fnlm.train.TrainConfig)", TrainConfig, {"progress"}, base["train"]),
               ("pipeline (PipelineConfig)", PipelineConfig, set(), base.get("pipeline", {})))
@@ -370,7 +375,7 @@ def resolve_settings(argv: Sequence[str] | None = None) -> Settings:
     tc, notes = _clamp_warmup(tc, model.context_length, "warmup_steps" in train_over)
     out = Path(args.out) if args.out else Path("runs") / preset
     s = Settings(preset, model, tc, pc, out, args.data, not args.no_download, args.train_file, args.valid_file,
-                 stages, args.resume, args.force, not args.quiet, args.overwrite, notes)
+                 stages, args.resume, args.force, not args.quiet, args.overwrite, notes, args.export_hf)
     check_settings(s)
     return s
 
@@ -385,6 +390,10 @@ def _clamp_warmup(tc: TrainConfig, context_length: int, given: bool) -> tuple[Tr
     note = (f"{origin} ({tc.warmup_steps}) is longer than {where} ({end}); warming up over {end} steps instead "
             f"(give --warmup-steps to choose)")
     return dataclasses.replace(tc, warmup_steps=end), (note,)
+
+
+EXPORTABLE = {"norm": "rmsnorm", "norm_position": "pre", "position": "rope", "ffn": "swiglu"}
+"""The model fields a Hugging Face Llama folder can hold, and the one value each must have."""
 
 
 def check_settings(s: Settings) -> None:
@@ -409,6 +418,11 @@ def check_settings(s: Settings) -> None:
     _check_texts(s)
     device = _check_device(s.train.device)
     _check_memory(s, device)
+    if s.export_hf is not None:
+        changed = [f"--{k.replace('_', '-')} {getattr(s.model, k)}" for k, v in EXPORTABLE.items() if getattr(s.model, k) != v]
+        if changed:
+            raise ConfigError(f"--export-hf: a Llama folder holds only the baseline architecture, and this run trains "
+                              f"{', '.join(changed)}; drop --export-hf or those flags")
 
 
 def _texts(s: Settings) -> list[tuple[str, Path | None, int | None]]:

@@ -569,8 +569,9 @@ def plan(s: Settings, m: Manifest, *, world_size: int = 1) -> tuple[dict[str, st
 
 def _check_prerequisites(s: Settings, m: Manifest) -> None:
     want = set(s.stages)
-    for stage in s.stages:
-        for dep in NEEDS[stage]:
+    exporting = [("export-hf", ("tokenizer", "train"))] if s.export_hf is not None else []
+    for stage, deps in [(stage, NEEDS[stage]) for stage in s.stages] + exporting:
+        for dep in deps:
             if dep in want:
                 continue
             entry = m.state.get(dep)
@@ -678,9 +679,22 @@ def main(
         raise
     except KeyboardInterrupt:
         raise StageInterrupted(current, s.out) from None
+    if s.export_hf is not None and parallel.is_main:
+        results["export_hf"] = export_hf(s, m, results.get("tokenizer") or m.result("tokenizer", TokenizerResult),
+                                         results.get("train") or m.result("train", TrainResult))
+        want.add("export_hf")
     if parallel.is_main:
         _summary(s, {k: v for k, v in results.items() if k in want}, time.perf_counter() - t_start)
     return {k: v for k, v in results.items() if k in want}
+
+
+def export_hf(s: Settings, m: Manifest, tok: TokenizerResult, trained: TrainResult) -> Path:
+    """Write the final checkpoint and the run's tokenizer to `s.export_hf` as a Hugging Face Llama folder."""
+    params, config = _load_params(m.path_of(trained.checkpoint), torch.device("cpu"))
+    fnlm.export_hf(params, config, s.export_hf, tokenizer=load_tokenizer(m, tok))
+    _log(f"export: {s.export_hf} (a Hugging Face Llama folder: transformers' AutoModelForCausalLM and AutoTokenizer "
+         f"load it; python experiments/generate.py --hf {s.export_hf})")
+    return s.export_hf
 
 
 def _run_stage(name: str, selected: bool, s: Settings, m: Manifest, results: dict[str, Any], parallel: Parallel,
