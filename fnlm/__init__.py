@@ -53,6 +53,8 @@ if TYPE_CHECKING:
         KVCache,
         TransformerConfig,
         block_from_config,
+        check_params,
+        check_token_ids,
         init_kv_cache,
         init_transformer_block,
         init_transformer_lm,

@@ -3,35 +3,20 @@
 Built from autograd ops, these three measured about 2.5x slower than torch's fused kernels; with a
 hand-written backward each keeps only what it needs. Each is tested with `gradcheck` and works
 under `torch.func` transforms (`generate_vmap_rule`) and `torch.compile`.
+
+They are called through `Function.apply` in its one `setup_context` form. A second, "classic"
+form skips the per-call signature binding of that form (measured 17-30 µs per call, 410 µs over
+the 17 calls of a 17M forward: under 0.1 % of a ~450 ms CPU step), too little to keep two forms.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import einx
 import torch
 
 from fnlm.types import Tensor
-
-
-def _classic(fn: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
-    """`fn` in the classic `forward(ctx, *args)` form. torch binds the signature of a
-    `setup_context`-style Function with `inspect` on every call (tens of µs); the classic form
-    skips that but cannot run under torch.func transforms (nor be traced by dynamo without
-    grad), so `_apply` picks per call."""
-
-    def forward(ctx: Any, *args: Any) -> Any:
-        out = fn.forward(*args)
-        fn.setup_context(ctx, args, out)
-        return out
-
-    return type(fn.__name__ + "Classic", (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(fn.backward)})
-
-
-def _apply(fn: type[torch.autograd.Function], classic: type[torch.autograd.Function], *args: Any) -> Any:
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return fn.apply(*args)
-    return classic.apply(*args)
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -46,8 +31,8 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-        r = torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)  # (..., 1)
-        return (x * r).mul_(weight), r
+        r = torch.rsqrt(einx.mean("... [d_model]", x * x) + eps)
+        return einx.multiply("... d_model, ..., d_model -> ... d_model", x, r, weight), r
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
@@ -58,6 +43,7 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor, _grad_r: Tensor) -> tuple[Tensor, Tensor, None]:
         x, weight, r = ctx.saved_tensors
+        r = r.unsqueeze(-1)  # (..., 1)
         n = x * r
         u = grad * weight
         grad_x = (u - n * (u * n).mean(dim=-1, keepdim=True)) * r
@@ -110,8 +96,3 @@ class _SoftmaxFn(torch.autograd.Function):
         (p,) = ctx.saved_tensors
         grad_x = grad * p
         return torch.addcmul(grad_x, p, grad_x.sum(dim=ctx.dim, keepdim=True), value=-1), None
-
-
-_RMSNormClassic = _classic(_RMSNormFn)
-_SiLUClassic = _classic(_SiLUFn)
-_SoftmaxClassic = _classic(_SoftmaxFn)

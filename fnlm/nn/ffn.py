@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from fnlm.nn._autograd import _apply, _SiLUClassic, _SiLUFn
+from fnlm.nn._autograd import _SiLUFn
 from fnlm.nn._common import _check_positive
 from fnlm.nn.linear import init_linear, linear
 from fnlm.types import Float, Tensor
@@ -17,7 +17,7 @@ __all__ = ["silu", "swiglu_d_ff", "init_swiglu", "swiglu", "init_silu_ffn", "sil
 
 def silu(x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
     """SiLU (swish): `x · σ(x)`, elementwise (hand-written forward and backward)."""
-    return _apply(_SiLUFn, _SiLUClassic, x)[0]
+    return _SiLUFn.apply(x)[0]
 
 
 def swiglu_d_ff(d_model: int, multiple_of: int = 64) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import einx
 import torch
 
 from fnlm.nn._common import _check_positive, _trunc_normal
@@ -38,11 +39,11 @@ def init_linear(
 
 
 def _linear(weight: Float[Tensor, "d_out d_in"], x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
-    return x @ weight.T
+    return einx.dot("... [d_in], d_out [d_in] -> ... d_out", x, weight)
 
 
 def linear(params: dict[str, Tensor], x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
-    """`y = x Wᵀ`.
+    """`y = x Wᵀ`, as `einx.dot("... [d_in], d_out [d_in] -> ... d_out", x, W)` (one einsum).
 
     **Arguments:**
 

@@ -100,7 +100,8 @@ def train_step(
     the gradient norm before clipping as 0-d tensors (no host sync), and the learning rate used.
     """
     lr = cosine_schedule(state.step, config.lr, config.min_lr, config.warmup_steps, config.cosine_steps)
-    loss, grads = value_and_grad(loss_fn)(state.params, x, y)
+    backend = "func" if torch.compiler.is_compiling() else "autograd"
+    loss, grads = value_and_grad(loss_fn, backend=backend)(state.params, x, y)
     grads = sync_grads(grads)
     if config.grad_clip > 0:
         grads, norm = clip_grad_norm_with_norm(grads, config.grad_clip)

@@ -354,7 +354,7 @@ def test_shape_errors_name_the_argument_and_dims():
         fnlm.linear(p, torch.randn(2, 7))
     with pytest.raises(jaxtyping.TypeCheckError, match=r"(?s)parameter 'x'.*d_model=16"):
         fnlm.rmsnorm({"weight": torch.ones(16)}, torch.randn(3, 15))
-    with pytest.raises(jaxtyping.TypeCheckError, match=r"(?s)parameter 'k'.*d_k=8"):
+    with pytest.raises(jaxtyping.TypeCheckError, match=r"(?s)parameter 'k'.*d_head=8"):
         fnlm.scaled_dot_product_attention(torch.randn(2, 4, 8), torch.randn(2, 4, 6), torch.randn(2, 4, 8))
     with pytest.raises(TypeError, match="token_ids"):
         fnlm.embedding(fnlm.init_embedding(10, 4), torch.rand(3))
