@@ -132,12 +132,16 @@ _FUSED_DEVICES = ("cpu", "cuda")
 
 
 def _can_fuse(params: list[Tensor], grads: list[Tensor], m: list[Tensor], v: list[Tensor], lr: Any, weight_decay: float) -> bool:
+    """Whether torch's fused AdamW kernel applies. It reads the four tensors of a parameter as if
+    they had one layout: a gradient with other strides than its parameter (a transposed one) is
+    mis-read silently, so such trees take the multi-tensor path."""
     if isinstance(lr, Tensor) or lr * weight_decay >= 1.0 or torch.compiler.is_compiling():
         return False
     device, dtype = params[0].device, params[0].dtype
     if device.type not in _FUSED_DEVICES or not dtype.is_floating_point:
         return False
-    return all(
+    same_layout = all(g.stride() == p.stride() == a.stride() == b.stride() for p, g, a, b in zip(params, grads, m, v))
+    return same_layout and all(
         t.device == device and t.dtype == dtype and not t.requires_grad
         for group in (params, grads, m, v)
         for t in group
