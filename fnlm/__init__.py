@@ -89,6 +89,8 @@ if TYPE_CHECKING:
         rope_cos_sin,
         rope_position,
         rope_rotate,
+        rope_rotate_tables,
+        rope_tables,
         scaled_dot_product_attention,
         self_attention,
         silu,
