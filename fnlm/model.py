@@ -354,10 +354,17 @@ def check_token_ids(token_ids: Any, name: str = "token_ids") -> None:
         raise ValueError(f"{name} must have shape (..., seq) with at least one token, got shape {tuple(token_ids.shape)}")
 
 
-@functools.lru_cache(maxsize=64)
-def _param_spec(config: TransformerConfig, layers: bool) -> tuple[tuple[tuple[Any, ...], tuple[int, ...], str], ...]:
+Spec = tuple[tuple[tuple[Any, ...], tuple[int, ...], str], ...]
+
+
+def _param_spec(config: TransformerConfig, layers: bool) -> Spec:
     """The `(path, shape, from)` of every parameter `transformer_lm` reads for `config` (only the
-    embedding, final norm and head when `layers` is False)."""
+    embedding, final norm and head when `layers` is False); cached in eager calls (dynamo traces
+    the uncached builder instead of warning about a cache wrapper)."""
+    return _build_spec(config, layers) if torch.compiler.is_compiling() else _cached_spec(config, layers)
+
+
+def _build_spec(config: TransformerConfig, layers: bool) -> Spec:
     c = config
     spec = [(("token_embeddings", "weight"), (c.vocab_size, c.d_model), "(vocab_size, d_model)")]
     if layers:
@@ -370,6 +377,9 @@ def _param_spec(config: TransformerConfig, layers: bool) -> tuple[tuple[tuple[An
         spec.append((("ln_final", "weight"), (c.d_model,), "(d_model,)"))
     spec.append((("lm_head", "weight"), (c.vocab_size, c.d_model), "(vocab_size, d_model)"))
     return tuple(spec)
+
+
+_cached_spec = functools.lru_cache(maxsize=64)(_build_spec)
 
 
 def _lookup(params: Any, path: tuple[Any, ...]) -> Any:
