@@ -17,7 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["machine_name", "cpu_name", "cpu_seconds", "peak_rss_mib", "median_time", "ratio"]
+__all__ = [
+    "machine_name", "cpu_name", "cpu_seconds", "peak_rss_mib", "median_time", "ratio", "alternate", "load_average",
+    "Timings",
+]
 
 
 def cpu_name() -> str:
@@ -69,3 +72,45 @@ def median_time(fn: Callable[[], Any], repeats: int, *, warmup: int = 1, sync: C
 def ratio(a: float, b: float) -> str:
     """`a / b` formatted to three decimals, or "n/a" when `b` is zero."""
     return f"{a / b:.3f}" if b else "n/a"
+
+
+class Timings(dict):
+    """`{name: {"wall": [...], "cpu": [...]}}` seconds per call, from `alternate`."""
+
+    def median(self, name: str, kind: str = "wall") -> float:
+        return statistics.median(self[name][kind])
+
+    def fastest(self, name: str, kind: str = "wall") -> float:
+        return min(self[name][kind])
+
+    def line(self, name: str, baseline: str) -> str:
+        """`name/baseline` of the medians, with the fastest-call and process-CPU-time ratios."""
+        return (f"{name}/{baseline}: {ratio(self.median(name), self.median(baseline))} "
+                f"(fastest {ratio(self.fastest(name), self.fastest(baseline))}, "
+                f"CPU time {ratio(self.median(name, 'cpu'), self.median(baseline, 'cpu'))})")
+
+
+def alternate(fns: dict[str, Callable[[], Any]], repeats: int, *, warmup: int = 1,
+              sync: Callable[[], None] = lambda: None) -> Timings:
+    """Call each function in turn, `repeats` rounds after `warmup` untimed ones, so that load from
+    other processes falls on all alike; wall and process CPU seconds per call by name."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync()
+    out = Timings({name: {"wall": [], "cpu": []} for name in fns})
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            sync()
+            out[name]["wall"].append(time.perf_counter() - wall)
+            out[name]["cpu"].append(time.process_time() - cpu)
+    return out
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages (other processes sharing the cores), or "n/a"."""
+    with contextlib.suppress(OSError, AttributeError):
+        return "load average %.2f %.2f %.2f" % os.getloadavg()
+    return "load average n/a"
