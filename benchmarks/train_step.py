@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fnlm  # noqa: E402
 from fnlm import accounting  # noqa: E402
-from harness import load_average, machine_name  # noqa: E402
+from harness import load_average, machine_name, tune_malloc  # noqa: E402
 from reference import ReferenceLM, load_fnlm_params  # noqa: E402
 
 LR, BETAS, EPS, WEIGHT_DECAY, MAX_NORM = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
@@ -168,8 +168,9 @@ def check_agree(runners, x, y, when: str, tol: float) -> list[float]:
 
 
 def time_runners(runners, x, y, device, warmup: int, steps: int, cpu_times: dict | None = None) -> dict[str, list[float]]:
-    """Alternate the runners' steps; wall-clock seconds per step by name (and process CPU seconds
-    into ``cpu_times``, a figure less disturbed by other processes on a shared machine)."""
+    """Alternate the runners' steps, rotating which goes first each round (a fixed order measurably
+    favours some positions); wall-clock seconds per step by name (and process CPU seconds into
+    ``cpu_times``, a figure less disturbed by other processes on a shared machine)."""
     for _ in range(warmup):
         for r in runners:
             r.step(x, y)
@@ -177,8 +178,8 @@ def time_runners(runners, x, y, device, warmup: int, steps: int, cpu_times: dict
     times = {r.name: [] for r in runners}
     if cpu_times is not None:
         cpu_times.update({r.name: [] for r in runners})
-    for _ in range(steps):
-        for r in runners:
+    for i in range(steps):
+        for r in runners[i % len(runners):] + runners[: i % len(runners)]:
             sync(device)
             start, cpu_start = time.perf_counter(), time.process_time()
             r.step(x, y)
@@ -354,6 +355,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="subprocess pairs for --typecheck / --memory")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="keep freed memory in glibc's heap (mallopt), so fresh tensors do not page-fault")
     p.add_argument("--no-compile", action="store_true", help="eager ratios only")
     p.add_argument("--compile-only", action="store_true", help="compiled ratios only")
     p.add_argument("--compile-modes", default="step",
@@ -369,6 +372,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc = tune_malloc() if args.tune_malloc else None
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.child_runner:
@@ -379,7 +383,8 @@ def main(argv=None) -> None:
     print(f"model: d_model {config.d_model}, {config.num_layers} layers, {config.num_heads} heads, "
           f"d_ff {config.d_ff}, vocab {config.vocab_size}; {accounting.parameter_count(config):,} parameters; "
           f"batch {args.batch} x context {args.context}, {args.device} {args.dtype}; "
-          f"shape checks {'ON' if fnlm.typecheck_enabled() else 'off'}")
+          f"shape checks {'ON' if fnlm.typecheck_enabled() else 'off'}; "
+          f"glibc malloc {'tuned (mallopt)' if malloc else 'default' if malloc is None else 'tuning failed'}")
     if args.typecheck:
         run_typecheck(args)
     elif args.memory:

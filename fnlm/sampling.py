@@ -93,6 +93,10 @@ def generate(
     """Continue `prompt_ids` by up to `max_new_tokens` tokens.
 
     With the KV cache (the default) the prompt is run once (prefill) and then one token per step.
+    Every step has the same shapes (the attention reads the whole cache buffer, masked), and the
+    prefill pads the prompt at its end to a power of two (causal attention: padding never changes
+    the earlier positions' logits), so einx, which traces each new shape once per process (~0.1 s),
+    meets a handful of shapes however long the prompts and the generation.
     **Beyond the context length** the model always conditions on the most recent
     `context_length` tokens (a sliding window), exactly as recomputing the window each step
     would: a prompt longer than the context is cut to its last `context_length` tokens, and once
@@ -103,7 +107,8 @@ def generate(
     **Arguments:**
 
     - `params`, `config`: the model (as for `transformer_lm`).
-    - `prompt_ids`: a non-empty sequence of token ids (list or 1-D tensor).
+    - `prompt_ids`: a non-empty sequence of token ids: a list of ints or a 1-D integer tensor
+      (floats, bools and empty prompts raise a `TypeError`/`ValueError` naming `prompt_ids`).
     - `max_new_tokens`: the most tokens to generate.
     - `temperature`, `top_p`: see `sample_next_token`; `temperature=0` is greedy.
     - `eos_id`: stop as soon as this id is produced (it is not included in the result).
