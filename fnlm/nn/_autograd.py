@@ -24,15 +24,15 @@ class _RMSNormFn(torch.autograd.Function):
 
     With `r = 1/sqrt(mean(x²) + eps)`, `n = x·r`, `y = n·g`:
     `∂L/∂g = Σ_rows ∂L/∂y · n` and `∂L/∂x = r · (u - n · mean(u · n))` where `u = ∂L/∂y · g`.
-    Only `x`, `g` and the per-row `r` are kept for the backward.
+    Only `x`, `g` and the per-row `r` (shape `(..., 1)`) are kept for the backward.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-        r = torch.rsqrt(einx.mean("... [d_model]", x * x) + eps)
-        return einx.multiply("... d_model, ..., d_model -> ... d_model", x, r, weight), r
+        r = torch.rsqrt(einx.mean("... ([d_model])", x * x) + eps)
+        return x * r * weight, r
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
@@ -43,7 +43,6 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor, _grad_r: Tensor) -> tuple[Tensor, Tensor, None]:
         x, weight, r = ctx.saved_tensors
-        r = r.unsqueeze(-1)  # (..., 1)
         n = x * r
         u = grad * weight
         grad_x = (u - n * (u * n).mean(dim=-1, keepdim=True)) * r

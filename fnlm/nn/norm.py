@@ -29,8 +29,9 @@ def _rmsnorm(weight: Float[Tensor, "d_model"], x: Float[Tensor, "... d_model"], 
 def rmsnorm(params: dict[str, Tensor], x: Float[Tensor, "... d_model"], *, eps: float = 1e-5) -> Float[Tensor, "... d_model"]:
     """RMSNorm: `x / sqrt(mean(x²) + eps) * g`, computed in (at least) float32 and cast back to `x.dtype`.
 
-    The mean of squares is `einx.mean("... [d_model]", x * x)`; the backward is hand-written and
-    keeps only `x`, `g` and the per-row `1/sqrt(mean(x²) + eps)`.
+    The mean of squares is `einx.mean("... ([d_model])", x * x)` (kept as a length-1 axis); the
+    products are plain torch. The backward is hand-written and keeps only `x`, `g` and the
+    per-row `1/sqrt(mean(x²) + eps)`.
 
     **Arguments:**
 
