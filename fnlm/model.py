@@ -347,33 +347,41 @@ def check_token_ids(token_ids: Any, name: str = "token_ids") -> None:
     """
     if not isinstance(token_ids, Tensor):
         hint = f"; wrap it: torch.tensor({name}, dtype=torch.long)" if isinstance(token_ids, (list, tuple)) else ""
-        raise TypeError(f"{name} must be a torch.Tensor of integer ids, shape (..., seq); got {type(token_ids).__name__}{hint}")
+        raise TypeError(
+            f"{name} must be a torch.Tensor of integer ids, shape (..., seq); got {type(token_ids).__name__}{hint}"
+        )
     if token_ids.dtype not in _ID_DTYPES:
         raise TypeError(f"{name} must hold integer ids (int64, int32, ...), got dtype {token_ids.dtype}")
     if token_ids.ndim == 0 or token_ids.numel() == 0:
-        raise ValueError(f"{name} must have shape (..., seq) with at least one token, got shape {tuple(token_ids.shape)}")
+        raise ValueError(
+            f"{name} must have shape (..., seq) with at least one token, got shape {tuple(token_ids.shape)}"
+        )
 
 
 Spec = tuple[tuple[tuple[Any, ...], tuple[int, ...], str], ...]
 
 
-def _param_spec(config: TransformerConfig, layers: bool) -> Spec:
-    """The `(path, shape, from)` of every parameter `transformer_lm` reads for `config` (only the
-    embedding, final norm and head when `layers` is False); cached in eager calls (dynamo traces
-    the uncached builder instead of warning about a cache wrapper)."""
-    return _build_spec(config, layers) if torch.compiler.is_compiling() else _cached_spec(config, layers)
+def _param_spec(config: TransformerConfig, layers: bool, final_norm: bool) -> Spec:
+    """The `(path, shape, from)` of every parameter `transformer_lm` reads for `config` (without
+    the layers' or the final norm's when those are the caller's own); cached in eager calls
+    (dynamo traces the uncached builder instead of warning about a cache wrapper)."""
+    if torch.compiler.is_compiling():
+        return _build_spec(config, layers, final_norm)
+    return _cached_spec(config, layers, final_norm)
 
 
-def _build_spec(config: TransformerConfig, layers: bool) -> Spec:
+def _build_spec(config: TransformerConfig, layers: bool, final_norm: bool) -> Spec:
     c = config
     spec = [(("token_embeddings", "weight"), (c.vocab_size, c.d_model), "(vocab_size, d_model)")]
     if layers:
-        attn = [(("attn", n, "weight"), (c.d_model, c.d_model), "(d_model, d_model)") for n in ("q_proj", "k_proj", "v_proj", "output_proj")]
-        ffn = [(("ffn", "w1", "weight"), (c.d_ff, c.d_model), "(d_ff, d_model)"), (("ffn", "w2", "weight"), (c.d_model, c.d_ff), "(d_model, d_ff)")]
-        ffn += [(("ffn", "w3", "weight"), (c.d_ff, c.d_model), "(d_ff, d_model)")] if c.ffn == "swiglu" else []
-        norms = [((n, "weight"), (c.d_model,), "(d_model,)") for n in ("ln1", "ln2")] if c.norm != "none" else []
-        spec += [(("layers", i, *path), shape, what) for i in range(c.num_layers) for path, shape, what in attn + ffn + norms]
-    if c.norm != "none":
+        square, up, down = (c.d_model, c.d_model), (c.d_ff, c.d_model), (c.d_model, c.d_ff)
+        projections = ("q_proj", "k_proj", "v_proj", "output_proj")
+        layer = [(("attn", n, "weight"), square, "(d_model, d_model)") for n in projections]
+        layer += [(("ffn", "w1", "weight"), up, "(d_ff, d_model)"), (("ffn", "w2", "weight"), down, "(d_model, d_ff)")]
+        layer += [(("ffn", "w3", "weight"), up, "(d_ff, d_model)")] if c.ffn == "swiglu" else []
+        layer += [((n, "weight"), (c.d_model,), "(d_model,)") for n in ("ln1", "ln2")] if c.norm != "none" else []
+        spec += [(("layers", i, *path), shape, what) for i in range(c.num_layers) for path, shape, what in layer]
+    if c.norm != "none" and final_norm:
         spec.append((("ln_final", "weight"), (c.d_model,), "(d_model,)"))
     spec.append((("lm_head", "weight"), (c.vocab_size, c.d_model), "(vocab_size, d_model)"))
     return tuple(spec)
@@ -394,7 +402,7 @@ def _lookup(params: Any, path: tuple[Any, ...]) -> Any:
     return node
 
 
-def check_params(params: Any, config: TransformerConfig, *, layers: bool = True) -> None:
+def check_params(params: Any, config: TransformerConfig, *, layers: bool = True, final_norm: bool = True) -> None:
     """Check that `params` has every parameter `transformer_lm(params, ids, config)` reads, with
     the shape `config` gives it: the tree structure, the shapes and floating dtypes (no values).
 
@@ -409,13 +417,14 @@ def check_params(params: Any, config: TransformerConfig, *, layers: bool = True)
     - `config`: the `TransformerConfig` it is used with.
     - `layers`: check every layer's parameters (the default blocks read them); `False` checks only
       the embedding, final norm, LM head and the number of layers (for a custom `block`).
+    - `final_norm`: check `ln_final` (the config's final norm reads it); `False` for a custom one.
     """
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict (a params tree), got {type(params).__name__}")
     n_layers = len(_lookup(params, ("layers",)))
     if n_layers != config.num_layers:
         raise ValueError(f"params have {n_layers} layers but config.num_layers={config.num_layers}")
-    for path, shape, what in _param_spec(config, layers):
+    for path, shape, what in _param_spec(config, layers, final_norm):
         leaf = _lookup(params, path)
         if not isinstance(leaf, Tensor) or not leaf.is_floating_point():
             kind = f"dtype {leaf.dtype}" if isinstance(leaf, Tensor) else type(leaf).__name__
@@ -423,7 +432,8 @@ def check_params(params: Any, config: TransformerConfig, *, layers: bool = True)
         if leaf.shape != shape:
             raise ValueError(
                 f"params {'.'.join(map(str, path))!r} has shape {tuple(leaf.shape)}, but config "
-                f"(vocab_size={config.vocab_size}, d_model={config.d_model}, d_ff={config.d_ff}) expects {what} = {shape}"
+                f"(vocab_size={config.vocab_size}, d_model={config.d_model}, d_ff={config.d_ff}) "
+                f"expects {what} = {shape}"
             )
 
 
@@ -483,7 +493,7 @@ def transformer_lm(
     **Returns:** logits `(..., seq, vocab)`.
     """
     check_token_ids(token_ids)
-    check_params(params, config, layers=block is None)
+    check_params(params, config, layers=block is None, final_norm=final_norm is None)
     seq = token_ids.shape[-1]
     start = 0 if kv_cache is None else kv_cache.length
     limit = config.context_length if kv_cache is None else min(kv_cache.max_len, config.context_length)

@@ -122,9 +122,11 @@ def generate(
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     ids = _prompt_list(prompt_ids, config.vocab_size)
-    if eos_id is not None and (not isinstance(eos_id, int) or isinstance(eos_id, bool) or not 0 <= eos_id < config.vocab_size):
+    if eos_id is not None and (
+        not isinstance(eos_id, numbers.Integral) or isinstance(eos_id, bool) or not 0 <= eos_id < config.vocab_size
+    ):
         raise ValueError(f"eos_id must be an int in [0, {config.vocab_size}), got {eos_id!r}")
-    check_params(params, config, layers=block is None)
+    check_params(params, config, layers=block is None, final_norm=final_norm is None)
 
     weight = params["token_embeddings"]["weight"]
     device, dtype = weight.device, weight.dtype

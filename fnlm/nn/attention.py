@@ -199,7 +199,8 @@ def attention_context(
     cos = sin = None
     if rope_theta is not None:
         if positions is None:
-            cos, sin = rope_tables(*rope_cos_sin(torch.arange(start, start + seq_len, device=device), d_head, rope_theta))
+            positions = torch.arange(start, start + seq_len, device=device)
+            cos, sin = rope_tables(*rope_cos_sin(positions, d_head, rope_theta))
         else:
             cos, sin = rope_tables(*rope_cos_sin(positions, d_head, rope_theta))
             cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # (..., 1, seq, d_head)

@@ -82,7 +82,8 @@ def rope_tables(
     **Returns:** `(cos, signed_sin)`, each `(*pos, d_head)`.
     """
     sign = torch.tensor([-1.0, 1.0], dtype=sin.dtype, device=sin.device)
-    return einx.id("... half -> ... (half two)", cos, two=2), einx.multiply("... half, two -> ... (half two)", sin, sign)
+    cos = einx.id("... half -> ... (half two)", cos, two=2)
+    return cos, einx.multiply("... half, two -> ... (half two)", sin, sign)
 
 
 def rope_rotate_tables(
