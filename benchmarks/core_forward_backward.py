@@ -1,83 +1,97 @@
-"""One forward + backward of fnlm's `transformer_lm` against a hand-written nn.Module of the same
-model (eager PyTorch, same weights, same maths: hand-coded attention and RoPE, nn.RMSNorm).
+"""One forward + backward of fnlm's `transformer_lm` against `benchmarks/reference.py`'s `ReferenceLM`
+(same weights): (a) the same maths written as an `nn.Module`, (b) that module on torch's fused
+kernels. Then the fixed costs of a call: fnlm's always-on input checks and one einx call.
 
-    python benchmarks/core_forward_backward.py [--threads N] [--repeats R]
+    python benchmarks/core_forward_backward.py [--threads N] [--repeats R] [--device cpu]
 
-Prints the fastest of `--repeats` alternated runs (milliseconds per step) for both and the ratio fnlm / baseline, for a tiny model (where
-per-call Python overhead dominates) and the assignment's 17M CPU model. Run with
-FNLM_TYPECHECK unset: shape checks cost time and are meant for tests.
+Prints, for a tiny model (where per-call Python overhead dominates) and the 17M TinyStories model
+at batch 4 x 128, the median of `--repeats` alternated runs (wall and process CPU time) and the
+ratios fnlm/(a), fnlm/(b); then the checks' cost per call against a 17M forward and a one-token
+decoding step. Run with FNLM_TYPECHECK unset: shape checks cost time and are meant for tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
-import fnlm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import einx  # noqa: E402
 
-class HandWrittenLM(nn.Module):
-    """The pre-norm RoPE/SwiGLU LM as an ordinary nn.Module."""
+import fnlm  # noqa: E402
+from harness import alternate, load_average, machine_name  # noqa: E402
+from reference import ReferenceLM, load_fnlm_params  # noqa: E402
 
-    def __init__(self, vocab: int, ctx: int, d_model: int, layers: int, heads: int, d_ff: int, theta: float = 10000.0):
-        super().__init__()
-        self.heads = heads
-        self.token_embeddings = nn.Embedding(vocab, d_model)
-        self.layers = nn.ModuleList()
-        for _ in range(layers):
-            b = nn.Module()
-            b.attn = nn.Module()
-            for name in ("q_proj", "k_proj", "v_proj", "output_proj"):
-                setattr(b.attn, name, nn.Linear(d_model, d_model, bias=False))
-            b.ffn = nn.Module()
-            b.ffn.w1, b.ffn.w3 = nn.Linear(d_model, d_ff, bias=False), nn.Linear(d_model, d_ff, bias=False)
-            b.ffn.w2 = nn.Linear(d_ff, d_model, bias=False)
-            b.ln1, b.ln2 = nn.RMSNorm(d_model, eps=1e-5), nn.RMSNorm(d_model, eps=1e-5)
-            self.layers.append(b)
-        self.ln_final = nn.RMSNorm(d_model, eps=1e-5)
-        self.lm_head = nn.Linear(d_model, vocab, bias=False)
-        d_head = d_model // heads
-        inv = 1.0 / theta ** (torch.arange(0, d_head, 2).float() / d_head)
-        ang = torch.arange(ctx).float()[:, None] * inv
-        self.register_buffer("cos", ang.cos(), persistent=False)
-        self.register_buffer("sin", ang.sin(), persistent=False)
-
-    def _rope(self, x: Tensor, seq: int) -> Tensor:
-        cos, sin = self.cos[:seq], self.sin[:seq]
-        e, o = x[..., 0::2], x[..., 1::2]
-        return torch.stack((e * cos - o * sin, e * sin + o * cos), -1).flatten(-2)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        b, s = ids.shape
-        x = self.token_embeddings(ids)
-        mask = torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()
-        for blk in self.layers:
-            h = blk.ln1(x)
-            a = blk.attn
-            q, k, v = (m(h).view(b, s, self.heads, -1).transpose(1, 2) for m in (a.q_proj, a.k_proj, a.v_proj))
-            q, k = self._rope(q, s), self._rope(k, s)
-            att = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
-            att = torch.softmax(att.masked_fill(~mask, float("-inf")), -1)
-            x = x + a.output_proj((att @ v).transpose(1, 2).reshape(b, s, -1))
-            h = blk.ln2(x)
-            x = x + blk.ffn.w2(F.silu(blk.ffn.w1(h)) * blk.ffn.w3(h))
-        return self.lm_head(self.ln_final(x))
+CASES = [
+    ("tiny (d64 L2, 4x32 tokens)", fnlm.TransformerConfig(512, 32, 64, 2, 4, 192), 4, 32),
+    ("17M (d512 L4 H16, 4x128 tokens)", fnlm.TransformerConfig(10_000, 256, 512, 4, 16, 1344), 4, 128),
+]
 
 
-def timeit_pair(fa, fb, repeats: int) -> tuple[float, float]:
-    """Alternate the two steps so machine noise hits both alike; report each one's fastest run."""
-    fa(), fb()
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, times in ((fa, ta), (fb, tb)):
-            t = time.perf_counter()
+def per_call_us(fn, calls: int = 2000) -> float:
+    """Median microseconds per call over five timed loops of `calls` calls."""
+    fn()
+    loops = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
             fn()
-            times.append(time.perf_counter() - t)
-    return min(ta) * 1e3, min(tb) * 1e3
+        loops.append((time.perf_counter() - start) / calls)
+    return statistics.median(loops) * 1e6
+
+
+def forward_backward(config, batch, seq, device, repeats, sync) -> tuple[dict, float]:
+    params = fnlm.init_transformer_lm(config, seed=0, device=device)
+    models = {}
+    for name, fused in (("(a) module", False), ("(b) fused", True)):
+        models[name] = ReferenceLM(config, fused=fused).to(device)
+        load_fnlm_params(models[name], fnlm.tree_flatten(params))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
+    targets = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
+    grad_fn = fnlm.value_and_grad(lambda p, x, y: fnlm.cross_entropy(fnlm.transformer_lm(p, x, config), y))
+    with torch.no_grad():
+        diff = (fnlm.transformer_lm(params, ids, config) - models["(b) fused"](ids)).abs().max().item()
+
+    def module_step(model):
+        leaves = list(model.parameters())
+        return lambda: torch.autograd.grad(model.loss(ids, targets), leaves)
+
+    fns = {"fnlm": lambda: grad_fn(params, ids, targets)}
+    fns.update({name: module_step(model) for name, model in models.items()})
+    return alternate(fns, repeats, warmup=2, sync=sync), diff
+
+
+def check_costs(device) -> None:
+    config = CASES[1][1]
+    params = fnlm.init_transformer_lm(config, seed=0, device=device)
+    ids = torch.randint(0, config.vocab_size, (4, 128), device=device)
+    one = torch.randint(0, config.vocab_size, (1,), device=device)
+    checks = per_call_us(lambda: (fnlm.check_token_ids(ids), fnlm.check_params(params, config)))
+    with torch.no_grad():
+        forward = per_call_us(lambda: fnlm.transformer_lm(params, ids, config), calls=3)
+        cache = fnlm.init_kv_cache(config, device=device)
+
+        def decode():
+            cache.length = 16
+            fnlm.transformer_lm(params, one, config, kv_cache=cache)
+
+        step = per_call_us(decode, calls=50)
+    x, w = torch.randn(2, 3, 4), torch.randn(5, 4)
+    einx_us = per_call_us(lambda: einx.dot("... [d_in], d_out [d_in] -> ... d_out", x, w))
+    matmul_us = per_call_us(lambda: x @ w.T)
+    print("\nfixed costs per call (17M model):")
+    print(f"  always-on input checks (ids + params tree, {len(fnlm.tree_leaves(params))} leaves): {checks:7.1f} µs"
+          f" = {checks / forward * 100:.3f} % of a 4x128 forward ({forward / 1e3:.1f} ms),"
+          f" {checks / step * 100:.2f} % of a one-token decoding step ({step / 1e3:.2f} ms)")
+    print(f"  one einx.dot call on tiny tensors: {einx_us:.1f} µs (x @ w.T: {matmul_us:.1f} µs); "
+          "~80 einx calls per 17M forward, none in the backward")
 
 
 def main() -> None:
@@ -90,36 +104,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if fnlm.typecheck_enabled():
         print("warning: FNLM_TYPECHECK is on; fnlm timings include shape checks")
-    dev = torch.device(args.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    cases = [
-        ("tiny (d64 L2, 4x32 tokens)", fnlm.TransformerConfig(512, 32, 64, 2, 4, 192), 4),
-        ("17M (d512 L4 H16, 8x256 tokens)", fnlm.TransformerConfig(10_000, 256, 512, 4, 16, 1344), 8),
-    ]
-    print(f"device={dev} threads={torch.get_num_threads()} torch={torch.__version__}")
-    for name, c, batch in cases:
-        params = fnlm.init_transformer_lm(c, seed=0, device=dev)
-        model = HandWrittenLM(c.vocab_size, c.context_length, c.d_model, c.num_layers, c.num_heads, c.d_ff, c.rope_theta).to(dev)
-        model.load_state_dict(fnlm.tree_flatten(params), strict=True)
-        leaves = fnlm.tree_map(lambda t: t.requires_grad_(True), params)
-        ids = torch.randint(0, c.vocab_size, (batch, c.context_length), device=dev)
-        with torch.no_grad():
-            diff = (fnlm.transformer_lm(leaves, ids, c) - model(ids)).abs().max().item()
-
-        def step_fnlm():
-            logits = fnlm.transformer_lm(leaves, ids, c)
-            loss = F.cross_entropy(logits.flatten(0, 1), ids.flatten())
-            torch.autograd.grad(loss, fnlm.tree_leaves(leaves))
-            sync()
-
-        def step_module():
-            logits = model(ids)
-            loss = F.cross_entropy(logits.flatten(0, 1), ids.flatten())
-            torch.autograd.grad(loss, list(model.parameters()))
-            sync()
-
-        fa, fb = timeit_pair(step_fnlm, step_module, args.repeats)
-        print(f"{name:34s} fnlm {fa:8.2f} ms  hand-written {fb:8.2f} ms  ratio {fa / fb:5.3f}  (max |logit diff| {diff:.1e})")
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"machine: {machine_name(args.device)}; {load_average()}")
+    print(f"forward + backward (value_and_grad of the cross-entropy), median of {args.repeats} alternated runs:")
+    for name, config, batch, seq in CASES:
+        t, diff = forward_backward(config, batch, seq, device, args.repeats, sync)
+        print(f"  {name}: fnlm {t.median('fnlm') * 1e3:8.2f} ms, (a) {t.median('(a) module') * 1e3:8.2f} ms, "
+              f"(b) {t.median('(b) fused') * 1e3:8.2f} ms  (max |logit diff| vs (b) {diff:.1e})")
+        print(f"    {t.line('fnlm', '(a) module')}")
+        print(f"    {t.line('fnlm', '(b) fused')}")
+    check_costs(device)
+    print(f"done; {load_average()}")
 
 
 if __name__ == "__main__":

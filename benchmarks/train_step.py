@@ -1,29 +1,34 @@
 """One full training step of fnlm against hand-written PyTorch, in one process.
 
-fnlm's step is ``value_and_grad`` over ``cross_entropy(transformer_lm(...))``, ``clip_grad_norm``
-and ``adamw_step``. The baselines are ``benchmarks/reference.py``'s ``ReferenceLM`` with
-``torch.optim.AdamW(foreach=True)`` and ``clip_grad_norm_``:
+fnlm's step is `fnlm.train_step` (the one pure step: `value_and_grad` over
+`cross_entropy(transformer_lm(...))`, `clip_grad_norm`, `adamw_step`, the schedule). The baselines
+are `benchmarks/reference.py`'s `ReferenceLM` with `torch.optim.AdamW(foreach=True)` and
+`clip_grad_norm_`:
 
-- (a) the same from-scratch maths as fnlm (softmax, masked attention, RMSNorm, SiLU by hand);
-- (b) the same module on torch's fused kernels (SDPA ``is_causal``, ``F.rms_norm``, ``F.silu``).
+- (a) the same maths written as an `nn.Module` (softmax, masked attention, RMSNorm, SiLU by hand);
+- (b) the same module on torch's fused kernels (SDPA `is_causal`, `F.rms_norm`, `F.silu`,
+  `F.cross_entropy`).
 
-All three start from fnlm's initial weights (the losses are checked to agree before timing and
-again after the warm-up steps). Steps alternate fnlm, (a), (b) after a warm-up; medians and the
-ratios fnlm/(a), fnlm/(b) are printed with the machine's name. Default sizes: the 17M
-TinyStories model (d_model 512, 4 layers, 16 heads, d_ff 1344, vocab 10,000) at batch 4 x
-context 128 on CPU.
+All start from fnlm's initial weights (the losses are checked to agree before timing and again
+after). One run prints, eager, fnlm/(a) and fnlm/(b); then, compiled, fnlm's whole step under
+`torch.compile(fullgraph=True)` (and/or its loss alone) against (b) with its loss compiled. Steps
+alternate between the runners; medians of wall time, fastest steps and process CPU time are given
+with the machine's name and load. Default sizes: the 17M TinyStories model (d_model 512, 4 layers,
+16 heads, d_ff 1344, vocab 10,000) at batch 4 x context 128 on CPU.
 
-    python benchmarks/train_step.py                       # eager, CPU
-    python benchmarks/train_step.py --compile             # + torch.compile'd fnlm and (b)
+    python benchmarks/train_step.py                       # eager ratios, then compiled (CPU: minutes to compile)
+    python benchmarks/train_step.py --no-compile          # eager ratios only
+    python benchmarks/train_step.py --compile-modes step,loss
     python benchmarks/train_step.py --typecheck           # shape checks on vs off (subprocesses)
     python benchmarks/train_step.py --memory              # peak memory, fnlm vs (a) (subprocesses)
-    python benchmarks/train_step.py --device cuda --dtype bf16 --batch 128 --context 256 --compile
+    python benchmarks/train_step.py --device cuda --dtype bf16 --batch 128 --context 256
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -39,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fnlm  # noqa: E402
 from fnlm import accounting  # noqa: E402
-from harness import machine_name  # noqa: E402
+from harness import load_average, machine_name, tune_malloc  # noqa: E402
 from reference import ReferenceLM, load_fnlm_params  # noqa: E402
 
 LR, BETAS, EPS, WEIGHT_DECAY, MAX_NORM = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
@@ -60,13 +65,14 @@ def sync(device: str) -> None:
 
 
 class FnlmRunner:
-    """fnlm's functional training step; holds the current params and optimizer state."""
+    """`fnlm.train_step` at a constant learning rate; holds the current `TrainState`.
 
-    name = "fnlm"
+    `compile_mode`: `None` (eager), `"loss"` (the loss compiled, gradients and optimizer eager, as
+    (b) compiled is) or `"step"` (the whole `train_step` under `torch.compile(fullgraph=True)`, from
+    a state with tensor step counters so that it compiles once).
+    """
 
     def __init__(self, config, params, device, autocast, compile_mode: str | None):
-        self.config = config
-
         def loss_fn(p, x, y):
             with autocast():
                 logits = fnlm.transformer_lm(p, x, config)
@@ -74,35 +80,28 @@ class FnlmRunner:
 
         if compile_mode == "loss":
             loss_fn = torch.compile(loss_fn, fullgraph=True)
-        grad_fn = fnlm.value_and_grad(loss_fn)
-
-        def step(p, state, x, y):
-            loss, grads = grad_fn(p, x, y)
-            grads = fnlm.clip_grad_norm(grads, MAX_NORM)
-            p, state = fnlm.adamw_step(p, state, grads, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
-            return p, state, loss
-
-        if compile_mode == "step":
-            step = torch.compile(step)
+        step_config = fnlm.StepConfig(lr=LR, min_lr=LR, warmup_steps=0, cosine_steps=0, betas=BETAS, eps=EPS,
+                                      weight_decay=WEIGHT_DECAY, grad_clip=MAX_NORM)
+        step = functools.partial(fnlm.train_step, loss_fn=loss_fn, config=step_config)
+        self.name = "fnlm" if compile_mode is None else f"fnlm compiled {compile_mode}"
         self._loss_fn = loss_fn
-        self._step = step
-        self.params = params
-        self.state = fnlm.adamw_init(params)
+        self._step = torch.compile(step, fullgraph=True) if compile_mode == "step" else step
+        self.state = fnlm.init_train_state(params, step_tensor=compile_mode == "step")
 
     def loss(self, x, y) -> float:
         with torch.no_grad():
-            return float(self._loss_fn(self.params, x, y))
+            return float(self._loss_fn(self.state.params, x, y))
 
     def step(self, x, y):
-        self.params, self.state, loss = self._step(self.params, self.state, x, y)
-        return loss
+        self.state, metrics = self._step(self.state, x, y)
+        return metrics["loss"]
 
 
 class TorchRunner:
     """A hand-written module with torch.optim.AdamW(foreach=True) and clip_grad_norm_."""
 
     def __init__(self, name, config, flat_params, device, autocast, fused: bool, compile_model: bool):
-        self.name = name
+        self.name = name + (" compiled loss" if compile_model else "")
         self.model = ReferenceLM(config, fused=fused).to(device)
         load_fnlm_params(self.model, flat_params)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=BETAS, eps=EPS,
@@ -132,7 +131,7 @@ class TorchRunner:
         return loss.detach()
 
 
-def build(args, which: tuple[str, ...], compile_: bool):
+def build(args, which: tuple[str, ...], compile_mode: str | None = None):
     device = args.device
     dtype = DTYPES[args.dtype]
     config = make_config(args)
@@ -148,11 +147,11 @@ def build(args, which: tuple[str, ...], compile_: bool):
     runners = []
     for w in which:
         if w == "fnlm":
-            runners.append(FnlmRunner(config, params, device, autocast, args.fnlm_compile if compile_ else None))
+            runners.append(FnlmRunner(config, params, device, autocast, compile_mode))
         elif w == "a":
             runners.append(TorchRunner("(a) module", config, flat, device, autocast, fused=False, compile_model=False))
         elif w == "b":
-            runners.append(TorchRunner("(b) fused", config, flat, device, autocast, fused=True, compile_model=compile_))
+            runners.append(TorchRunner("(b) fused", config, flat, device, autocast, fused=True, compile_model=compile_mode is not None))
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, args.vocab, (args.batch, args.context), generator=g).to(device)
     y = torch.randint(0, args.vocab, (args.batch, args.context), generator=g).to(device)
@@ -169,8 +168,9 @@ def check_agree(runners, x, y, when: str, tol: float) -> list[float]:
 
 
 def time_runners(runners, x, y, device, warmup: int, steps: int, cpu_times: dict | None = None) -> dict[str, list[float]]:
-    """Alternate the runners' steps; wall-clock seconds per step by name (and process CPU seconds
-    into ``cpu_times``, a figure less disturbed by other processes on a shared machine)."""
+    """Alternate the runners' steps, rotating which goes first each round (a fixed order measurably
+    favours some positions); wall-clock seconds per step by name (and process CPU seconds into
+    ``cpu_times``, a figure less disturbed by other processes on a shared machine)."""
     for _ in range(warmup):
         for r in runners:
             r.step(x, y)
@@ -178,8 +178,8 @@ def time_runners(runners, x, y, device, warmup: int, steps: int, cpu_times: dict
     times = {r.name: [] for r in runners}
     if cpu_times is not None:
         cpu_times.update({r.name: [] for r in runners})
-    for _ in range(steps):
-        for r in runners:
+    for i in range(steps):
+        for r in runners[i % len(runners):] + runners[: i % len(runners)]:
             sync(device)
             start, cpu_start = time.perf_counter(), time.process_time()
             r.step(x, y)
@@ -217,10 +217,10 @@ def report(times: dict[str, list[float]], args, config, baseline_names: list[str
 
 
 def run_eager(args) -> None:
-    config, runners, x, y = build(args, ("fnlm", "a", "b"), compile_=False)
+    config, runners, x, y = build(args, ("fnlm", "a", "b"))
     tol = 1e-4 if args.dtype == "fp32" else 2e-2
     losses = check_agree(runners, x, y, "at step 0", tol)
-    print("loss at step 0: " + ", ".join(f"{r.name} {v:.5f}" for r, v in zip(runners, losses)))
+    print("eager; loss at step 0: " + ", ".join(f"{r.name} {v:.5f}" for r, v in zip(runners, losses)))
     cpu_times: dict[str, list[float]] = {}
     times = time_runners(runners, x, y, args.device, args.warmup, args.steps, cpu_times)
     losses = check_agree(runners, x, y, f"after {args.warmup + args.steps} steps", 50 * tol)
@@ -231,35 +231,26 @@ def run_eager(args) -> None:
 def run_compiled(args) -> None:
     import torch._dynamo
 
-    config, eager, x, y = build(args, ("fnlm", "b"), compile_=False)
-    _, compiled, _, _ = build(args, ("fnlm", "b"), compile_=True)
-    eager[0].name, eager[1].name = "fnlm eager", "(b) eager"
-    compiled[0].name, compiled[1].name = f"fnlm compiled[{args.fnlm_compile}]", "(b) compiled"
-
-    def model_only(p, ids):
-        return fnlm.transformer_lm(p, ids, config)
-
-    explanation = torch._dynamo.explain(model_only)(eager[0].params, x)
-    print(f"dynamo explain over transformer_lm: {explanation.graph_count} graph(s), "
+    modes = [m for m in args.compile_modes.split(",") if m]
+    config, runners, x, y = build(args, ("b",), compile_mode="loss")
+    for mode in modes:
+        runners.insert(len(runners) - 1, build(args, ("fnlm",), compile_mode=mode)[1][0])
+    explanation = torch._dynamo.explain(lambda p, ids: fnlm.transformer_lm(p, ids, config))(runners[0].state.params, x)
+    print(f"\ncompiled; dynamo explain over transformer_lm: {explanation.graph_count} graph(s), "
           f"{explanation.graph_break_count} graph break(s)")
-    for reason in explanation.break_reasons:
-        print(f"  break: {reason.reason}")
     torch._dynamo.reset()
-
-    runners = [compiled[0], eager[0], compiled[1], eager[1]]
     tol = 1e-4 if args.dtype == "fp32" else 2e-2
     start = time.perf_counter()
     losses = check_agree(runners, x, y, "at step 0", tol)
-    print("loss at step 0: " + ", ".join(f"{r.name} {v:.5f}" for r, v in zip(runners, losses)))
-    for r in compiled:
+    for r in runners:
         r.step(x, y)
     sync(args.device)
-    print(f"compile + first steps: {time.perf_counter() - start:.1f} s")
+    print(f"compile + first steps: {time.perf_counter() - start:.1f} s; loss at step 0: "
+          + ", ".join(f"{r.name} {v:.5f}" for r, v in zip(runners, losses)))
     cpu_times: dict[str, list[float]] = {}
     times = time_runners(runners, x, y, args.device, args.warmup, args.steps, cpu_times)
-    medians = report(times, args, config, ["(b) compiled", "(b) eager"], cpu_times=cpu_times)
-    name = compiled[0].name
-    print(f"  ratio {name}/fnlm eager: {medians[name] / medians['fnlm eager']:.3f}")
+    check_agree(runners, x, y, f"after {args.warmup + args.steps + 1} steps", 50 * tol)
+    report(times, args, config, ["(b) fused compiled loss"], cpu_times=cpu_times, label="compiled: ")
 
 
 def child(args) -> None:
@@ -268,7 +259,7 @@ def child(args) -> None:
 
     start_rss = psutil.Process().memory_info().rss
     which = (args.child_runner,)
-    config, runners, x, y = build(args, which, compile_=False)
+    config, runners, x, y = build(args, which)
     r = runners[0]
     if args.child_mode == "time":
         times = time_runners(runners, x, y, args.device, args.warmup, args.steps)
@@ -364,9 +355,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="subprocess pairs for --typecheck / --memory")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--fnlm-compile", choices=("loss", "step"), default="loss",
-                   help="compile fnlm's loss function (autograd outside) or the whole step")
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="keep freed memory in glibc's heap (mallopt), so fresh tensors do not page-fault")
+    p.add_argument("--no-compile", action="store_true", help="eager ratios only")
+    p.add_argument("--compile-only", action="store_true", help="compiled ratios only")
+    p.add_argument("--compile-modes", default="step",
+                   help="comma-separated fnlm compile modes: step (the whole train_step, fullgraph), loss")
     p.add_argument("--typecheck", action="store_true")
     p.add_argument("--memory", action="store_true")
     p.add_argument("--child-runner", help=argparse.SUPPRESS)
@@ -378,25 +372,29 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc = tune_malloc() if args.tune_malloc else None
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.child_runner:
         child(args)
         return
     config = make_config(args)
-    print(f"machine: {machine_name(args.device)}")
+    print(f"machine: {machine_name(args.device)}; {load_average()}")
     print(f"model: d_model {config.d_model}, {config.num_layers} layers, {config.num_heads} heads, "
           f"d_ff {config.d_ff}, vocab {config.vocab_size}; {accounting.parameter_count(config):,} parameters; "
           f"batch {args.batch} x context {args.context}, {args.device} {args.dtype}; "
-          f"shape checks {'ON' if fnlm.typecheck_enabled() else 'off'}")
+          f"shape checks {'ON' if fnlm.typecheck_enabled() else 'off'}; "
+          f"glibc malloc {'tuned (mallopt)' if malloc else 'default' if malloc is None else 'tuning failed'}")
     if args.typecheck:
         run_typecheck(args)
     elif args.memory:
         run_memory(args)
-    elif args.compile:
-        run_compiled(args)
     else:
-        run_eager(args)
+        if not args.compile_only:
+            run_eager(args)
+        if not args.no_compile:
+            run_compiled(args)
+    print(f"done; {load_average()}")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,8 @@ from fnlm.types import Float, Int, Tensor
 
 __all__ = [
     "TransformerConfig",
+    "check_params",
+    "check_token_ids",
     "KVCache",
     "init_kv_cache",
     "transformer_block",
@@ -334,6 +336,129 @@ def param_names(config: TransformerConfig) -> set[str]:
     return names | {f"layers.{i}.{n}" for i in range(config.num_layers) for n in layer}
 
 
+_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_token_ids(token_ids: Any, name: str = "token_ids") -> None:
+    """Raise `TypeError` unless `token_ids` is an integer tensor, and `ValueError` unless it has a
+    non-empty `seq` axis. Reads only the type, dtype and shape: no host sync, nothing for
+    `torch.compile` to break on.
+
+    **Arguments:**
+
+    - `token_ids`: what was passed as the ids.
+    - `name`: the argument's name for the message.
+    """
+    if not isinstance(token_ids, Tensor):
+        hint = f"; wrap it: torch.tensor({name}, dtype=torch.long)" if isinstance(token_ids, (list, tuple)) else ""
+        raise TypeError(
+            f"{name} must be a torch.Tensor of integer ids, shape (..., seq); got {type(token_ids).__name__}{hint}"
+        )
+    if token_ids.dtype not in _ID_DTYPES:
+        raise TypeError(f"{name} must hold integer ids (int64, int32, ...), got dtype {token_ids.dtype}")
+    if token_ids.ndim == 0 or token_ids.numel() == 0:
+        raise ValueError(
+            f"{name} must have shape (..., seq) with at least one token, got shape {tuple(token_ids.shape)}"
+        )
+
+
+Spec = tuple[tuple[tuple[Any, ...], tuple[int, ...], str], ...]
+
+
+def _param_spec(config: TransformerConfig, layers: bool, final_norm: bool) -> Spec:
+    """The `(path, shape, from)` of every parameter `transformer_lm` reads for `config` (without
+    the layers' or the final norm's when those are the caller's own); cached in eager calls
+    (dynamo traces the uncached builder instead of warning about a cache wrapper)."""
+    if torch.compiler.is_compiling():
+        return _build_spec(config, layers, final_norm)
+    return _cached_spec(config, layers, final_norm)
+
+
+def _build_spec(config: TransformerConfig, layers: bool, final_norm: bool) -> Spec:
+    c = config
+    spec = [(("token_embeddings", "weight"), (c.vocab_size, c.d_model), "(vocab_size, d_model)")]
+    if layers:
+        square, up, down = (c.d_model, c.d_model), (c.d_ff, c.d_model), (c.d_model, c.d_ff)
+        projections = ("q_proj", "k_proj", "v_proj", "output_proj")
+        layer = [(("attn", n, "weight"), square, "(d_model, d_model)") for n in projections]
+        layer += [(("ffn", "w1", "weight"), up, "(d_ff, d_model)"), (("ffn", "w2", "weight"), down, "(d_model, d_ff)")]
+        layer += [(("ffn", "w3", "weight"), up, "(d_ff, d_model)")] if c.ffn == "swiglu" else []
+        layer += [((n, "weight"), (c.d_model,), "(d_model,)") for n in ("ln1", "ln2")] if c.norm != "none" else []
+        spec += [(("layers", i, *path), shape, what) for i in range(c.num_layers) for path, shape, what in layer]
+    if c.norm != "none" and final_norm:
+        spec.append((("ln_final", "weight"), (c.d_model,), "(d_model,)"))
+    spec.append((("lm_head", "weight"), (c.vocab_size, c.d_model), "(vocab_size, d_model)"))
+    return tuple(spec)
+
+
+_cached_spec = functools.lru_cache(maxsize=64)(_build_spec)
+
+
+def _lookup(params: Any, path: tuple[Any, ...]) -> Any:
+    node = params
+    for depth, key in enumerate(path):
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            dotted = ".".join(str(k) for k in path)
+            where = ".".join(str(k) for k in path[:depth]) or "the top level"
+            raise ValueError(f"params is missing {dotted!r} (no {key!r} under {where})") from None
+    return node
+
+
+def check_params(params: Any, config: TransformerConfig, *, layers: bool = True, final_norm: bool = True) -> None:
+    """Check that `params` has every parameter `transformer_lm(params, ids, config)` reads, with
+    the shape `config` gives it: the tree structure, the shapes and floating dtypes (no values).
+
+    Raises `ValueError` naming the dotted path (`'layers.0.attn.q_proj.weight'`) and the expected
+    and given shapes, or `TypeError` for a leaf that is not a floating tensor. Extra entries are
+    allowed (blocks may read more). The head count cannot be checked here: `W_q` is
+    `(d_model, d_model)` for any `num_heads`. About 20 µs for a 4-layer model.
+
+    **Arguments:**
+
+    - `params`: the params tree.
+    - `config`: the `TransformerConfig` it is used with.
+    - `layers`: check every layer's parameters (the default blocks read them); `False` checks only
+      the embedding, final norm, LM head and the number of layers (for a custom `block`).
+    - `final_norm`: check `ln_final` (the config's final norm reads it); `False` for a custom one.
+    """
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict (a params tree), got {type(params).__name__}")
+    n_layers = len(_lookup(params, ("layers",)))
+    if n_layers != config.num_layers:
+        raise ValueError(f"params have {n_layers} layers but config.num_layers={config.num_layers}")
+    for path, shape, what in _param_spec(config, layers, final_norm):
+        leaf = _lookup(params, path)
+        if not isinstance(leaf, Tensor) or not leaf.is_floating_point():
+            kind = f"dtype {leaf.dtype}" if isinstance(leaf, Tensor) else type(leaf).__name__
+            raise TypeError(f"params {'.'.join(map(str, path))!r} must be a floating tensor, got {kind}")
+        if leaf.shape != shape:
+            raise ValueError(
+                f"params {'.'.join(map(str, path))!r} has shape {tuple(leaf.shape)}, but config "
+                f"(vocab_size={config.vocab_size}, d_model={config.d_model}, d_ff={config.d_ff}) "
+                f"expects {what} = {shape}"
+            )
+
+
+def _check_cache(kv_cache: KVCache, config: TransformerConfig) -> None:
+    shape = tuple(kv_cache.keys[0].shape[-3:]) if kv_cache.keys else ()
+    expected = (config.num_heads, kv_cache.max_len if kv_cache.keys else 0, config.d_head)
+    if len(kv_cache.keys) != config.num_layers or shape != expected:
+        raise ValueError(
+            f"kv_cache holds {len(kv_cache.keys)} layers of (heads, max_len, d_head) = {shape}, but config has "
+            f"num_layers={config.num_layers}, num_heads={config.num_heads}, d_head={config.d_head}; "
+            "make it with init_kv_cache(config)"
+        )
+
+
+def _missing_in_block(error: KeyError, layer: int, config: TransformerConfig) -> ValueError:
+    key = error.args[0] if error.args else "?"
+    known = [n for n in param_names(config) if n.startswith(f"layers.{layer}.") and f".{key}." in f".{n}."]
+    where = repr(known[0]) if known else f"{key!r} under 'layers.{layer}'"
+    return ValueError(f"params is missing {where}: the block of layer {layer} read it (KeyError {key!r})")
+
+
 def transformer_lm(
     params: Params,
     token_ids: Int[Tensor, "... seq"],
@@ -349,6 +474,11 @@ def transformer_lm(
     Pure unless `kv_cache` is given. Sequences shorter than `context_length` work; longer ones
     raise. RoPE angles and the causal mask are built once per call and shared by all layers.
 
+    Cheap checks run on every call (type, dtype and shape of the ids; the params' structure and
+    shapes against `config`, `check_params`; about 20-30 µs, no host sync, nothing that breaks
+    `torch.compile` or `vmap`) and raise `TypeError`/`ValueError` naming the argument. The ids'
+    range is checked by `embedding` in eager CPU calls.
+
     **Arguments:**
 
     - `params`: the tree from `init_transformer_lm`.
@@ -362,10 +492,12 @@ def transformer_lm(
     - `final_norm`: `norm(params["ln_final"] or None, x) -> x`; from `config.norm` when `None`.
     - `kv_cache`: a `KVCache` (`init_kv_cache`) holding `kv_cache.length` earlier tokens; this
       call's keys and values are written into it and its length advanced, and the new tokens
-      attend to all cached ones.
+      attend to all cached ones (over the whole buffer, masked: static shapes at every step).
 
     **Returns:** logits `(..., seq, vocab)`.
     """
+    check_token_ids(token_ids)
+    check_params(params, config, layers=block is None, final_norm=final_norm is None)
     seq = token_ids.shape[-1]
     start = 0 if kv_cache is None else kv_cache.length
     limit = config.context_length if kv_cache is None else min(kv_cache.max_len, config.context_length)
@@ -374,9 +506,8 @@ def transformer_lm(
             f"sequence too long: {start} cached + {seq} new tokens > {limit} "
             f"(context_length={config.context_length})"
         )
-    layers = params["layers"]
-    if len(layers) != config.num_layers:
-        raise ValueError(f"params have {len(layers)} layers but config.num_layers={config.num_layers}")
+    if kv_cache is not None:
+        _check_cache(kv_cache, config)
     ctx = attention_context(
         num_heads=config.num_heads,
         seq_len=seq,
@@ -384,15 +515,29 @@ def transformer_lm(
         rope_theta=config.rope_theta if config.position == "rope" else None,
         positions=positions,
         start=start,
+        kv_len=None if kv_cache is None else kv_cache.max_len,
         device=token_ids.device,
     )
-    block = block_from_config(config) if block is None else block
-    final_norm = NORMS[config.norm] if final_norm is None else final_norm
-
-    x = embedding(params["token_embeddings"], token_ids)
-    for i, layer in enumerate(layers):
-        layer_ctx = ctx if kv_cache is None else ctx._replace(kv=LayerKV(kv_cache.keys[i], kv_cache.values[i], start))
-        x = block(layer, x, layer_ctx)
+    x = _blocks(params, embedding(params["token_embeddings"], token_ids), ctx, config, block, kv_cache, start)
     if kv_cache is not None:
         kv_cache.length = start + seq
+    final_norm = NORMS[config.norm] if final_norm is None else final_norm
     return linear(params["lm_head"], final_norm(params.get("ln_final"), x))
+
+
+def _blocks(
+    params: Params, x: Tensor, ctx: AttentionContext, config: TransformerConfig,
+    block: Callable[..., Tensor] | None, kv_cache: KVCache | None, start: int,
+) -> Tensor:
+    custom = block is not None
+    block = block if custom else block_from_config(config)
+    for i, layer in enumerate(params["layers"]):
+        layer_ctx = ctx if kv_cache is None else ctx._replace(kv=LayerKV(kv_cache.keys[i], kv_cache.values[i], start))
+        if not custom:
+            x = block(layer, x, layer_ctx)
+            continue
+        try:
+            x = block(layer, x, layer_ctx)
+        except KeyError as error:
+            raise _missing_in_block(error, i, config) from error
+    return x

@@ -103,8 +103,8 @@ def _check_step_count(state: Any, keys: tuple[str, ...], what: str) -> int:
         got = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{what} state must be a dict with keys {list(keys)}, got {got}")
     step = state["step"]
-    if isinstance(step, Tensor):
-        step = int(step.item())
+    if isinstance(step, Tensor) and step.ndim == 0 and not step.is_floating_point() and step.dtype != torch.bool:
+        return step  # a 0-d integer tensor stays one (a compiled step then compiles once)
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"{what} state['step'] must be a non-negative int, got {step!r}")
     return step
@@ -132,12 +132,16 @@ _FUSED_DEVICES = ("cpu", "cuda")
 
 
 def _can_fuse(params: list[Tensor], grads: list[Tensor], m: list[Tensor], v: list[Tensor], lr: Any, weight_decay: float) -> bool:
+    """Whether torch's fused AdamW kernel applies. It reads the four tensors of a parameter as if
+    they had one layout: a gradient with other strides than its parameter (a transposed one) is
+    mis-read silently, so such trees take the multi-tensor path."""
     if isinstance(lr, Tensor) or lr * weight_decay >= 1.0 or torch.compiler.is_compiling():
         return False
     device, dtype = params[0].device, params[0].dtype
     if device.type not in _FUSED_DEVICES or not dtype.is_floating_point:
         return False
-    return all(
+    same_layout = all(g.stride() == p.stride() == a.stride() == b.stride() for p, g, a, b in zip(params, grads, m, v))
+    return same_layout and all(
         t.device == device and t.dtype == dtype and not t.requires_grad
         for group in (params, grads, m, v)
         for t in group
@@ -224,8 +228,9 @@ def _adamw_update(
         torch._foreach_addcmul_(new_v, grads, grads, value=1.0 - beta2)
         denom = torch._foreach_sqrt(new_v)
         torch._foreach_add_(denom, eps)
-        alpha_t = lr * (math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step))
-        if isinstance(lr, Tensor):
+        correction = (1.0 - beta2**step).sqrt() if isinstance(step, Tensor) else math.sqrt(1.0 - beta2**step)
+        alpha_t = lr * (correction / (1.0 - beta1**step))
+        if isinstance(alpha_t, Tensor):
             new_params = torch._foreach_div(new_m, denom)
             torch._foreach_mul_(new_params, alpha_t.to(params[0].device))
             new_params = torch._foreach_sub(params, new_params)

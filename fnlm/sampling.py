@@ -8,11 +8,12 @@ new_ids = generate(params, config, tokenizer.encode("Once upon a time"), max_new
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 
-from fnlm.model import TransformerConfig, init_kv_cache, transformer_lm
+from fnlm.model import TransformerConfig, check_params, init_kv_cache, transformer_lm
 from fnlm.nn import softmax
 from fnlm.types import Bool, Float, Int, Tensor
 
@@ -92,6 +93,10 @@ def generate(
     """Continue `prompt_ids` by up to `max_new_tokens` tokens.
 
     With the KV cache (the default) the prompt is run once (prefill) and then one token per step.
+    Every step has the same shapes (the attention reads the whole cache buffer, masked), and the
+    prefill pads the prompt at its end to a power of two (causal attention: padding never changes
+    the earlier positions' logits), so einx, which traces each new shape once per process (~0.1 s),
+    meets a handful of shapes however long the prompts and the generation.
     **Beyond the context length** the model always conditions on the most recent
     `context_length` tokens (a sliding window), exactly as recomputing the window each step
     would: a prompt longer than the context is cut to its last `context_length` tokens, and once
@@ -102,7 +107,8 @@ def generate(
     **Arguments:**
 
     - `params`, `config`: the model (as for `transformer_lm`).
-    - `prompt_ids`: a non-empty sequence of token ids (list or 1-D tensor).
+    - `prompt_ids`: a non-empty sequence of token ids: a list of ints or a 1-D integer tensor
+      (floats, bools and empty prompts raise a `TypeError`/`ValueError` naming `prompt_ids`).
     - `max_new_tokens`: the most tokens to generate.
     - `temperature`, `top_p`: see `sample_next_token`; `temperature=0` is greedy.
     - `eos_id`: stop as soon as this id is produced (it is not included in the result).
@@ -115,14 +121,12 @@ def generate(
     _check_sampling(temperature, top_p)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    ids = [int(t) for t in (prompt_ids.reshape(-1).tolist() if isinstance(prompt_ids, Tensor) else prompt_ids)]
-    if not ids:
-        raise ValueError("prompt_ids is empty: generation needs at least one token to condition on")
-    bad = [t for t in ids if not 0 <= t < config.vocab_size]
-    if bad:
-        raise ValueError(f"prompt ids must lie in [0, {config.vocab_size}); got {bad[:8]}")
-    if eos_id is not None and not 0 <= eos_id < config.vocab_size:
-        raise ValueError(f"eos_id must lie in [0, {config.vocab_size}), got {eos_id!r}")
+    ids = _prompt_list(prompt_ids, config.vocab_size)
+    if eos_id is not None and (
+        not isinstance(eos_id, numbers.Integral) or isinstance(eos_id, bool) or not 0 <= eos_id < config.vocab_size
+    ):
+        raise ValueError(f"eos_id must be an int in [0, {config.vocab_size}), got {eos_id!r}")
+    check_params(params, config, layers=block is None, final_norm=final_norm is None)
 
     weight = params["token_embeddings"]["weight"]
     device, dtype = weight.device, weight.dtype
@@ -132,19 +136,28 @@ def generate(
     else:
         generator.manual_seed(seed)
     window = config.context_length
-    cache = None
+    cache = init_kv_cache(config, device=device, dtype=dtype) if use_cache and max_new_tokens else None
 
     def logits_for(tokens: list[int]) -> Tensor:
         x = torch.tensor(tokens, dtype=torch.long, device=device)
         return transformer_lm(params, x, config, block=block, final_norm=final_norm, kv_cache=cache)[-1]
 
+    def prefill(tokens: list[int]) -> Tensor:
+        if cache is None:
+            return logits_for(tokens)
+        cache.reset()
+        n = len(tokens)
+        size = min(1 << (n - 1).bit_length(), cache.max_len)
+        x = torch.tensor(tokens + [0] * (size - n), dtype=torch.long, device=device)
+        logits = transformer_lm(params, x, config, block=block, final_norm=final_norm, kv_cache=cache)[n - 1]
+        cache.length = n
+        return logits
+
     new: list[int] = []
+    if max_new_tokens == 0:
+        return new
     with torch.inference_mode():
-        if max_new_tokens == 0:
-            return new
-        if use_cache:
-            cache = init_kv_cache(config, device=device, dtype=dtype)
-        logits = logits_for(ids[-window:])
+        logits = prefill(ids[-window:])
         while True:
             token = int(sample_next_token(logits, temperature=temperature, top_p=top_p, generator=generator))
             if token == eos_id:
@@ -156,7 +169,31 @@ def generate(
             if cache is not None and cache.length < window:
                 logits = logits_for([token])
             else:
-                if cache is not None:
-                    cache.reset()
-                logits = logits_for(ids[-window:])
+                logits = prefill(ids[-window:])
     return new
+
+
+def _prompt_list(prompt_ids: Sequence[int] | Tensor, vocab_size: int) -> list[int]:
+    """`prompt_ids` as a list of ints, or a `TypeError`/`ValueError` naming what is wrong."""
+    if not isinstance(prompt_ids, (Tensor, list, tuple)) and hasattr(prompt_ids, "__array__"):
+        prompt_ids = torch.as_tensor(prompt_ids)
+    if isinstance(prompt_ids, Tensor):
+        if prompt_ids.dtype == torch.bool or prompt_ids.is_floating_point() or prompt_ids.is_complex():
+            raise TypeError(f"prompt_ids must hold integer ids, got a tensor of dtype {prompt_ids.dtype}")
+        if prompt_ids.ndim != 1:
+            raise ValueError(f"prompt_ids must be one sequence, a 1-D tensor, got shape {tuple(prompt_ids.shape)}")
+        ids = prompt_ids.tolist()
+    elif isinstance(prompt_ids, (list, tuple)):
+        ids = list(prompt_ids)
+        bad = next((i for i, t in enumerate(ids) if not isinstance(t, numbers.Integral) or isinstance(t, bool)), None)
+        if bad is not None:
+            raise TypeError(f"prompt_ids must be ints, got {ids[bad]!r} ({type(ids[bad]).__name__}) at index {bad}")
+        ids = [int(t) for t in ids]
+    else:
+        raise TypeError(f"prompt_ids must be a list of ints or a 1-D integer tensor, got {type(prompt_ids).__name__}")
+    if not ids:
+        raise ValueError("prompt_ids is empty: generation needs at least one token to condition on")
+    out = [t for t in ids if not 0 <= t < vocab_size]
+    if out:
+        raise ValueError(f"prompt ids must lie in [0, {vocab_size}) (vocab_size={vocab_size}); got {out[:8]}")
+    return ids

@@ -1,8 +1,11 @@
 """An independent plain-PyTorch Transformer LM used as a reference by the tests: torch ops only
 (F.linear, F.rms_norm, F.silu, F.scaled_dot_product_attention) and RoPE through complex
-multiplication, the pairs (2k, 2k+1) read as one complex number."""
+multiplication, the pairs (2k, 2k+1) read as one complex number; and `rope_reference`, RoPE as
+explicit float64 2x2 rotation matrices."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,25 @@ def rope_complex(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     rot = torch.polar(torch.ones_like(angles), angles)
     xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], d // 2, 2).contiguous())
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+
+
+def rope_reference(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Block-diagonal 2×2 rotation matrices R_p (float64), applied as R_p x for each position."""
+    d = x.shape[-1]
+    xb = x.double()
+    pos = positions.expand(xb.shape[:-1])
+    out = torch.empty_like(xb)
+    for idx in torch.cartesian_prod(*[torch.arange(s) for s in xb.shape[:-1]]).reshape(-1, xb.dim() - 1):
+        idx = tuple(idx.tolist())
+        p = pos[idx].item()
+        rot = torch.zeros(d, d, dtype=torch.float64)
+        for k in range(d // 2):
+            a = p / theta ** (2 * k / d)
+            rot[2 * k : 2 * k + 2, 2 * k : 2 * k + 2] = torch.tensor(
+                [[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=torch.float64
+            )
+        out[idx] = rot @ xb[idx]
+    return out.to(x.dtype)
 
 
 def reference_block(

@@ -70,6 +70,7 @@ def test_get_batch_errors():
         run_get_batch(np.arange(100), 4, 7, "cuda:99")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_get_batch_cuda():
     x, y = fnlm.get_batch(np.arange(100), 4, 8, "cuda")

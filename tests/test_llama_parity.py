@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 def interleaved_to_half_split(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     d_head = w.shape[0] // num_heads
     order = torch.cat([torch.arange(0, d_head, 2), torch.arange(1, d_head, 2)])
-    return w.view(num_heads, d_head, -1)[:, order].reshape(w.shape)
+    return w.reshape(num_heads, d_head, -1)[:, order].reshape(w.shape)
 
 
 def llama_from_fnlm(params: dict, config: fnlm.TransformerConfig) -> torch.nn.Module:

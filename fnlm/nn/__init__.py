@@ -10,7 +10,7 @@ every device.
 - `embedding`: `init_embedding`, `embedding`
 - `norm`: `init_rmsnorm`, `rmsnorm`, `no_norm`
 - `ffn`: `silu`, `swiglu_d_ff`, `init_swiglu`, `swiglu`, `init_silu_ffn`, `silu_ffn`
-- `rope`: `RopeCache`, `rope_cos_sin`, `rope_cache`, `rope_rotate`, `rope`
+- `rope`: `RopeCache`, `rope_cos_sin`, `rope_cache`, `rope_tables`, `rope_rotate_tables`, `rope_rotate`, `rope`
 - `attention`: `softmax`, `causal_mask`, `scaled_dot_product_attention`, `split_heads`,
   `merge_heads`, `AttentionContext`, `attention_context`, `LayerKV`, `kv_append`,
   `rope_position`, `no_position`, `self_attention`, `nope_self_attention`,
@@ -38,12 +38,12 @@ from fnlm.nn.embedding import embedding, init_embedding
 from fnlm.nn.ffn import init_silu_ffn, init_swiglu, silu, silu_ffn, swiglu, swiglu_d_ff
 from fnlm.nn.linear import init_linear, linear
 from fnlm.nn.norm import init_rmsnorm, no_norm, rmsnorm
-from fnlm.nn.rope import RopeCache, rope, rope_cache, rope_cos_sin, rope_rotate
+from fnlm.nn.rope import RopeCache, rope, rope_cache, rope_cos_sin, rope_rotate, rope_rotate_tables, rope_tables
 
 __all__ = [
     "init_linear", "linear", "init_embedding", "embedding", "init_rmsnorm", "rmsnorm", "no_norm",
     "silu", "swiglu_d_ff", "init_swiglu", "swiglu", "init_silu_ffn", "silu_ffn",
-    "RopeCache", "rope_cos_sin", "rope_cache", "rope_rotate", "rope",
+    "RopeCache", "rope_cos_sin", "rope_cache", "rope_tables", "rope_rotate_tables", "rope_rotate", "rope",
     "softmax", "causal_mask", "scaled_dot_product_attention", "split_heads", "merge_heads",
     "LayerKV", "AttentionContext", "attention_context", "kv_append", "rope_position", "no_position",
     "self_attention", "nope_self_attention", "init_multihead_self_attention", "multihead_self_attention",

@@ -7,7 +7,6 @@ import math
 
 import torch
 
-from fnlm.nn._autograd import _apply, _SiLUClassic, _SiLUFn
 from fnlm.nn._common import _check_positive
 from fnlm.nn.linear import init_linear, linear
 from fnlm.types import Float, Tensor
@@ -16,8 +15,10 @@ __all__ = ["silu", "swiglu_d_ff", "init_swiglu", "swiglu", "init_silu_ffn", "sil
 
 
 def silu(x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
-    """SiLU (swish): `x · σ(x)`, elementwise (hand-written forward and backward)."""
-    return _apply(_SiLUFn, _SiLUClassic, x)[0]
+    """SiLU (swish): `x · σ(x)`, elementwise: torch's fused kernel, one pass forward and one
+    backward. (A hand-written `x · σ(x)` with its own backward took 2.6 ms against 1.2 ms for
+    `silu(a) · b` forward + backward at the 17M model's 4×128×1344.)"""
+    return torch.nn.functional.silu(x)
 
 
 def swiglu_d_ff(d_model: int, multiple_of: int = 64) -> int:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from fnlm.nn._autograd import _apply, _RMSNormClassic, _RMSNormFn
+from fnlm.nn._autograd import _RMSNormFn
 from fnlm.nn._common import _cast, _check_positive, _upcast
 from fnlm.types import Float, Tensor
 
@@ -23,11 +23,15 @@ def init_rmsnorm(
 
 def _rmsnorm(weight: Float[Tensor, "d_model"], x: Float[Tensor, "... d_model"], eps: float) -> Float[Tensor, "... d_model"]:
     x32 = _upcast(x)
-    return _cast(_apply(_RMSNormFn, _RMSNormClassic, x32, _cast(weight, x32.dtype), eps)[0], x.dtype)
+    return _cast(_RMSNormFn.apply(x32, _cast(weight, x32.dtype), eps)[0], x.dtype)
 
 
 def rmsnorm(params: dict[str, Tensor], x: Float[Tensor, "... d_model"], *, eps: float = 1e-5) -> Float[Tensor, "... d_model"]:
     """RMSNorm: `x / sqrt(mean(x²) + eps) * g`, computed in (at least) float32 and cast back to `x.dtype`.
+
+    The mean of squares is `einx.mean("... ([d_model])", x * x)` (kept as a length-1 axis); the
+    products are plain torch. The backward is hand-written and keeps only `x`, `g` and the
+    per-row `1/sqrt(mean(x²) + eps)`.
 
     **Arguments:**
 

@@ -1,16 +1,18 @@
 """Rotary position embedding with interleaved pairs `(2k, 2k+1)` (the CS336 convention):
-`rope_cos_sin` / `rope_cache` tabulate the angles, `rope_rotate` / `rope` rotate."""
+`rope_cos_sin` / `rope_cache` tabulate the angles, `rope_tables` spreads them over the pairs,
+`rope_rotate` / `rope_rotate_tables` / `rope` rotate."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import einx
 import torch
 
 from fnlm.nn._common import _cast, _check_positive
 from fnlm.types import Float, Int, Tensor
 
-__all__ = ["RopeCache", "rope_cos_sin", "rope_cache", "rope_rotate", "rope"]
+__all__ = ["RopeCache", "rope_cos_sin", "rope_cache", "rope_tables", "rope_rotate_tables", "rope_rotate", "rope"]
 
 
 class RopeCache(NamedTuple):
@@ -64,13 +66,48 @@ def rope_cache(
     return RopeCache(*rope_cos_sin(torch.arange(max_seq_len, device=device), d_head, theta))
 
 
+def rope_tables(
+    cos: Float[Tensor, "*pos half"], sin: Float[Tensor, "*pos half"]
+) -> tuple[Float[Tensor, "*pos d_head"], Float[Tensor, "*pos d_head"]]:
+    """The rotation tables over the interleaved pairs, `d_head = (half two)`: `cos θ_k` for both
+    entries of pair `k`, and `(-sin θ_k, +sin θ_k)`.
+
+    `rope_rotate` rotates with them as `x · cos + swap(x) · sin`, where `swap` exchanges the two
+    entries of each pair. `attention_context` builds them once per forward for every layer.
+
+    **Arguments:**
+
+    - `cos`, `sin`: `(*pos, d_head // 2)`, as returned by `rope_cos_sin`.
+
+    **Returns:** `(cos, signed_sin)`, each `(*pos, d_head)`.
+    """
+    sign = torch.tensor([-1.0, 1.0], dtype=sin.dtype, device=sin.device)
+    cos = einx.id("... half -> ... (half two)", cos, two=2)
+    return cos, einx.multiply("... half, two -> ... (half two)", sin, sign)
+
+
+def rope_rotate_tables(
+    x: Float[Tensor, "... seq d_head"], cos: Float[Tensor, "... seq d_head"], sin: Float[Tensor, "... seq d_head"]
+) -> Float[Tensor, "... seq d_head"]:
+    """Rotate each interleaved pair of `x` with tables from `rope_tables` (broadcast against `x`):
+    `x · cos + swap(x) · sin`, where `swap = einx.flip("... (half [two])", x, two=2)` exchanges
+    the two entries of each pair, so pair `(a, b)` becomes `(a cos θ - b sin θ, b cos θ + a sin θ)`."""
+    cos, sin = _cast(cos, x.dtype), _cast(sin, x.dtype)
+    return x * cos + einx.flip("... (half [two])", x, two=2) * sin
+
+
 def rope_rotate(
     x: Float[Tensor, "... seq d_head"], cos: Float[Tensor, "... seq half"], sin: Float[Tensor, "... seq half"]
 ) -> Float[Tensor, "... seq d_head"]:
     """Rotate each interleaved pair `(x[2k], x[2k+1])` by the angle whose cosine and sine are given.
 
     `cos` and `sin` broadcast against `x` without its last dim (e.g. `(seq, half)` for every batch
-    and head, or `(batch, 1, seq, half)` for per-sequence positions with a heads dim).
+    and head, or `(batch, 1, seq, half)` for per-sequence positions with a heads dim). Written with
+    the pair axis `d_head = (half two)`: `rope_tables` spreads the angles over the pairs and
+    `rope_rotate_tables` applies `x · cos + swap(x) · sin`. (The same rotation as one
+    `einx.dot("... seq (half [i]), seq half o [i] -> ... seq (half o)", x, R)` with 2×2 matrices
+    `R` measured 5x slower: a batched product with inner size 2; elementwise products over
+    `(seq, d_head)` tables measured 1.7x faster than products broadcast over a `two` axis.)
 
     **Arguments:**
 
@@ -79,11 +116,7 @@ def rope_rotate(
 
     **Returns:** `(..., seq, d_head)`, dtype of `x`.
     """
-    cos, sin = _cast(cos, x.dtype), _cast(sin, x.dtype)
-    pairs = x.unflatten(-1, (-1, 2))  # (..., seq, half, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (..., seq, half, 2)
-    return rotated.flatten(-2)
+    return rope_rotate_tables(x, *rope_tables(cos, sin))
 
 
 def rope(x: Float[Tensor, "... seq d_head"], positions: Int[Tensor, "... seq"], cache: RopeCache) -> Float[Tensor, "... seq d_head"]:

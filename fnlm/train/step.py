@@ -18,17 +18,18 @@ one definition of what a step is.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
 from fnlm.autodiff import value_and_grad
-from fnlm.optim import adamw_init, adamw_step, clip_grad_norm_with_norm, cosine_schedule, global_norm
-from fnlm.tree import Tree
-from fnlm.types import Tensor
+from fnlm.optim import CLIP_EPS, adamw_init, adamw_step, clip_grad_norm_with_norm, cosine_schedule, global_norm
+from fnlm.tree import Tree, tree_flatten
+from fnlm.types import Tensor, tracing
 
-__all__ = ["TrainState", "StepConfig", "init_train_state", "train_step"]
+__all__ = ["TrainState", "StepConfig", "init_train_state", "learning_rate", "train_step"]
 
 
 class TrainState(NamedTuple):
@@ -67,13 +68,53 @@ class StepConfig(NamedTuple):
     grad_clip: float = 1.0
 
 
-def init_train_state(params: Tree) -> TrainState:
-    """A fresh `TrainState`: `params`, zero AdamW moments, `step = 0`."""
-    return TrainState(params, adamw_init(params), 0)
+def init_train_state(params: Tree, *, step_tensor: bool = False) -> TrainState:
+    """A fresh `TrainState`: `params`, zero AdamW moments, `step = 0`.
+
+    With `step_tensor=True` the step counters (`state.step`, `opt_state["step"]`) are 0-d int64
+    tensors on the params' device: a `torch.compile`d `train_step` then compiles once, with the
+    learning-rate schedule computed in tensor ops inside the graph (with a Python int it guards on
+    the value and recompiles as it changes).
+    """
+    opt_state = adamw_init(params)
+    if not step_tensor:
+        return TrainState(params, opt_state, 0)
+    device = next(iter(tree_flatten(params).values())).device
+    opt_state["step"] = torch.zeros((), dtype=torch.int64, device=device)
+    return TrainState(params, opt_state, torch.zeros((), dtype=torch.int64, device=device))
+
+
+def learning_rate(step: int | Tensor, config: StepConfig) -> float | Tensor:
+    """The cosine schedule's rate at `step` (`cosine_schedule`); for a 0-d tensor `step`, the same
+    formula in tensor ops (float64), so a compiled step has no branch on the step's value."""
+    if not isinstance(step, Tensor):
+        return cosine_schedule(step, config.lr, config.min_lr, config.warmup_steps, config.cosine_steps)
+    t = step.to(torch.float64)
+    warm, cycle = config.warmup_steps, config.cosine_steps
+    rising = t / warm * config.lr if warm > 0 else t * 0 + config.lr
+    progress = ((t - warm) / max(cycle - warm, 1)).clamp(0.0, 1.0)
+    falling = config.min_lr + 0.5 * (1.0 + torch.cos(math.pi * progress)) * (config.lr - config.min_lr)
+    return torch.where(t < warm, rising, falling)
 
 
 def _identity(tree: Tree) -> Tree:
     return tree
+
+
+def _clip_own_grads(grads: Tree, max_norm: float) -> tuple[Tree, Tensor]:
+    """`clip_grad_norm_with_norm` for the gradients this step made itself: nothing else holds them,
+    so they are scaled in place (the pure function allocates a new 90 MB tree at 17M, which
+    measured 46 ms against 11 ms in place, 2 threads), except under `torch.compile` and
+    `torch.func` transforms, which get the pure function. `max_norm` 0 leaves them unclipped."""
+    if max_norm <= 0:
+        return grads, global_norm(grads)
+    if tracing():
+        return clip_grad_norm_with_norm(grads, max_norm)
+    norm = global_norm(grads)
+    leaves = [g for g in tree_flatten(grads).values() if g is not None]
+    with torch.no_grad():
+        torch._foreach_mul_(leaves, (max_norm / (norm + CLIP_EPS)).clamp(max=1.0))
+    return grads, norm
 
 
 def train_step(
@@ -89,7 +130,8 @@ def train_step(
 
     **Arguments:**
 
-    - `state`: the `TrainState` before the step.
+    - `state`: the `TrainState` before the step (its `step` an int, or a 0-d tensor from
+      `init_train_state(..., step_tensor=True)` for a compiled step).
     - `x`, `y`: a batch of inputs and targets, e.g. int64 `(batch, seq)` from `get_batch`.
     - `loss_fn`: `(params, x, y) -> scalar loss`.
     - `config`: a `StepConfig`.
@@ -98,14 +140,15 @@ def train_step(
 
     **Returns:** `(new_state, metrics)` with `metrics = {"loss", "grad_norm", "lr"}`: the loss and
     the gradient norm before clipping as 0-d tensors (no host sync), and the learning rate used.
+
+    Compiles whole: `torch.compile(functools.partial(train_step, loss_fn=..., config=...),
+    fullgraph=True)` is one graph with no break (gradients through `torch.func` there, since
+    `torch.autograd.grad` breaks a graph); start it from `init_train_state(params, step_tensor=True)`.
     """
-    lr = cosine_schedule(state.step, config.lr, config.min_lr, config.warmup_steps, config.cosine_steps)
-    loss, grads = value_and_grad(loss_fn)(state.params, x, y)
-    grads = sync_grads(grads)
-    if config.grad_clip > 0:
-        grads, norm = clip_grad_norm_with_norm(grads, config.grad_clip)
-    else:
-        norm = global_norm(grads)
+    lr = learning_rate(state.step, config)
+    backend = "func" if torch.compiler.is_compiling() else "autograd"
+    loss, grads = value_and_grad(loss_fn, backend=backend)(state.params, x, y)
+    grads, norm = _clip_own_grads(sync_grads(grads), config.grad_clip)
     params, opt_state = adamw_step(
         state.params, state.opt_state, grads, lr=lr, betas=config.betas, eps=config.eps,
         weight_decay=config.weight_decay,

@@ -128,7 +128,7 @@ def test_nope_has_no_positional_parameters_and_no_rotation(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("RoPE was used")
 
-    monkeypatch.setattr(fnlm.nn.attention, "rope_rotate", boom)
+    monkeypatch.setattr(fnlm.nn.attention, "rope_rotate_tables", boom)
     NOPE.model_fn(params, IDS, config)
     monkeypatch.setattr(fnlm.nn.attention, "rope_cos_sin", boom)
     NOPE.model_fn(params, IDS, config)

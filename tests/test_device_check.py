@@ -1,0 +1,31 @@
+"""`benchmarks/device_check.py` runs end to end without CUDA (its tiny CPU version) and prints every
+figure it promises: the CUDA tests' summary, tokens/s, MFU, peak memory, the projected time for
+327,680,000 tokens and the ratio to the fused-kernel baseline."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def test_device_check_runs_its_tiny_cpu_version():
+    env = {k: v for k, v in os.environ.items() if k != "FNLM_TYPECHECK"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    done = subprocess.run([sys.executable, "benchmarks/device_check.py", "--steps", "3", "--warmup", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    assert re.search(r"CUDA tests: \d+ skipped.*tests/test_cuda\.py", out), out
+    for name in ("fnlm.train_step", "baseline: ReferenceLM"):
+        line = next(line for line in out.splitlines() if name in line)
+        assert re.search(r"[\d,]+ tokens/s +MFU +[\d.]+% +peak memory +[\d.]+ GiB.*327\.68M tokens in +[\d.]+ min", line), line
+    assert re.search(r"fnlm / baseline: tokens/s [\d.]+, step time [\d.]+", out), out
