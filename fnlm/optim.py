@@ -424,7 +424,7 @@ def _sgd_update(
             for p, g, d in zip(params, grads, decay):
                 if d and _has_decay(weight_decay):
                     g = g + weight_decay * p
-                out.append(p - lr * g)
+                out.append(p.sub_(lr * g) if donate else p - lr * g)
             return out
         if _has_decay(weight_decay) and any(decay):
             idx = [i for i, d in enumerate(decay) if d]

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from fnlm.train.evaluation import evaluate
+from fnlm.train.evaluation import evaluate, lm_loss_fn
 from fnlm.train.hooks import Checkpointer, Evaluator, Hook, ProgressBar, default_hooks
 from fnlm.train.loop import _setup, _summary, draw_batch
 from fnlm.train.parallel import Parallel
@@ -433,12 +433,14 @@ def train_vectorized(
 
     _check_configs(train_configs, out_dirs)
     runs: list[Run] = []
+    model_fn = model_fn or transformer_lm
     for tc, out in zip(train_configs, out_dirs):
-        runs.append(_setup(model_config, dataclasses.replace(tc, compile=False), valid_tokens, out,
-                           model_fn or transformer_lm, Parallel(), extra_checkpoint_data,
-                           peak_flops=runs[0].peak_flops if runs else None))
-        runs[-1].overwrite = overwrite
-        runs[-1].out.mkdir(parents=True, exist_ok=True)
+        run = _setup(model_config, tc, valid_tokens, out, model_fn, Parallel(), extra_checkpoint_data,
+                     peak_flops=runs[0].peak_flops if runs else None)
+        autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if run.bf16 else None
+        run.loss_fn, run.overwrite = lm_loss_fn(model_fn, model_config, autocast), overwrite
+        run.out.mkdir(parents=True, exist_ok=True)
+        runs.append(run)
     state = init_stacked(init_fn or init_transformer_lm, model_config, [tc.seed for tc in train_configs],
                          device=runs[0].device)
     shared = _Evaluations(runs[0].loss_fn, [tc.seed for tc in train_configs])
