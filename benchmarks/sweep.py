@@ -14,7 +14,7 @@ sequential / vectorized, and every run's final validation loss both ways with th
 difference. The machine's load average is printed before and after: on a shared machine the
 times are noisy, the CPU times less so.
 
-    python benchmarks/sweep.py [--steps 150] [--lrs 1e-3,...] [--rounds 1] [--threads N]
+    python benchmarks/sweep.py [--steps 150] [--lrs 1e-3,...] [--rounds 1] [--threads N] [--chunk-size N]
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def run_sweep(work: Path, data: Path, args: argparse.Namespace, vectorize: bool,
     cmd = [sys.executable, str(SCRIPT), "--preset", args.preset, "--steps", str(args.steps), "--lrs", args.lrs,
            "--out", str(out), "--quiet"] + (["--vectorize"] if vectorize else [])
     cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--chunk-size", str(args.chunk_size)] if vectorize and args.chunk_size else []
     cpu0, t0 = _children_cpu(), time.perf_counter()
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lrs", default=LRS, help="the swept peak learning rates")
     p.add_argument("--rounds", type=int, default=1, help="sequential/vectorized pairs, alternating")
     p.add_argument("--threads", type=int, help="torch threads in the runs (default: torch's choice)")
+    p.add_argument("--chunk-size", type=int, help="the vectorized run's --chunk-size (default: all models at once)")
     p.add_argument("--keep", help="keep the run folders in this directory")
     args = p.parse_args(argv)
     print(f"machine: {machine_name()}; load average {os.getloadavg()[0]:.2f} (1 min), {os.getloadavg()[1]:.2f} (5 min)")

@@ -130,6 +130,7 @@ def train_variant_sweep(
     *,
     explode_factor: float = 2.0,
     keep_checkpoints: bool = False,
+    chunk_size: int | None = None,
 ) -> list[RunResult]:
     """Train several runs of one ablation at once, as one vectorized run (`torch.func.vmap` over the
     models); each gives what `train_variant` would give for it, up to float rounding.
@@ -140,6 +141,7 @@ def train_variant_sweep(
       for `train_variant`.
     - `train_configs`: one per run; they may differ only in `lr`, `min_lr`, `weight_decay` and `seed`.
     - `out_dirs`, `labels`: each run's folder and row name.
+    - `chunk_size`: vmap over at most this many runs at a time (`None`: all at once).
 
     **Returns:** one `RunResult` per run, in order. A run that diverges stops alone (its records end
     there, `diverged_at` set); the others go on.
@@ -150,7 +152,7 @@ def train_variant_sweep(
     by_folder = {str(out): r for out, r in zip(outs, results)}
     summaries = train_vectorized(config, train_configs, train_tokens, valid_tokens, outs, model_fn=ablation.model_fn,
                                  init_fn=ablation.init_fn, hooks=_hooks(config, explode_factor, by_folder),
-                                 extra_checkpoint_data={"ablation": ablation.name})
+                                 extra_checkpoint_data={"ablation": ablation.name}, chunk_size=chunk_size)
     for result, summary, out in zip(results, summaries, outs):
         _finish(result, summary, out, keep_checkpoints)
     return results

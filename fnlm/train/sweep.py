@@ -162,6 +162,7 @@ def vectorized_step(
     loss_fn: Callable[[Tree, Tensor, Tensor], Tensor],
     config: StepConfig,
     per_model_batches: bool = False,
+    chunk_size: int | None = None,
 ) -> tuple[TrainState, dict[str, Tensor]]:
     """`train_step` on K stacked models at once (`torch.func.vmap` over the model axis); pure.
 
@@ -175,6 +176,10 @@ def vectorized_step(
     - `config`: a `StepConfig`; `lr`, `min_lr` and `weight_decay` may be tensors of shape `(K,)`
       (per model, as :func:`stack_step_configs` makes them) or shared floats.
     - `per_model_batches`: `x` and `y` have a leading model axis.
+    - `chunk_size`: vmap over at most this many models at a time (`None`: all at once). Smaller
+      chunks keep the largest activations (the logits: models x batch x seq x vocab) small enough
+      for the CPU's cache and for malloc's heap, which can be faster on CPU; the results are
+      the same.
 
     **Returns:** `(new_state, metrics)`: the stacked new state, and `loss`, `grad_norm`, `lr` as
     tensors of shape `(K,)`.
@@ -185,6 +190,10 @@ def vectorized_step(
         raise ValueError(f"with per_model_batches, x and y need a leading model axis of size {k}, "
                          f"got x {tuple(x.shape)}, y {tuple(y.shape)}")
     hyper = {name: _per_model(getattr(config, name), k, name, like) for name in _HYPER}
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is not None and chunk_size < k:
+        return _chunked(state, x, y, loss_fn, config._replace(**hyper), per_model_batches, chunk_size, k)
 
     def one(s: TrainState, xb: Tensor, yb: Tensor, h: dict[str, Tensor]) -> tuple[TrainState, dict[str, Any]]:
         return train_step(s, xb, yb, loss_fn=loss_fn, config=config._replace(**h))
@@ -194,13 +203,39 @@ def vectorized_step(
     return torch.func.vmap(one, in_dims=(dims, data, data, 0), out_dims=(dims, 0))(state, x, y, hyper)
 
 
+def _chunked(state: TrainState, x: Tensor, y: Tensor, loss_fn: Callable, config: StepConfig,
+             per_model_batches: bool, chunk_size: int, k: int) -> tuple[TrainState, dict[str, Tensor]]:
+    """`vectorized_step` on consecutive chunks of the models (views), the results concatenated."""
+    parts = []
+    for i in range(0, k, chunk_size):
+        n = min(chunk_size, k - i)
+        rows = (lambda t: t.narrow(0, i, n))  # noqa: E731
+        data = (rows(x), rows(y)) if per_model_batches else (x, y)
+        part_config = config._replace(**{name: rows(getattr(config, name)) for name in _HYPER})
+        parts.append(vectorized_step(_map_tensors(rows, state), *data, loss_fn=loss_fn, config=part_config,
+                                     per_model_batches=per_model_batches))
+    return _concat([p[0] for p in parts]), {key: torch.cat([p[1][key] for p in parts]) for key in parts[0][1]}
+
+
+def _concat(trees: list[Any]) -> Any:
+    """Stacked trees of the same structure joined along the model axis."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {key: _concat([t[key] for t in trees]) for key in first}
+    if isinstance(first, tuple) and hasattr(type(first), "_fields"):
+        return type(first)(*(_concat([t[i] for t in trees]) for i in range(len(first))))
+    if isinstance(first, (list, tuple)):
+        return type(first)(_concat([t[i] for t in trees]) for i in range(len(first)))
+    return torch.cat(trees) if isinstance(first, Tensor) else first
+
+
 class _Evaluations:
     """Validation losses of the models in the stack at the current step, computed for all of them
     at once (`vmap` of the loss; one `evaluate` per seed, whose windows it fixes) on first request."""
 
-    def __init__(self, loss_fn: Callable, seeds: list[int]):
+    def __init__(self, loss_fn: Callable, seeds: list[int], chunk_size: int | None):
         self.loss_fn, self.seeds = loss_fn, seeds
-        self.vloss = torch.func.vmap(loss_fn, in_dims=(0, None, None))
+        self.vloss = torch.func.vmap(loss_fn, in_dims=(0, None, None), chunk_size=chunk_size)
         self.state: TrainState | None = None
         self.alive: list[int] = []
         self.values: dict[int, float] = {}
@@ -344,14 +379,15 @@ class _Stack:
             self.config = self.config._replace(**{n: getattr(self.config, n)[keep] for n in _HYPER})
 
 
-def _steps(runs: list[Run], stack: _Stack, train_tokens: Any, shared: _Evaluations, bar: Any) -> None:
+def _steps(runs: list[Run], stack: _Stack, train_tokens: Any, shared: _Evaluations, bar: Any,
+           chunk_size: int | None) -> None:
     total, context_length, device = runs[0].total, runs[0].context_length, runs[0].device
     while stack.state.step < total and stack.alive:
         t0 = time.perf_counter()
         x, y, per_model = _batches(train_tokens, [runs[k].train_config for k in stack.alive], context_length,
                                    stack.state.step, device)
         stack.state, metrics = vectorized_step(stack.state, x, y, loss_fn=runs[0].loss_fn, config=stack.config,
-                                               per_model_batches=per_model)
+                                               per_model_batches=per_model, chunk_size=chunk_size)
         end = time.perf_counter()
         shared.begin(stack.state, stack.alive)
         views = _step_hooks(runs, stack.alive, stack.state, metrics, end - t0, end)
@@ -369,12 +405,12 @@ def _steps(runs: list[Run], stack: _Stack, train_tokens: Any, shared: _Evaluatio
 
 
 def _vectorized_loop(runs: list[Run], state: TrainState, train_tokens: Any, shared: _Evaluations,
-                     bar: Any) -> list[TrainState]:
+                     bar: Any, chunk_size: int | None) -> list[TrainState]:
     """Step the stack until every model has finished or stopped; a model that stops leaves the
     stack with its state frozen. Returns each model's final state."""
     stack = _Stack(state, list(range(len(runs))), _hyper([r.train_config for r in runs], runs[0].total))
     try:
-        _steps(runs, stack, train_tokens, shared, bar)
+        _steps(runs, stack, train_tokens, shared, bar, chunk_size)
     except KeyboardInterrupt:
         bar.close()
         for k, view in zip(stack.alive, tree_unstack(stack.state) if stack.alive else []):
@@ -399,6 +435,7 @@ def train_vectorized(
     overwrite: bool = False,
     hooks: Callable[[Run], Sequence[Hook]] | None = None,
     extra_checkpoint_data: dict[str, Any] | None = None,
+    chunk_size: int | None = None,
 ) -> list[dict[str, Any]]:
     """Train one model per `TrainConfig`, all at once: `fnlm.train.train` for K models in one
     vectorized loop.
@@ -425,6 +462,8 @@ def train_vectorized(
       `Evaluator` and `Checkpointer` are replaced by vectorized equivalents, its `ProgressBar`
       dropped.
     - `extra_checkpoint_data`: more plain data stored in each checkpoint.
+    - `chunk_size`: vmap over at most this many models at a time (see :func:`vectorized_step`);
+      `None`: all at once.
 
     **Returns:** one summary per model, with the keys of `train`'s summary.
     """
@@ -443,11 +482,11 @@ def train_vectorized(
         runs.append(run)
     state = init_stacked(init_fn or init_transformer_lm, model_config, [tc.seed for tc in train_configs],
                          device=runs[0].device)
-    shared = _Evaluations(runs[0].loss_fn, [tc.seed for tc in train_configs])
+    shared = _Evaluations(runs[0].loss_fn, [tc.seed for tc in train_configs], chunk_size)
     _start(runs, state, hooks or default_hooks, shared)
     bar = progress_bar(total=runs[0].total, desc=f"{len(runs)} models", unit="step", dynamic_ncols=True,
                        disable=not any(tc.progress for tc in train_configs))
-    finals = _vectorized_loop(runs, state, train_tokens, shared, bar)
+    finals = _vectorized_loop(runs, state, train_tokens, shared, bar, chunk_size)
     bar.close()
     for run, final in zip(runs, finals):
         for hook in run.hooks:

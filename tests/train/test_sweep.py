@@ -34,8 +34,8 @@ def _close(a, b, what):
             assert x == y, what
 
 
-@pytest.mark.parametrize("per_model_batches", [False, True])
-def test_vectorized_step_equals_train_step_for_each_model(per_model_batches):
+@pytest.mark.parametrize("per_model_batches, chunk_size", [(False, None), (True, None), (False, 2)])
+def test_vectorized_step_equals_train_step_for_each_model(per_model_batches, chunk_size):
     seeds, lrs, wds = [0, 1, 2], [3e-3, 1e-2, 3e-2], [0.0, 0.1, 0.3]
     configs = [fnlm.StepConfig(lr=lr, min_lr=lr / 10, warmup_steps=2, cosine_steps=6, weight_decay=wd)
                for lr, wd in zip(lrs, wds)]
@@ -53,7 +53,7 @@ def test_vectorized_step_equals_train_step_for_each_model(per_model_batches):
             x, y = batches[0]
             batches = [batches[0]] * 3
         state, metrics = vectorized_step(state, x, y, loss_fn=loss_fn, config=stacked_config,
-                                         per_model_batches=per_model_batches)
+                                         per_model_batches=per_model_batches, chunk_size=chunk_size)
         for k in range(3):
             singles[k], m = fnlm.train_step(singles[k], *batches[k], loss_fn=loss_fn, config=configs[k])
             torch.testing.assert_close(metrics["loss"][k], m["loss"], rtol=1e-5, atol=1e-6)
@@ -76,6 +76,8 @@ def test_stack_step_configs_and_vectorized_step_check_their_input():
     x3 = torch.zeros(3, 4, 8, dtype=torch.long)
     with pytest.raises(ValueError, match=r"leading model axis of size 2, got x \(3, 4, 8\)"):
         vectorized_step(state, x3, x3, loss_fn=loss_fn, config=cfg, per_model_batches=True)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        vectorized_step(state, x, x, loss_fn=loss_fn, config=cfg, chunk_size=0)
 
 
 TC = TrainConfig(batch_size=4, steps=16, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_interval=5, eval_batches=2,
@@ -98,7 +100,7 @@ def test_train_vectorized_equals_separate_runs_and_a_diverging_model_stops_alone
 
     data = dict(train_tokens=_tokens(), valid_tokens=_tokens(seed=1))
     outs = [tmp_path / f"vec{k}" for k in range(4)]
-    vec = train_vectorized(CONFIG, configs, out_dirs=outs, hooks=hooks, **data)
+    vec = train_vectorized(CONFIG, configs, out_dirs=outs, hooks=hooks, chunk_size=3, **data)
     seq = [train(CONFIG, tc, out_dir=tmp_path / f"seq{k}", hooks=hooks, **data) for k, tc in enumerate(configs)]
     assert [s["diverged"] for s in seq] == [False, False, False, True]
     assert [s["step"] for s in vec] == [s["step"] for s in seq] and seq[3]["step"] < 16
