@@ -8,7 +8,8 @@ Both are the real command line, each in a fresh process, on the same data:
 (the smoke preset's model: d_model 64, 2 layers, 2 heads, d_ff 192, context 64, batch 16, on the
 embedded story corpus; its BPE vocabulary, 2,110 tokens, sets the model's vocab). The data, tokenizer and
 token files are made once before timing and copied into each run's folder, so both find them cached.
-Printed: the sweep's training time as the script reports it (`summary.json` `seconds`: all runs,
+`--no-mmap` runs both with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2**36` (glibc), which keeps freed
+blocks over 32 MB for reuse. Printed: the sweep's training time as the script reports it (`summary.json` `seconds`: all runs,
 evaluation and outputs, without the data stages), the whole process's wall and CPU time, the ratio
 sequential / vectorized, and every run's final validation loss both ways with the largest
 difference. The machine's load average is printed before and after: on a shared machine the
@@ -42,10 +43,13 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _env() -> dict[str, str]:
+NO_MMAP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
+
+
+def _env(no_mmap: bool = False) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "FNLM_TYPECHECK"}
     env["PYTHONPATH"] = str(REPO)
-    return env
+    return {**env, **NO_MMAP} if no_mmap else env
 
 
 def prepare(work: Path, preset: str) -> Path:
@@ -65,7 +69,7 @@ def run_sweep(work: Path, data: Path, args: argparse.Namespace, vectorize: bool,
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--chunk-size", str(args.chunk_size)] if vectorize and args.chunk_size else []
     cpu0, t0 = _children_cpu(), time.perf_counter()
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=_env(args.no_mmap), capture_output=True, text=True)
     wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -110,8 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, help="torch threads in the runs (default: torch's choice)")
     p.add_argument("--chunk-size", type=int, help="the vectorized run's --chunk-size (default: all models at once)")
     p.add_argument("--keep", help="keep the run folders in this directory")
+    p.add_argument("--no-mmap", action="store_true",
+                   help="run both with glibc's mmap for big blocks off (MALLOC_MMAP_MAX_=0): freed blocks over 32 MB "
+                        "(K models' logits) are then reused instead of returned to the OS and faulted back in")
     args = p.parse_args(argv)
-    print(f"machine: {machine_name()}; load average {os.getloadavg()[0]:.2f} (1 min), {os.getloadavg()[1]:.2f} (5 min)")
+    print(("glibc mmap off in both runs (" + " ".join(f"{k}={v}" for k, v in NO_MMAP.items()) + "); ")
+          * args.no_mmap + f"machine: {machine_name()}; load average {os.getloadavg()[0]:.2f} (1 min), {os.getloadavg()[1]:.2f} (5 min)")
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fnlm-sweep-bench-"))
     try:
         data = prepare(work, args.preset)

@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seeds, help="seed sweep, e.g. 0,1,2 (initialisation, batch order, evaluation windows)")
     p.add_argument("--vectorize", action="store_true",
                    help="train each variant's learning-rate and seed sweeps at once, as one vectorized run")
-    p.add_argument("--chunk-size", type=int, help="with --vectorize: vmap over at most this many runs at a time "
-                                                  "(default: all; smaller chunks can be faster on a CPU)")
+    p.add_argument("--chunk-size", type=int, help="with --vectorize: vmap over at most this many runs at a time, "
+                                                  "to bound memory (default: all at once)")
     p.add_argument("--compare", action="store_true", help="also run the variant comparison when sweeping")
     p.add_argument("--explode-factor", type=float, default=2.0,
                    help="a loss above this multiple of the best training loss so far counts as divergence")

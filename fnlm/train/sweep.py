@@ -176,10 +176,9 @@ def vectorized_step(
     - `config`: a `StepConfig`; `lr`, `min_lr` and `weight_decay` may be tensors of shape `(K,)`
       (per model, as :func:`stack_step_configs` makes them) or shared floats.
     - `per_model_batches`: `x` and `y` have a leading model axis.
-    - `chunk_size`: vmap over at most this many models at a time (`None`: all at once). Smaller
-      chunks keep the largest activations (the logits: models x batch x seq x vocab) small enough
-      for the CPU's cache and for malloc's heap, which can be faster on CPU; the results are
-      the same.
+    - `chunk_size`: vmap over at most this many models at a time (`None`: all at once), which
+      bounds the memory of the largest activations (the logits: models x batch x seq x vocab);
+      the results are bitwise the same.
 
     **Returns:** `(new_state, metrics)`: the stacked new state, and `loss`, `grad_norm`, `lr` as
     tensors of shape `(K,)`.
