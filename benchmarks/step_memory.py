@@ -52,8 +52,9 @@ def child(args: argparse.Namespace) -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import fnlm
     from reference import ReferenceLM, cross_entropy, load_fnlm_params
+
+    import fnlm
 
     baseline = _rss()
     config = fnlm.TransformerConfig(vocab_size=args.vocab, context_length=args.context, d_model=args.d_model,
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> None:
               f"(imports {imports / mib:.0f} MiB; final loss {runs[-1]['loss']:.4f})")
     donate = statistics.median(r["peak_above_imports"] for r in results["fnlm donate"])
     same = statistics.median(r["peak_above_imports"] for r in results["fnlm model + torch AdamW"])
-    print(f"\nfnlm donate / {BASELINE}: {donate / base:.3f}; fnlm donate / fnlm model + torch AdamW: {donate / same:.3f} "
-          f"(target <= 1.02); load average now {os.getloadavg()[0]:.2f}")
+    print(f"\nfnlm donate / {BASELINE}: {donate / base:.3f}; fnlm donate / fnlm model + torch AdamW: "
+          f"{donate / same:.3f} (target <= 1.02); load average now {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,15 @@
 
 Both are the real command line, each in a fresh process, on the same data:
 
-    python experiments/run_ablations.py --preset smoke --steps 150 --lrs <8 rates> --out DIR            # sequential
+    python experiments/run_ablations.py --preset smoke --steps 150 --lrs <8 rates> --out DIR    # sequential
     python experiments/run_ablations.py --preset smoke --steps 150 --lrs <8 rates> --out DIR --vectorize
 
 (the smoke preset's model: d_model 64, 2 layers, 2 heads, d_ff 192, context 64, batch 16, on the
 embedded story corpus; its BPE vocabulary, 2,110 tokens, sets the model's vocab). The data, tokenizer and
 token files are made once before timing and copied into each run's folder, so both find them cached.
 `--no-mmap` runs both with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2**36` (glibc), which keeps freed
-blocks over 32 MB for reuse. Printed: the sweep's training time as the script reports it (`summary.json` `seconds`: all runs,
-evaluation and outputs, without the data stages), the whole process's wall and CPU time, the ratio
+blocks over 32 MB for reuse. Printed: the sweep's training time as the script reports it (`summary.json`
+`seconds`: all runs, evaluation and outputs, without the data stages), the whole process's wall and CPU time, the ratio
 sequential / vectorized, and every run's final validation loss both ways with the largest
 difference. The machine's load average is printed before and after: on a shared machine the
 times are noisy, the CPU times less so.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -80,7 +81,7 @@ def run_sweep(work: Path, data: Path, args: argparse.Namespace, vectorize: bool,
 
 
 def _fmt(x: float | None) -> str:
-    return "diverged" if x is None or x != x else f"{x:.4f}"
+    return "diverged" if x is None or not math.isfinite(x) else f"{x:.4f}"
 
 
 def report(seq: list[dict], vec: list[dict], args: argparse.Namespace) -> None:
@@ -92,15 +93,18 @@ def report(seq: list[dict], vec: list[dict], args: argparse.Namespace) -> None:
     print(f"{'':>12} {'sweep (s)':>10} {'process wall (s)':>17} {'process CPU (s)':>16}")
     for name, runs in (("sequential", seq), ("vectorized", vec)):
         print(f"{name:>12} {med(runs, 'seconds'):10.1f} {med(runs, 'wall'):17.1f} {med(runs, 'cpu'):16.1f}")
-    print(f"{'ratio':>12} {med(seq, 'seconds') / med(vec, 'seconds'):10.2f} {med(seq, 'wall') / med(vec, 'wall'):17.2f} "
-          f"{med(seq, 'cpu') / med(vec, 'cpu'):16.2f}   (sequential / vectorized; target >= 3)")
+    ratios = [med(seq, key) / med(vec, key) for key in ("seconds", "wall", "cpu")]
+    print(f"{'ratio':>12} {ratios[0]:10.2f} {ratios[1]:17.2f} {ratios[2]:16.2f}   "
+          "(sequential / vectorized; target >= 3)")
     print("\nfinal validation loss per run (last round):")
     print(f"{'run':>10} {'sequential':>11} {'vectorized':>11} {'|diff|':>9}  status")
     worst = 0.0
     for a, b in zip(seq[-1]["rows"], vec[-1]["rows"]):
-        diff = abs(a["val_loss"] - b["val_loss"]) if a["val_loss"] is not None and b["val_loss"] is not None else 0.0
-        worst = max(worst, diff if diff == diff else float("inf"))
-        status = "ok" if a["diverged_at"] == b["diverged_at"] is None else f"diverged at {a['diverged_at']} / {b['diverged_at']}"
+        both = a["val_loss"] is not None and b["val_loss"] is not None
+        diff = abs(a["val_loss"] - b["val_loss"]) if both else 0.0
+        worst = max(worst, diff if math.isfinite(diff) else math.inf)
+        status = ("ok" if a["diverged_at"] == b["diverged_at"] is None
+                  else f"diverged at {a['diverged_at']} / {b['diverged_at']}")
         print(f"{a['label']:>10} {_fmt(a['val_loss']):>11} {_fmt(b['val_loss']):>11} {diff:9.2e}  {status}")
     print(f"largest |difference| of the final validation losses: {worst:.2e} (target <= 2e-3)")
 
@@ -118,8 +122,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="run both with glibc's mmap for big blocks off (MALLOC_MMAP_MAX_=0): freed blocks over 32 MB "
                         "(K models' logits) are then reused instead of returned to the OS and faulted back in")
     args = p.parse_args(argv)
-    print(("glibc mmap off in both runs (" + " ".join(f"{k}={v}" for k, v in NO_MMAP.items()) + "); ")
-          * args.no_mmap + f"machine: {machine_name()}; load average {os.getloadavg()[0]:.2f} (1 min), {os.getloadavg()[1]:.2f} (5 min)")
+    if args.no_mmap:
+        print("glibc mmap off in both runs: " + " ".join(f"{k}={v}" for k, v in NO_MMAP.items()))
+    print(f"machine: {machine_name()}; load average {os.getloadavg()[0]:.2f} (1 min), "
+          f"{os.getloadavg()[1]:.2f} (5 min)")
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fnlm-sweep-bench-"))
     try:
         data = prepare(work, args.preset)

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps per run (overrides the preset's steps/token budget)")
     p.add_argument("--lrs", type=_floats, help="learning-rate sweep, e.g. 1e-4,3e-4,1e-3,3e-3,1e-2")
     p.add_argument("--batch-sizes", type=_ints, help="batch-size sweep at a fixed token budget, e.g. 1,8,32")
-    p.add_argument("--seeds", type=_seeds, help="seed sweep, e.g. 0,1,2 (initialisation, batch order, evaluation windows)")
+    p.add_argument("--seeds", type=_seeds,
+                   help="seed sweep, e.g. 0,1,2 (initialisation, batch order, evaluation windows)")
     p.add_argument("--vectorize", action="store_true",
                    help="train each variant's learning-rate and seed sweeps at once, as one vectorized run")
     p.add_argument("--chunk-size", type=int, help="with --vectorize: vmap over at most this many runs at a time, "
@@ -190,7 +191,8 @@ def _sweeps(args: argparse.Namespace, jobs: list[_Job], done_runs: dict[str, Run
         plot_sweep_results(results, [j.value for j in jobs if j.sweep == "lr"], out / "lr_sweep.png",
                            name="peak learning rate", title=f"learning-rate sweep: {what}")
         _write(out, "lr_sweep", "Learning-rate sweep",
-               f"Budget: {budget}. Only the peak learning rate changes (min lr kept at the same fraction of it).{vec_note}",
+               f"Budget: {budget}. Only the peak learning rate changes (min lr kept at the same fraction of it)."
+               f"{vec_note}",
                results_table(results, first_column="run"))
         summary["lr_sweep"] = _rows(results)
     if args.seeds:

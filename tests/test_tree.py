@@ -1,7 +1,7 @@
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 
 import fnlm
 from fnlm.tree import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
@@ -88,7 +88,8 @@ def test_tree_stack_puts_a_model_axis_first_and_unstack_inverts_it():
         for a, b in zip(fnlm.tree_leaves(tree), fnlm.tree_leaves(again)):
             assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
     assert back[1]["emb"]["weight"].data_ptr() != trees[1]["emb"]["weight"].data_ptr()
-    assert back[1]["emb"]["weight"].untyped_storage().data_ptr() == stacked["emb"]["weight"].untyped_storage().data_ptr()
+    storage = back[1]["emb"]["weight"].untyped_storage()
+    assert storage.data_ptr() == stacked["emb"]["weight"].untyped_storage().data_ptr()
 
 
 def test_tree_stack_keeps_named_tuples():

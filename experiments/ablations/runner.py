@@ -21,7 +21,8 @@ from fnlm.train.plots import plot_runs, plot_sweep
 
 from .variant import Ablation
 
-__all__ = ["RunResult", "train_variant", "train_variant_sweep", "plot_comparison", "plot_sweep_results", "results_table"]
+__all__ = ["RunResult", "train_variant", "train_variant_sweep", "plot_comparison", "plot_sweep_results",
+           "results_table"]
 
 
 @dataclass

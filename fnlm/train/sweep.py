@@ -27,6 +27,7 @@ at that step with its state frozen, and the others go on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -207,13 +208,16 @@ def _chunked(state: TrainState, x: Tensor, y: Tensor, loss_fn: Callable, config:
     """`vectorized_step` on consecutive chunks of the models (views), the results concatenated."""
     parts = []
     for i in range(0, k, chunk_size):
-        n = min(chunk_size, k - i)
-        rows = (lambda t: t.narrow(0, i, n))  # noqa: E731
+        rows = functools.partial(_rows, start=i, length=min(chunk_size, k - i))
         data = (rows(x), rows(y)) if per_model_batches else (x, y)
         part_config = config._replace(**{name: rows(getattr(config, name)) for name in _HYPER})
         parts.append(vectorized_step(_map_tensors(rows, state), *data, loss_fn=loss_fn, config=part_config,
                                      per_model_batches=per_model_batches))
     return _concat([p[0] for p in parts]), {key: torch.cat([p[1][key] for p in parts]) for key in parts[0][1]}
+
+
+def _rows(t: Tensor, *, start: int, length: int) -> Tensor:
+    return t.narrow(0, start, length)
 
 
 def _concat(trees: list[Any]) -> Any:
@@ -266,9 +270,12 @@ class SweepEvaluator(Evaluator):
         super().__init__(interval, batches)
         self.shared, self.index = shared, index
 
+    def together(self, run: Run, step: int) -> bool:
+        """A scheduled evaluation (every model's at once), not one for a run that stops early."""
+        return step % self.interval == 0 or step == run.total
+
     def evaluate(self, run: Run, state: TrainState) -> float:
-        together = state.step % self.interval == 0 or state.step == run.total
-        return self.shared.value(self.index, run, state, self.batches, together)
+        return self.shared.value(self.index, run, state, self.batches, self.together(run, state.step))
 
 
 class _CopyingCheckpointer(Checkpointer):
@@ -347,11 +354,15 @@ def _start(runs: list[Run], state: TrainState, hooks: Callable[[Run], Sequence[H
 
 
 def _step_hooks(runs: list[Run], alive: list[int], state: TrainState, metrics: dict[str, Tensor],
-                seconds: float, end: float) -> list[TrainState]:
+                since: dict[int, float]) -> list[TrainState]:
+    """Each model's hooks for this step. A model's `step_seconds` is the time since its hooks last
+    started (one whole iteration: the vectorized step and every model's hooks), so its tokens/s is
+    its share of the run's throughput."""
     views = tree_unstack(state)
     for j, k in enumerate(alive):
         run = runs[k]
-        run._step_end, run.step_seconds, run.record = end, seconds, {}
+        run._step_end = time.perf_counter()
+        run.step_seconds, run.record, since[k] = run._step_end - since[k], {}, run._step_end
         mine = {name: value[j] for name, value in metrics.items()}
         for hook in run.hooks:
             hook.step(run, views[j], mine)
@@ -378,18 +389,28 @@ class _Stack:
             self.config = self.config._replace(**{n: getattr(self.config, n)[keep] for n in _HYPER})
 
 
+def _evaluate_first(runs: list[Run], alive: list[int], state: TrainState) -> None:
+    """Scheduled evaluations of all models before any model's hooks, so that every model's step time
+    includes them alike."""
+    for k in alive:
+        for hook in runs[k].hooks:
+            if isinstance(hook, SweepEvaluator) and hook.together(runs[k], state.step):
+                hook.shared.value(k, runs[k], state, hook.batches, True)
+                return
+
+
 def _steps(runs: list[Run], stack: _Stack, train_tokens: Any, shared: _Evaluations, bar: Any,
            chunk_size: int | None) -> None:
     total, context_length, device = runs[0].total, runs[0].context_length, runs[0].device
+    since = dict.fromkeys(stack.alive, time.perf_counter())
     while stack.state.step < total and stack.alive:
-        t0 = time.perf_counter()
         x, y, per_model = _batches(train_tokens, [runs[k].train_config for k in stack.alive], context_length,
                                    stack.state.step, device)
         stack.state, metrics = vectorized_step(stack.state, x, y, loss_fn=runs[0].loss_fn, config=stack.config,
                                                per_model_batches=per_model, chunk_size=chunk_size)
-        end = time.perf_counter()
         shared.begin(stack.state, stack.alive)
-        views = _step_hooks(runs, stack.alive, stack.state, metrics, end - t0, end)
+        _evaluate_first(runs, stack.alive, stack.state)
+        views = _step_hooks(runs, stack.alive, stack.state, metrics, since)
         bar.update(1)
         stopped = [j for j, k in enumerate(stack.alive) if runs[k].stopping]
         for j in stopped:
