@@ -1,4 +1,5 @@
-"""Time one AdamW update: fnlm.adamw_step (pure, new tensors) vs torch.optim.AdamW (in place).
+"""Time one AdamW update: fnlm.adamw_step (pure, new tensors; and with donate=True, in place) vs
+torch.optim.AdamW (in place).
 
 Parameters are a TinyStories-sized tree (~17M non-embedding + embeddings by default: 4 layers,
 d_model 512, d_ff 1344, vocab 10000). Baseline: `torch.optim.AdamW(foreach=True)`, the multi-tensor
@@ -77,10 +78,11 @@ def main() -> None:
 
     box = {"params": params, "state": fnlm.adamw_init(params)}
 
-    def fnlm_step(step=fnlm.adamw_step) -> None:
-        box["params"], box["state"] = step(box["params"], box["state"], grads, lr=1e-3, weight_decay=0.01)
+    def fnlm_step(step=fnlm.adamw_step, **kw) -> None:
+        box["params"], box["state"] = step(box["params"], box["state"], grads, lr=1e-3, weight_decay=0.01, **kw)
 
-    results = {"fnlm.adamw_step": median_time(fnlm_step, args.iters, args.device)}
+    results = {"fnlm.adamw_step": median_time(fnlm_step, args.iters, args.device),
+               "fnlm.adamw_step donate": median_time(lambda: fnlm_step(donate=True), args.iters, args.device)}
     if args.compile:
         compiled = torch.compile(fnlm.adamw_step)
         results["compiled fnlm.adamw_step"] = median_time(lambda: fnlm_step(compiled), args.iters, args.device)

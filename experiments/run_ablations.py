@@ -4,6 +4,7 @@
     python experiments/run_ablations.py --preset demo --out runs/ablations --only baseline,nope --steps 300
     python experiments/run_ablations.py --preset demo --out runs/lr --lrs 1e-4,3e-4,1e-3,3e-3,1e-2
     python experiments/run_ablations.py --preset demo --out runs/bs --batch-sizes 1,4,16,64
+    python experiments/run_ablations.py --preset demo --out runs/lr --lrs 1e-3,3e-3,1e-2 --seeds 0,1,2 --vectorize
 
 The data, tokenizer and token files come from the `train_tinystories.py` pipeline stages, made
 once in DIR and reused by every run (and by later invocations). Every model and training flag of
@@ -17,7 +18,16 @@ applies to every run. Outputs in DIR:
 - `batch_size_sweep.png`, `batch_size_sweep.md` with `--batch-sizes`: the **token budget** is
   fixed (steps = preset steps × preset batch / batch size; warm-up, evaluation interval and
   evaluation batches scaled the same way), the learning rate is not changed.
+- `seed_sweep.png`, `seed_sweep.md` with `--seeds`: one run per seed (initialisation, batch order and
+  evaluation windows), same settings otherwise.
 - `runs/<label>/metrics.jsonl` per run; `summary.json` with every table's rows.
+
+`--vectorize` trains the learning-rate and seed sweeps of a variant as one vectorized run: all its
+models at once, `torch.func.vmap` over their stacked parameters (`fnlm.train.sweep`). The outputs are
+the same files with the same records (each model's equal to its sequential run's up to float
+rounding); a run's wall time is then the shared run's, and its tokens/s its own share. The
+comparison of variants and the batch-size sweep change the model or the batch shape, so they run one
+after another as before.
 
 A run stops early and is marked diverged when a logged loss is NaN/inf, exceeds log(vocab)+1,
 or exceeds `--explode-factor` × the lowest training loss so far.
@@ -31,10 +41,18 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from ablations import ABLATIONS
-from ablations.runner import RunResult, plot_comparison, plot_sweep_results, results_table, train_variant
+from ablations.runner import (
+    RunResult,
+    plot_comparison,
+    plot_sweep_results,
+    results_table,
+    train_variant,
+    train_variant_sweep,
+)
 from tinystories import stages
 from tinystories.cli import resolve_settings
 from tinystories.presets import PRESETS
@@ -54,6 +72,13 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in values]
 
 
+def _seeds(text: str) -> list[int]:
+    values = _floats(text)
+    if any(v != int(v) or v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got {text!r}")
+    return [int(v) for v in values]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Compare fnlm ablations (and sweep learning rate / batch size) on identical data, seed and budget. "
@@ -67,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps per run (overrides the preset's steps/token budget)")
     p.add_argument("--lrs", type=_floats, help="learning-rate sweep, e.g. 1e-4,3e-4,1e-3,3e-3,1e-2")
     p.add_argument("--batch-sizes", type=_ints, help="batch-size sweep at a fixed token budget, e.g. 1,8,32")
+    p.add_argument("--seeds", type=_seeds,
+                   help="seed sweep, e.g. 0,1,2 (initialisation, batch order, evaluation windows)")
+    p.add_argument("--vectorize", action="store_true",
+                   help="train each variant's learning-rate and seed sweeps at once, as one vectorized run")
+    p.add_argument("--chunk-size", type=int, help="with --vectorize: vmap over at most this many runs at a time, "
+                                                  "to bound memory (default: all at once)")
     p.add_argument("--compare", action="store_true", help="also run the variant comparison when sweeping")
     p.add_argument("--explode-factor", type=float, default=2.0,
                    help="a loss above this multiple of the best training loss so far counts as divergence")
@@ -90,7 +121,7 @@ def _rows(results: list[RunResult]) -> list[dict]:
     return [{"label": r.label, "ablation": r.ablation, "params": r.params, "steps": r.steps,
              "train_loss": r.last("train_loss"), "val_loss": r.last("val_loss"), "wall_time": r.wall_time,
              "tokens_per_sec": r.last("tokens_per_sec"), "diverged_at": r.diverged_at, "reason": r.reason,
-             "lr": r.train_config.lr, "batch_size": r.train_config.batch_size,
+             "lr": r.train_config.lr, "batch_size": r.train_config.batch_size, "seed": r.train_config.seed,
              "model": dataclasses.asdict(r.config)} for r in results]
 
 
@@ -98,10 +129,89 @@ def _write(out: Path, stem: str, heading: str, note: str, table: str) -> None:
     (out / f"{stem}.md").write_text(f"## {heading}\n\n{note}\n\n{table}\n![{heading}]({stem}.png)\n", encoding="utf-8")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One run of a sweep: its variant, settings, row label, sweep and swept value."""
+
+    name: str
+    tc: Any
+    label: str
+    sweep: str
+    value: float
+
+
+def _sweep_jobs(args: argparse.Namespace, names: list[str], base_tc: Any) -> list[_Job]:
+    """The runs of the learning-rate and seed sweeps, per variant."""
+    jobs = []
+    for n in names:
+        prefix = f"{n}_" if len(names) > 1 else ""
+        for lr in args.lrs or []:
+            tc = dataclasses.replace(base_tc, lr=lr, min_lr=lr * base_tc.min_lr / base_tc.lr)
+            jobs.append(_Job(n, tc, f"{prefix}lr{lr:g}", "lr", lr))
+        for seed in args.seeds or []:
+            jobs.append(_Job(n, dataclasses.replace(base_tc, seed=seed), f"{prefix}seed{seed}", "seed", seed))
+    return jobs
+
+
+def _run_jobs(args: argparse.Namespace, jobs: list[_Job], config: Any, train_ids: Any, valid_ids: Any, out: Path,
+              run: Any) -> dict[str, RunResult]:
+    """Train the sweeps' runs: one after another, or with `--vectorize` one vectorized run per variant."""
+    if not args.vectorize:
+        return {j.label: run(j.name, j.tc, j.label) for j in jobs}
+    done = {}
+    for n in dict.fromkeys(j.name for j in jobs):
+        mine = [j for j in jobs if j.name == n]
+        print(f"[ablations] {n}: {len(mine)} runs at once ({', '.join(j.label for j in mine)})", file=sys.stderr,
+              flush=True)
+        results = train_variant_sweep(ABLATIONS[n], config, [j.tc for j in mine], train_ids, valid_ids,
+                                      [out / "runs" / j.label for j in mine], [j.label for j in mine],
+                                      explode_factor=args.explode_factor, keep_checkpoints=args.keep_checkpoints,
+                                      chunk_size=args.chunk_size)
+        done.update({j.label: r for j, r in zip(mine, results)})
+    return done
+
+
+def _spread(results: list[RunResult]) -> str:
+    finals = [r.last("val_loss") for r in results if not r.diverged and r.last("val_loss") == r.last("val_loss")]
+    if len(finals) < 2:
+        return ""
+    mean = sum(finals) / len(finals)
+    std = (sum((v - mean) ** 2 for v in finals) / (len(finals) - 1)) ** 0.5
+    return f"Final validation loss over {len(finals)} seeds: mean {mean:.4f}, standard deviation {std:.4f}."
+
+
+def _sweeps(args: argparse.Namespace, jobs: list[_Job], done_runs: dict[str, RunResult], out: Path, budget: str,
+            what: str, lr: float) -> dict:
+    """Plots, tables and summary rows of the learning-rate and seed sweeps."""
+    summary = {}
+    vec_note = (" All runs of a variant were trained at once, as one vectorized run (`--vectorize`): a run's wall "
+                "time is the shared run's, its tokens/s its own share.") if args.vectorize else ""
+    if args.lrs:
+        results = [done_runs[j.label] for j in jobs if j.sweep == "lr"]
+        plot_sweep_results(results, [j.value for j in jobs if j.sweep == "lr"], out / "lr_sweep.png",
+                           name="peak learning rate", title=f"learning-rate sweep: {what}")
+        _write(out, "lr_sweep", "Learning-rate sweep",
+               f"Budget: {budget}. Only the peak learning rate changes (min lr kept at the same fraction of it)."
+               f"{vec_note}",
+               results_table(results, first_column="run"))
+        summary["lr_sweep"] = _rows(results)
+    if args.seeds:
+        results = [done_runs[j.label] for j in jobs if j.sweep == "seed"]
+        plot_sweep_results(results, [j.value for j in jobs if j.sweep == "seed"], out / "seed_sweep.png", name="seed",
+                           log_x=False, title=f"seed sweep: {what}, lr {lr:g}")
+        _write(out, "seed_sweep", "Seed sweep",
+               f"Budget: {budget}. Only the seed changes (initialisation, batch order, evaluation windows). "
+               f"{_spread(results)}{vec_note}", results_table(results, first_column="run"))
+        summary["seed_sweep"] = _rows(results)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, passthrough = build_parser().parse_known_args(argv)
     out = Path(args.out) if args.out else Path("runs") / f"ablations-{args.preset}"
-    sweeping = bool(args.lrs or args.batch_sizes)
+    sweeping = bool(args.lrs or args.batch_sizes or args.seeds)
+    if args.vectorize and not (args.lrs or args.seeds):
+        raise SystemExit("run_ablations.py: --vectorize needs a learning-rate or seed sweep (--lrs, --seeds)")
     if args.threads:
         torch.set_num_threads(args.threads)
     names = _variants(args, sweeping)
@@ -135,19 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
         _write(out, "ablations", "Ablations", f"Budget: {budget}. Unigram baseline {unigram:.3f}.\n\n{legend}",
                results_table(results))
         summary["ablations"] = _rows(results)
-    if args.lrs:
-        results, values = [], []
-        for n in names:
-            for lr in args.lrs:
-                tc = dataclasses.replace(base_tc, lr=lr, min_lr=lr * base_tc.min_lr / base_tc.lr)
-                results.append(run(n, tc, f"{n}_lr{lr:g}" if len(names) > 1 else f"lr{lr:g}"))
-                values.append(lr)
-        plot_sweep_results(results, values, out / "lr_sweep.png", name="peak learning rate",
-                   title=f"learning-rate sweep: {steps} steps, batch {base_tc.batch_size}")
-        _write(out, "lr_sweep", "Learning-rate sweep",
-               f"Budget: {budget}. Only the peak learning rate changes (min lr kept at the same fraction of it).",
-               results_table(results, first_column="run"))
-        summary["lr_sweep"] = _rows(results)
+    jobs = _sweep_jobs(args, names, base_tc)
+    summary.update(_sweeps(args, jobs, _run_jobs(args, jobs, config, train_ids, valid_ids, out, run), out, budget,
+                           f"{steps} steps, batch {base_tc.batch_size}", base_tc.lr))
     if args.batch_sizes:
         results, values = [], []
         for n in names:
@@ -167,8 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
                results_table(results, first_column="run"))
         summary["batch_size_sweep"] = _rows(results)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["vectorized"] = bool(args.vectorize)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
-    for stem in ("ablations", "lr_sweep", "batch_size_sweep"):
+    for stem in ("ablations", "lr_sweep", "seed_sweep", "batch_size_sweep"):
         if stem in summary:
             print((out / f"{stem}.md").read_text(encoding="utf-8"))
     print(f"[ablations] done in {summary['seconds']:.0f}s; outputs in {out}", file=sys.stderr)

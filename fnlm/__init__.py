@@ -34,7 +34,7 @@ if TYPE_CHECKING:
         parameter_count,
         training_flops,
     )
-    from fnlm.autodiff import value_and_grad
+    from fnlm.autodiff import per_example_grad_norms, per_example_grads, value_and_grad
     from fnlm.checkpoint import (
         capture_rng_state,
         check_params_match,
@@ -121,7 +121,9 @@ if TYPE_CHECKING:
         tree_map,
         tree_map_with_path,
         tree_size,
+        tree_stack,
         tree_unflatten,
+        tree_unstack,
     )
     from fnlm.types import typecheck_enabled
 

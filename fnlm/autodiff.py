@@ -1,8 +1,11 @@
-"""Gradients of functions of parameter trees, in JAX's `value_and_grad` shape.
+"""Gradients of functions of parameter trees, in JAX's `value_and_grad` shape, and per-example
+gradients.
 
 Two interchangeable back ends compute the same thing: reverse-mode autograd over fresh leaf tensors
 (`torch.autograd.grad`) and `torch.func.grad_and_value`. `benchmarks/value_and_grad.py` times both;
-the default is the one that measured faster (autograd over leaves, see that script).
+the default is the one that measured faster (autograd over leaves, see that script). Inside a
+`torch.func` transform (`vmap` over stacked models, as `fnlm.train.sweep` does) the autograd back
+end cannot run, and `torch.func` is used there.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from fnlm.tree import Tree, tree_flatten, tree_map, tree_unflatten
-from fnlm.types import Tensor
+from fnlm.types import Float, Tensor, tracing
 
-__all__ = ["value_and_grad"]
+__all__ = ["value_and_grad", "per_example_grads", "per_example_grad_norms"]
 
 
 def _check_value(value: Any) -> Tensor:
@@ -43,7 +46,11 @@ def _split(out: Any, has_aux: bool) -> tuple[Tensor, Any]:
 
 
 def _autograd_value_and_grad(fn: Callable[..., Any], has_aux: bool) -> Callable[..., Any]:
+    functional = _func_value_and_grad(fn, has_aux)
+
     def wrapped(params: Tree, *args: Any, **kwargs: Any) -> Any:
+        if tracing() and not torch.compiler.is_compiling():
+            return functional(params, *args, **kwargs)
         flat = tree_flatten(params)
         names = list(flat)
         for name, leaf in flat.items():
@@ -107,7 +114,8 @@ def value_and_grad(
       tensors) and which returns a 0-d floating tensor, or `(loss, aux)` when `has_aux`.
     - `has_aux`: `fn` returns `(loss, aux)`; `aux` (any tree, e.g. metrics) is passed through
       with its tensors detached.
-    - `backend`: `"autograd"` (reverse mode over fresh leaves; default, measured faster) or
+    - `backend`: `"autograd"` (reverse mode over fresh leaves; default, measured faster; inside a
+      `torch.func` transform it uses `"func"`, since `torch.autograd.grad` cannot run there) or
       `"func"` (`torch.func.grad_and_value`).
 
     **Returns:**
@@ -117,3 +125,68 @@ def value_and_grad(
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {backend!r}")
     return _BACKENDS[backend](fn, has_aux)
+
+
+def per_example_grads(
+    loss_fn: Callable[..., Tensor], *, chunk_size: int | None = None
+) -> Callable[..., Tree]:
+    """Transform `loss_fn(params, *batch) -> loss` into one returning the gradient of every example.
+
+    `vmap` of `grad` over the examples (JAX's recipe; what DP-SGD and gradient-noise studies need):
+    example `i` is the batch arguments' row `i`, given to `loss_fn` as a batch of one, so `loss_fn`
+    is the ordinary batched loss. Example:
+
+    ```python
+    grads = fnlm.per_example_grads(loss_fn)(params, x, y)   # x, y: (batch, seq)
+    grads["lm_head"]["weight"].shape                        # (batch, vocab, d_model)
+    norms = fnlm.per_example_grad_norms(grads)              # (batch,)
+    ```
+
+    The mean of the per-example gradients is the gradient of the mean loss (when `loss_fn` is a
+    mean over its batch, as `cross_entropy` is).
+
+    **Arguments:**
+
+    - `loss_fn`: `(params, *batch) -> 0-d loss`, where each batch argument has a leading batch axis.
+    - `chunk_size`: examples per vectorized chunk (`torch.func.vmap`'s `chunk_size`), to bound
+      memory; `None` does them all at once.
+
+    **Returns:**
+
+    `f(params, *batch)` returning the params tree whose every leaf has a leading `batch` axis:
+    leaf `[i]` is the gradient of `loss_fn(params, *(a[i:i+1] for a in batch))`.
+    """
+
+    def one(params: Tree, *example: Any) -> Tree:
+        return torch.func.grad(lambda p: loss_fn(p, *(a.unsqueeze(0) for a in example)))(params)
+
+    def wrapped(params: Tree, *batch: Tensor) -> Tree:
+        if not batch:
+            raise ValueError("per_example_grads needs at least one batch argument after params")
+        sizes = {a.shape[0] if isinstance(a, Tensor) and a.ndim else None for a in batch}
+        if len(sizes) != 1 or None in sizes:
+            shapes = [tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__ for a in batch]
+            raise ValueError(f"per_example_grads: every batch argument needs the same leading batch axis, got {shapes}")
+        in_dims = (None,) + (0,) * len(batch)
+        return torch.func.vmap(one, in_dims=in_dims, chunk_size=chunk_size)(params, *batch)
+
+    return wrapped
+
+
+def per_example_grad_norms(grads: Tree) -> Float[Tensor, " batch"]:
+    """The global l2 norm of each example's gradient: `sqrt(sum over leaves of |g_leaf[i]|^2)`.
+
+    **Arguments:**
+
+    - `grads`: a tree from :func:`per_example_grads` (every leaf has a leading batch axis).
+
+    **Returns:**
+
+    A float32 (float64 for float64 leaves) tensor of shape `(batch,)`.
+    """
+    leaves = [g for g in tree_flatten(grads).values() if isinstance(g, Tensor)]
+    if not leaves:
+        raise ValueError("per_example_grad_norms of a tree with no tensor leaves")
+    acc = torch.float64 if any(g.dtype == torch.float64 for g in leaves) else torch.float32
+    squares = [g.reshape(g.shape[0], -1).to(acc).square().sum(1) for g in leaves]  # (batch,) each
+    return torch.stack(squares).sum(0).sqrt()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fnlm.tree import Tree, tree_flatten, tree_map, tree_unflatten
-from fnlm.types import Float, Tensor
+from fnlm.types import Float, Tensor, tracing
 
 __all__ = [
     "DecayMask",
@@ -131,11 +131,19 @@ def adamw_init(params: Tree) -> dict[str, Any]:
 _FUSED_DEVICES = ("cpu", "cuda")
 
 
-def _can_fuse(params: list[Tensor], grads: list[Tensor], m: list[Tensor], v: list[Tensor], lr: Any, weight_decay: float) -> bool:
+def _under_functorch() -> bool:
+    """True inside a `torch.func` transform (not `torch.compile`): `torch._foreach_*` kernels have no
+    batching rules, so the steps use one plain op per leaf there."""
+    return tracing() and not torch.compiler.is_compiling()
+
+
+def _can_fuse(
+    params: list[Tensor], grads: list[Tensor], m: list[Tensor], v: list[Tensor], lr: Any, weight_decay: Any
+) -> bool:
     """Whether torch's fused AdamW kernel applies. It reads the four tensors of a parameter as if
     they had one layout: a gradient with other strides than its parameter (a transposed one) is
     mis-read silently, so such trees take the multi-tensor path."""
-    if isinstance(lr, Tensor) or lr * weight_decay >= 1.0 or torch.compiler.is_compiling():
+    if isinstance(lr, Tensor) or isinstance(weight_decay, Tensor) or lr * weight_decay >= 1.0 or tracing():
         return False
     device, dtype = params[0].device, params[0].dtype
     if device.type not in _FUSED_DEVICES or not dtype.is_floating_point:
@@ -161,8 +169,10 @@ def _adamw_update_fused(
     beta2: float,
     eps: float,
     weight_decay: float,
+    donate: bool = False,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """`_adamw_update` as copies updated by torch's one-pass fused AdamW kernel.
+    """`_adamw_update` with torch's one-pass fused AdamW kernel, on copies (or, with `donate`, on
+    the inputs themselves).
 
     The kernel computes torch's variant, `p <- p (1 - lr' wd') - (lr'/bc1) m / (sqrt(v)/sqrt(bc2) + eps')`
     with `bc_i = 1 - b_i^t`. Taking `lr' = lr (1 - lr wd)`, `wd' = wd / (1 - lr wd)` and
@@ -171,9 +181,7 @@ def _adamw_update_fused(
     the seven multi-tensor passes of the unfused update.
     """
     with torch.no_grad():
-        new_p = [t.clone() for t in params]
-        new_m = [t.clone() for t in m]
-        new_v = [t.clone() for t in v]
+        new_p, new_m, new_v = (group if donate else [t.clone() for t in group] for group in (params, m, v))
         steps = [torch.tensor(float(step), device=params[0].device)] * len(params)
         shrink = 1.0 - lr * weight_decay
         eps_t = eps / math.sqrt(1.0 - beta2**step)
@@ -200,6 +208,102 @@ def _adamw_update_fused(
     return new_p, new_m, new_v
 
 
+def _distinct(tensors: list[Tensor]) -> bool:
+    """No two leaves share memory (tied weights would be updated twice in place); then donation is safe."""
+    ptrs = [t.untyped_storage().data_ptr() for t in tensors if isinstance(t, Tensor)]
+    return len(set(ptrs)) == len(ptrs)
+
+
+def _has_decay(weight_decay: float | Tensor) -> bool:
+    return isinstance(weight_decay, Tensor) or weight_decay != 0
+
+
+def _adamw_update_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    m: list[Tensor],
+    v: list[Tensor],
+    decay: list[bool],
+    *,
+    step: int,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float | Tensor,
+    donate: bool = False,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Algorithm 2 with multi-tensor kernels: new tensors, or the inputs updated with `donate`."""
+    device = params[0].device
+    if donate:
+        new_m, new_v = m, v
+        torch._foreach_lerp_(new_m, grads, 1.0 - beta1)
+        torch._foreach_mul_(new_v, beta2)
+    else:
+        new_m = torch._foreach_lerp(m, grads, 1.0 - beta1)
+        new_v = torch._foreach_mul(v, beta2)
+    torch._foreach_addcmul_(new_v, grads, grads, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(new_v)
+    torch._foreach_add_(denom, eps)
+    alpha_t = _alpha(lr, step, beta1, beta2)
+    if isinstance(alpha_t, Tensor):
+        update = torch._foreach_div(new_m, denom)
+        torch._foreach_mul_(update, alpha_t.to(device))
+        if donate:
+            torch._foreach_sub_(params, update)
+            new_params = params
+        else:
+            new_params = torch._foreach_sub(params, update)
+    elif donate:
+        torch._foreach_addcdiv_(params, new_m, denom, value=-alpha_t)
+        new_params = params
+    else:
+        new_params = torch._foreach_addcdiv(params, new_m, denom, value=-alpha_t)
+    decayed = [p for p, d in zip(new_params, decay) if d]
+    if _has_decay(weight_decay) and decayed:
+        factor = 1.0 - lr * weight_decay
+        torch._foreach_mul_(decayed, factor.to(device) if isinstance(factor, Tensor) else factor)
+    return list(new_params), list(new_m), list(new_v)
+
+
+def _alpha(lr: float | Tensor, step: int | Tensor, beta1: float, beta2: float) -> float | Tensor:
+    """`lr sqrt(1 - b2^t) / (1 - b1^t)`; a 0-d tensor step (a compiled step's counter) stays a tensor."""
+    correction = (1.0 - beta2**step).sqrt() if isinstance(step, Tensor) else math.sqrt(1.0 - beta2**step)
+    return lr * (correction / (1.0 - beta1**step))
+
+
+def _adamw_update_plain(
+    params: list[Tensor],
+    grads: list[Tensor],
+    m: list[Tensor],
+    v: list[Tensor],
+    decay: list[bool],
+    *,
+    step: int,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float | Tensor,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Algorithm 2 with one plain op per leaf and no in-place op: what `torch.func.vmap` can batch
+    (there `lr` and `weight_decay` may be per-model tensors). Returns new tensors."""
+    alpha_t = _alpha(lr, step, beta1, beta2)
+    factor = 1.0 - lr * weight_decay
+    new_p, new_m, new_v = [], [], []
+    for p, g, m_i, v_i, d in zip(params, grads, m, v, decay):
+        m_i = torch.lerp(m_i, g, 1.0 - beta1)
+        v_i = torch.addcmul(v_i * beta2, g, g, value=1.0 - beta2)
+        denom = v_i.sqrt() + eps
+        p = p - alpha_t * (m_i / denom) if isinstance(alpha_t, Tensor) else torch.addcdiv(p, m_i, denom, value=-alpha_t)
+        if d and _has_decay(weight_decay):
+            p = p * factor
+        new_p.append(p)
+        new_m.append(m_i)
+        new_v.append(v_i)
+    return new_p, new_m, new_v
+
+
 def _adamw_update(
     params: list[Tensor],
     grads: list[Tensor],
@@ -212,35 +316,20 @@ def _adamw_update(
     beta1: float,
     beta2: float,
     eps: float,
-    weight_decay: float,
+    weight_decay: float | Tensor,
+    donate: bool = False,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """Algorithm 2 of the CS336 handout on flat lists; `step` is t >= 1. Returns new tensors."""
+    """Algorithm 2 of the CS336 handout on flat lists; `step` is t >= 1. Picks torch's fused kernel
+    (float hyper-parameters on CPU/CUDA), the multi-tensor kernels, or plain ops under `torch.func`."""
     if not params:
         return [], [], []
-    if _can_fuse(params, grads, m, v, lr, weight_decay):
-        return _adamw_update_fused(
-            params, grads, m, v, decay,
-            step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        )
+    hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     with torch.no_grad():
-        new_m = torch._foreach_lerp(m, grads, 1.0 - beta1)
-        new_v = torch._foreach_mul(v, beta2)
-        torch._foreach_addcmul_(new_v, grads, grads, value=1.0 - beta2)
-        denom = torch._foreach_sqrt(new_v)
-        torch._foreach_add_(denom, eps)
-        correction = (1.0 - beta2**step).sqrt() if isinstance(step, Tensor) else math.sqrt(1.0 - beta2**step)
-        alpha_t = lr * (correction / (1.0 - beta1**step))
-        if isinstance(alpha_t, Tensor):
-            new_params = torch._foreach_div(new_m, denom)
-            torch._foreach_mul_(new_params, alpha_t.to(params[0].device))
-            new_params = torch._foreach_sub(params, new_params)
-        else:
-            new_params = torch._foreach_addcdiv(params, new_m, denom, value=-alpha_t)
-        decayed = [p for p, d in zip(new_params, decay) if d]
-        if weight_decay and decayed:
-            factor = 1.0 - lr * weight_decay
-            torch._foreach_mul_(decayed, factor.to(params[0].device) if isinstance(factor, Tensor) else factor)
-    return list(new_params), list(new_m), list(new_v)
+        if _under_functorch():
+            return _adamw_update_plain(params, grads, m, v, decay, **hyper)
+        if _can_fuse(params, grads, m, v, lr, weight_decay):
+            return _adamw_update_fused(params, grads, m, v, decay, **hyper, donate=donate)
+        return _adamw_update_foreach(params, grads, m, v, decay, **hyper, donate=donate)
 
 
 def adamw_step(
@@ -251,8 +340,9 @@ def adamw_step(
     lr: float | Tensor,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 0.01,
+    weight_decay: float | Tensor = 0.01,
     decay_mask: DecayMask = None,
+    donate: bool = False,
 ) -> tuple[Tree, dict[str, Any]]:
     """One AdamW update (Loshchilov & Hutter; Algorithm 2 of the CS336 assignment 1 handout).
 
@@ -267,7 +357,14 @@ def adamw_step(
 
     This differs from `torch.optim.AdamW` at second order: torch decays before the Adam step and
     adds `eps` to the bias-corrected `sqrt(v_hat)`; see `tests/test_optim.py` for the comparison.
-    Pure: `params`, `state` and `grads` are not modified; no autograd graph is recorded.
+    Pure by default: `params`, `state` and `grads` are not modified; no autograd graph is recorded.
+
+    **Donation** (JAX's `donate_argnums`): with `donate=True` the step may update the tensors of
+    `params` and `state` in place and return them, so it needs no second copy of the parameters
+    and moments. The donated `params` and `state` must not be used afterwards: they may hold the
+    new values, or a mix. `grads` is only read. Use it when nothing else keeps the old state (a
+    training loop that replaces its state every step); the values returned are the same as
+    without donation. Inside `torch.func` transforms the step stays pure whatever `donate` says.
 
     **Arguments:**
 
@@ -279,13 +376,15 @@ def adamw_step(
       (updated in place or made anew each step) to compile the step once.
     - `betas`: `(b1, b2)`, each in `[0, 1)`.
     - `eps`: added to `sqrt(v)`.
-    - `weight_decay`: the decoupled decay rate `wd`.
+    - `weight_decay`: the decoupled decay rate `wd` (a float, or a 0-d tensor such as a per-model
+      value under `torch.func.vmap`).
     - `decay_mask`: which leaves decay: `None` (all), a tree of bools mirroring `params`, or a
       predicate `fn(name, leaf) -> bool` such as :func:`default_decay_mask`.
+    - `donate`: allow the step to reuse the buffers of `params` and `state` (see above).
 
     **Returns:**
 
-    `(new_params, new_state)`, new trees of new tensors.
+    `(new_params, new_state)`: new trees (of new tensors, or of the donated ones).
     """
     beta1, beta2 = betas
     check_hyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
@@ -299,9 +398,10 @@ def adamw_step(
     for what, others in (("grads", g_list), ("state['m']", m_list), ("state['v']", v_list)):
         _check_shapes(p_list, others, names, what)
     decay = _decay_flags(p_flat, decay_mask)
+    donate = donate and not _under_functorch() and _distinct(p_list + m_list + v_list)
     new_p, new_m, new_v = _adamw_update(
         p_list, g_list, m_list, v_list, decay,
-        step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, donate=donate,
     )
     new_state = {
         "step": step,
@@ -326,20 +426,50 @@ def sgd_init(params: Tree) -> dict[str, Any]:
     return {"step": 0}
 
 
+def _sgd_update(
+    params: list[Tensor], grads: list[Tensor], decay: list[bool], *, lr: float | Tensor,
+    weight_decay: float | Tensor, donate: bool,
+) -> list[Tensor]:
+    with torch.no_grad():
+        if _under_functorch() or isinstance(lr, Tensor) or isinstance(weight_decay, Tensor):
+            out = []
+            for p, g, d in zip(params, grads, decay):
+                if d and _has_decay(weight_decay):
+                    g = g + weight_decay * p
+                out.append(p.sub_(lr * g) if donate else p - lr * g)
+            return out
+        if _has_decay(weight_decay) and any(decay):
+            idx = [i for i, d in enumerate(decay) if d]
+            decayed = torch._foreach_add([grads[i] for i in idx], [params[i] for i in idx], alpha=weight_decay)
+            grads = list(grads)
+            for i, g in zip(idx, decayed):
+                grads[i] = g
+        if donate:
+            torch._foreach_add_(params, grads, alpha=-lr)
+            return list(params)
+        return list(torch._foreach_add(params, grads, alpha=-lr))
+
+
 def sgd_step(
     params: Tree,
     state: dict[str, Any],
     grads: Tree,
     *,
-    lr: float,
-    weight_decay: float = 0.0,
+    lr: float | Tensor,
+    weight_decay: float | Tensor = 0.0,
     decay_mask: DecayMask = None,
     inverse_sqrt: bool = False,
+    donate: bool = False,
 ) -> tuple[Tree, dict[str, Any]]:
     """One SGD update `p <- p - lr_t (g + wd p)`, with `lr_t = lr` or `lr / sqrt(t + 1)`.
 
     `inverse_sqrt=True` is the decaying-rate SGD of the CS336 handout's optimizer example, where
-    `t = state["step"]` counts the updates done so far (0 on the first call).
+    `t = state["step"]` counts the updates done so far (0 on the first call). The decay is added to
+    the gradient before the step, `d = g + wd p; p <- p - lr_t d`, as `torch.optim.SGD` does.
+
+    Pure by default; with `donate=True` the step may update the tensors of `params` in place and
+    return them (JAX's donation: the donated `params` must not be used afterwards; see
+    :func:`adamw_step`). The values are the same either way.
 
     **Arguments:**
 
@@ -350,6 +480,7 @@ def sgd_step(
     - `weight_decay`: L2 decay rate (for SGD, the same as decoupled decay).
     - `decay_mask`: which leaves decay, as in :func:`adamw_step`.
     - `inverse_sqrt`: scale the rate by `1 / sqrt(t + 1)`.
+    - `donate`: allow the step to reuse the buffers of `params`.
 
     **Returns:**
 
@@ -364,20 +495,14 @@ def sgd_step(
     g_list = _flat_like(p_flat, grads, "grads")
     _check_shapes(p_list, g_list, names, "grads")
     decay = _decay_flags(p_flat, decay_mask)
-    new_p: list[Tensor] = []
-    if p_list:
-        with torch.no_grad():
-            new_p = list(torch._foreach_add(p_list, g_list, alpha=-lr_t))
-            if weight_decay:
-                pairs = [(n, p) for n, p, d in zip(new_p, p_list, decay) if d]
-                if pairs:
-                    torch._foreach_add_([n for n, _ in pairs], [p for _, p in pairs], alpha=-lr_t * weight_decay)
+    donate = donate and not _under_functorch() and _distinct(p_list)
+    new_p = _sgd_update(p_list, g_list, decay, lr=lr_t, weight_decay=weight_decay, donate=donate) if p_list else []
     return tree_unflatten(dict(zip(names, new_p))), {"step": t + 1}
 
 
 def cosine_schedule(
-    t: int, max_lr: float, min_lr: float, warmup_iters: int, cosine_cycle_iters: int
-) -> float:
+    t: int, max_lr: float | Tensor, min_lr: float | Tensor, warmup_iters: int, cosine_cycle_iters: int
+) -> float | Tensor:
     """Learning rate at iteration `t`: linear warm-up, cosine decay, then constant.
 
     - `t < warmup_iters`: `t / warmup_iters * max_lr`;
@@ -391,13 +516,14 @@ def cosine_schedule(
     **Arguments:**
 
     - `t`: the iteration, `>= 0`.
-    - `max_lr`, `min_lr`: the peak and final rates.
+    - `max_lr`, `min_lr`: the peak and final rates: floats, or tensors (e.g. one rate per model of
+      a vectorized sweep, `fnlm.train.sweep`), combined elementwise.
     - `warmup_iters`: `T_w >= 0`.
     - `cosine_cycle_iters`: `T_c >= T_w`, the iteration where the cosine reaches `min_lr`.
 
     **Returns:**
 
-    The learning rate, a float.
+    The learning rate: a float for float rates, else a tensor.
     """
     if t < 0 or warmup_iters < 0 or cosine_cycle_iters < warmup_iters:
         raise ValueError(
@@ -407,9 +533,9 @@ def cosine_schedule(
     if t < warmup_iters:
         return t / warmup_iters * max_lr
     if t > cosine_cycle_iters:
-        return float(min_lr)
+        return min_lr if isinstance(min_lr, Tensor) else float(min_lr)
     if cosine_cycle_iters == warmup_iters:
-        return float(max_lr)
+        return max_lr if isinstance(max_lr, Tensor) else float(max_lr)
     progress = (t - warmup_iters) / (cosine_cycle_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
@@ -432,12 +558,15 @@ def global_norm(grads: Tree) -> Float[Tensor, ""]:
     if not leaves:
         raise ValueError("global_norm of a tree with no tensor leaves")
     acc = torch.float64 if any(g.dtype == torch.float64 for g in leaves) else torch.float32
-    norms = torch._foreach_norm(leaves, 2, dtype=acc)
+    if _under_functorch():
+        norms = [torch.linalg.vector_norm(g, dtype=acc) for g in leaves]
+    else:
+        norms = torch._foreach_norm(leaves, 2, dtype=acc)
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def clip_grad_norm_with_norm(
-    grads: Tree, max_norm: float
+    grads: Tree, max_norm: float, *, donate: bool = False
 ) -> tuple[Tree, Float[Tensor, ""]]:
     """Rescale `grads` so their global l2 norm is at most `max_norm`; also return the norm.
 
@@ -448,6 +577,8 @@ def clip_grad_norm_with_norm(
 
     - `grads`: a tree of gradient tensors.
     - `max_norm`: the largest allowed global norm, `>= 0`.
+    - `donate`: scale the tensors of `grads` in place and return them (JAX's donation: `grads`
+      must not be used afterwards); the values are the same.
 
     **Returns:**
 
@@ -461,7 +592,13 @@ def clip_grad_norm_with_norm(
     names = [n for n, g in flat.items() if g is not None]
     leaves = [flat[n] for n in names]
     with torch.no_grad():
-        scaled = list(torch._foreach_mul(leaves, coef))
+        if _under_functorch():
+            scaled = [g * coef for g in leaves]
+        elif donate:
+            torch._foreach_mul_(leaves, coef)
+            scaled = leaves
+        else:
+            scaled = list(torch._foreach_mul(leaves, coef))
     flat.update(zip(names, scaled))
     return tree_unflatten(flat), norm
 

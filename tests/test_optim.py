@@ -388,3 +388,105 @@ def test_compiles_without_graph_breaks_or_per_step_recompiles():
     assert out.returncode == 0, out.stderr[-3000:]
     frames = int(out.stdout.split("frames")[-1])
     assert 1 <= frames <= 2
+
+
+def _three_steps(which, donate, tree, *, lr=0.05, wd=0.1, mask=None):
+    """Three steps of `which` from `tree`; returns the final params and state, and the input trees."""
+    init, step = (fnlm.adamw_init, fnlm.adamw_step) if which == "adamw" else (fnlm.sgd_init, fnlm.sgd_step)
+    params = fnlm.tree_map(torch.clone, tree)
+    state = init(params)
+    inputs = []
+    for t in range(3):
+        grads = fnlm.tree_map(lambda p: torch.randn(p.shape, generator=torch.Generator().manual_seed(t), dtype=p.dtype), params)
+        inputs.append((params, state))
+        params, state = step(params, state, grads, lr=lr, weight_decay=wd, decay_mask=mask, donate=donate)
+    return params, state, inputs
+
+
+@pytest.mark.parametrize("which", ["adamw", "sgd"])
+@pytest.mark.parametrize("dtype, lr", [(torch.float32, 0.05), (torch.float64, 0.05), (torch.float32, torch.tensor(0.05))])
+def test_donated_steps_give_the_same_values_in_the_same_buffers(which, dtype, lr):
+    """donate=True (fused kernel for float32 + float lr, multi-tensor kernels otherwise) returns the
+    donated tensors themselves, updated in place, holding exactly what the pure step computes."""
+    tree = fnlm.tree_map(lambda t: t.to(dtype), _tree())
+    pure, pure_state, _ = _three_steps(which, False, tree, lr=lr, mask=fnlm.default_decay_mask)
+    donated, donated_state, inputs = _three_steps(which, True, tree, lr=lr, mask=fnlm.default_decay_mask)
+    for a, b in zip(fnlm.tree_leaves((pure, pure_state)), fnlm.tree_leaves((donated, donated_state))):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    first_params, first_state = inputs[0]
+    assert [p.data_ptr() for p in fnlm.tree_leaves(donated)] == [p.data_ptr() for p in fnlm.tree_leaves(first_params)]
+    if which == "adamw":
+        assert [t.data_ptr() for t in fnlm.tree_leaves(donated_state["m"])] == [
+            t.data_ptr() for t in fnlm.tree_leaves(first_state["m"])]
+
+
+def test_donation_is_declined_for_tied_leaves():
+    """Two leaves sharing one tensor would be updated twice in place: the step stays pure instead."""
+    w = torch.randn(4, 3)
+    params = {"a": w, "b": w}
+    grads = {"a": torch.ones(4, 3), "b": torch.ones(4, 3)}
+    before = w.clone()
+    new, _ = fnlm.sgd_step(params, fnlm.sgd_init(params), grads, lr=0.1, donate=True)
+    assert torch.equal(w, before)
+    torch.testing.assert_close(new["a"], before - 0.1)
+    new, _ = fnlm.adamw_step(params, fnlm.adamw_init(params), grads, lr=0.1, donate=True)
+    assert torch.equal(w, before) and new["a"].data_ptr() != w.data_ptr()
+
+
+def test_clip_with_donation_scales_in_place():
+    grads = {"a": torch.randn(5, 5) * 10, "b": [torch.randn(3)]}
+    expected, norm = fnlm.clip_grad_norm_with_norm(grads, 1.0)
+    leaves = fnlm.tree_leaves(grads)
+    clipped, norm2 = fnlm.clip_grad_norm_with_norm(grads, 1.0, donate=True)
+    assert torch.equal(norm, norm2)
+    for a, b, old in zip(fnlm.tree_leaves(expected), fnlm.tree_leaves(clipped), leaves):
+        assert torch.equal(a, b) and b.data_ptr() == old.data_ptr()
+
+
+def test_cosine_schedule_takes_tensor_rates():
+    max_lr = torch.tensor([1e-3, 3e-3, 1e-2], dtype=torch.float64)
+    min_lr = max_lr / 10
+    for t in (0, 3, 7, 10, 15, 21, 30):
+        got = fnlm.cosine_schedule(t, max_lr, min_lr, 7, 21)
+        assert isinstance(got, torch.Tensor) and got.shape == (3,)
+        want = [fnlm.cosine_schedule(t, float(a), float(b), 7, 21) for a, b in zip(max_lr, min_lr)]
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("which", ["adamw", "sgd"])
+def test_vmapped_steps_with_per_model_hyperparameters_equal_separate_steps(which):
+    """Under torch.func.vmap the steps use plain ops (no foreach kernel has a batching rule) and take
+    per-model tensor lr and weight decay; each model gets what its own float-hyper-parameter step gives."""
+    init, step = (fnlm.adamw_init, fnlm.adamw_step) if which == "adamw" else (fnlm.sgd_init, fnlm.sgd_step)
+    models = [fnlm.tree_map(lambda t, s=s: t + s, _tree()) for s in range(3)]
+    lrs, wds = [0.01, 0.03, 0.1], [0.0, 0.1, 0.5]
+    states = [init(p) for p in models]
+    stacked, stacked_state = fnlm.tree_stack(models), fnlm.tree_stack(states)
+    dims = {k: (0 if k != "step" else None) for k in stacked_state}
+    for t in range(3):
+        grads = [fnlm.tree_map(lambda p: torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * t + i)), m)
+                 for i, m in enumerate(models)]
+
+        def one(p, s, g, lr, wd):
+            return step(p, s, g, lr=lr, weight_decay=wd, decay_mask=fnlm.default_decay_mask)
+
+        stacked, stacked_state = torch.func.vmap(one, in_dims=(0, dims, 0, 0, 0), out_dims=(0, dims))(
+            stacked, stacked_state, fnlm.tree_stack(grads), torch.tensor(lrs, dtype=torch.float64),
+            torch.tensor(wds, dtype=torch.float64))
+        for i in range(3):
+            models[i], states[i] = step(models[i], states[i], grads[i], lr=lrs[i], weight_decay=wds[i],
+                                        decay_mask=fnlm.default_decay_mask)
+    assert stacked_state["step"] == 3
+    for i, (m, s) in enumerate(zip(models, states)):
+        for a, b in zip(fnlm.tree_leaves((m, s)), fnlm.tree_leaves(fnlm.tree_unstack((stacked, stacked_state))[i])):
+            if isinstance(a, torch.Tensor):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_and_norm_under_vmap_equal_per_model():
+    grads = [{"a": torch.randn(4, 4) * (i + 1), "b": torch.randn(3)} for i in range(3)]
+    clipped, norms = torch.func.vmap(lambda g: fnlm.clip_grad_norm_with_norm(g, 2.0))(fnlm.tree_stack(grads))
+    for i, g in enumerate(grads):
+        want, norm = fnlm.clip_grad_norm_with_norm(g, 2.0)
+        torch.testing.assert_close(norms[i], norm)
+        torch.testing.assert_close(clipped["a"][i], want["a"])

@@ -64,3 +64,32 @@ def test_fused_path_is_taken_and_pure():
     assert all(n.data_ptr() != o.data_ptr() for n, o in zip(fnlm.tree_leaves(new), leaves))
     assert not optim._can_fuse(leaves, leaves, leaves, leaves, torch.tensor(0.01), 0.1)
     assert not optim._can_fuse(leaves, leaves, leaves, leaves, 2.0, 0.5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_donated_update_equals_pure_on_both_paths(monkeypatch, fused):
+    """donate=True updates the donated buffers in place on the fused and the multi-tensor path and
+    gives exactly the pure step's values."""
+    monkeypatch.setattr(optim, "_can_fuse", lambda *a: fused)
+    results = []
+    for donate in (False, True):
+        params = _tree(torch.float32)
+        state = fnlm.adamw_init(params)
+        first = [t.data_ptr() for t in fnlm.tree_leaves((params, state["m"], state["v"]))]
+        for t in range(3):
+            grads = fnlm.tree_map(lambda p: torch.randn(p.shape, generator=torch.Generator().manual_seed(t)), params)
+            params, state = fnlm.adamw_step(params, state, grads, lr=0.02, weight_decay=0.1, donate=donate,
+                                            decay_mask=fnlm.default_decay_mask)
+        now = [t.data_ptr() for t in fnlm.tree_leaves((params, state["m"], state["v"]))]
+        assert (now == first) == donate
+        results.append(fnlm.tree_leaves((params, state)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_fused_path_is_not_taken_for_tensor_weight_decay_or_under_vmap():
+    leaves = fnlm.tree_leaves(_tree(torch.float32))
+    assert not optim._can_fuse(leaves, leaves, leaves, leaves, 0.01, torch.tensor(0.1))
+    seen = []
+    torch.func.vmap(lambda t: seen.append(optim._can_fuse([t], [t], [t], [t], 0.01, 0.1)) or t)(torch.ones(2, 3))
+    assert seen == [False]

@@ -1,6 +1,9 @@
 """Train variants on the same data, seed and budget; watch for divergence; plot and tabulate.
 
-`experiments/run_ablations.py` is the command line over these functions.
+`train_variant` trains one run (`fnlm.train.train`); `train_variant_sweep` trains several runs of one
+variant that differ only in learning rate, weight decay or seed at once, as one vectorized run
+(`fnlm.train.sweep.train_vectorized`), with the same outputs. `experiments/run_ablations.py` is the
+command line over these functions.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fnlm.train import Callback, DivergenceGuard, TrainConfig, default_hooks, train
+from fnlm.train import Callback, DivergenceGuard, TrainConfig, default_hooks, train, train_vectorized
 from fnlm.train.plots import plot_runs, plot_sweep
 
 from .variant import Ablation
 
-__all__ = ["RunResult", "train_variant", "plot_comparison", "plot_sweep_results", "results_table"]
+__all__ = ["RunResult", "train_variant", "train_variant_sweep", "plot_comparison", "plot_sweep_results",
+           "results_table"]
 
 
 @dataclass
@@ -81,22 +85,78 @@ def train_variant(
     """
     config = ablation.config_for(config)
     result = RunResult(label or ablation.name, ablation.name, config, train_config)
+    out = _fresh(out_dir)
+    summary = train(config, train_config, train_tokens, valid_tokens, out, model_fn=ablation.model_fn,
+                    init_fn=ablation.init_fn, hooks=_hooks(config, explode_factor, {"": result}),
+                    extra_checkpoint_data={"ablation": ablation.name})
+    _finish(result, summary, out, keep_checkpoints)
+    return result
+
+
+def _fresh(out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
+    return out
+
+
+def _hooks(config: Any, explode_factor: float, results: dict[str, RunResult]) -> Any:
+    """The runner's hooks for a run: the defaults, a divergence guard, and a callback that keeps the
+    records in the `RunResult` of the run's folder (`results` is keyed by folder; `""`: any)."""
 
     def hooks(run: Any) -> list:
+        result = results.get(str(run.out)) or results[""]
         return [*default_hooks(run), DivergenceGuard(config.vocab_size, factor=explode_factor),
                 Callback(result.records.append)]
 
-    summary = train(config, train_config, train_tokens, valid_tokens, out, model_fn=ablation.model_fn,
-                    init_fn=ablation.init_fn, hooks=hooks, extra_checkpoint_data={"ablation": ablation.name})
+    return hooks
+
+
+def _finish(result: RunResult, summary: dict[str, Any], out: Path, keep_checkpoints: bool) -> None:
     result.params = summary["params"]
     if summary["diverged"]:
         result.diverged_at, result.reason = summary["step"], summary["stop_reason"]
     if not keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    return result
+
+
+def train_variant_sweep(
+    ablation: Ablation,
+    config: Any,
+    train_configs: Sequence[TrainConfig],
+    train_tokens: Any,
+    valid_tokens: Any,
+    out_dirs: Sequence[str | os.PathLike],
+    labels: Sequence[str],
+    *,
+    explode_factor: float = 2.0,
+    keep_checkpoints: bool = False,
+    chunk_size: int | None = None,
+) -> list[RunResult]:
+    """Train several runs of one ablation at once, as one vectorized run (`torch.func.vmap` over the
+    models); each gives what `train_variant` would give for it, up to float rounding.
+
+    **Arguments:**
+
+    - `ablation`, `config`, `train_tokens`, `valid_tokens`, `explode_factor`, `keep_checkpoints`: as
+      for `train_variant`.
+    - `train_configs`: one per run; they may differ only in `lr`, `min_lr`, `weight_decay` and `seed`.
+    - `out_dirs`, `labels`: each run's folder and row name.
+    - `chunk_size`: vmap over at most this many runs at a time (`None`: all at once).
+
+    **Returns:** one `RunResult` per run, in order. A run that diverges stops alone (its records end
+    there, `diverged_at` set); the others go on.
+    """
+    config = ablation.config_for(config)
+    results = [RunResult(label, ablation.name, config, tc) for label, tc in zip(labels, train_configs)]
+    outs = [_fresh(d) for d in out_dirs]
+    by_folder = {str(out): r for out, r in zip(outs, results)}
+    summaries = train_vectorized(config, train_configs, train_tokens, valid_tokens, outs, model_fn=ablation.model_fn,
+                                 init_fn=ablation.init_fn, hooks=_hooks(config, explode_factor, by_folder),
+                                 extra_checkpoint_data={"ablation": ablation.name}, chunk_size=chunk_size)
+    for result, summary, out in zip(results, summaries, outs):
+        _finish(result, summary, out, keep_checkpoints)
+    return results
 
 
 def plot_comparison(results: Sequence[RunResult], path: str | os.PathLike, *, title: str = "") -> Path:

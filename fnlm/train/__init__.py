@@ -8,7 +8,9 @@
 - `hooks`: `Hook` and the loop's hooks (metrics file, evaluation, checkpoints, progress bar,
   loss plot, Weights & Biases, divergence guard), `read_metrics`;
 - `plots`: `plot_runs`, `plot_sweep` (matplotlib, imported when drawing);
-- `parallel`: `Parallel` and the `torch.distributed` data-parallel path.
+- `parallel`: `Parallel` and the `torch.distributed` data-parallel path;
+- `sweep`: `train_vectorized`, `vectorized_step`, `init_stacked`, `stack_step_configs` (K models
+  trained at once with `torch.func.vmap`).
 
 `fnlm.train` is this package; the loop is `fnlm.train.train` (no function shadows a module).
 """
@@ -32,10 +34,12 @@ from fnlm.train.loop import TrainingInterrupted, draw_batch, resolve_device, res
 from fnlm.train.run import HARMLESS_FIELDS, Run, TrainConfig
 from fnlm.train.parallel import Parallel
 from fnlm.train.step import StepConfig, TrainState, init_train_state, train_step
+from fnlm.train.sweep import init_stacked, stack_step_configs, train_vectorized, vectorized_step
 
 __all__ = [
     "TrainState", "StepConfig", "init_train_state", "train_step", "TrainConfig", "Run", "train", "resolve_device",
     "draw_batch", "evaluate", "evaluate_windows", "lm_loss_fn", "Hook", "LogWindow", "Evaluator", "DivergenceGuard",
     "MetricsFile", "Callback", "Checkpointer", "ProgressBar", "LossPlot", "Wandb", "default_hooks", "read_metrics",
-    "Parallel", "HARMLESS_FIELDS", "TrainingInterrupted", "resume_mismatches",
+    "Parallel", "HARMLESS_FIELDS", "TrainingInterrupted", "resume_mismatches", "train_vectorized", "vectorized_step",
+    "init_stacked", "stack_step_configs",
 ]

@@ -49,12 +49,13 @@ def evaluate(
     seed: int,
     device: torch.device,
     parallel: Parallel = Parallel(),
-) -> float:
+) -> float | list[float]:
     """Mean loss over `batches` random validation batches, the same batches at every call for a seed.
 
     **Arguments:**
 
-    - `loss_fn`: `(params, x, y) -> scalar loss`.
+    - `loss_fn`: `(params, x, y) -> scalar loss`, or a 1-D tensor of losses (one per model of a
+      stacked tree, e.g. `torch.func.vmap(loss, in_dims=(0, None, None))`).
     - `params`: the params tree.
     - `tokens`: 1-D token ids (memmap, array or tensor).
     - `batch_size`, `context_length`, `batches`: the size of the estimate.
@@ -63,7 +64,8 @@ def evaluate(
     - `parallel`: each rank scores its `batch_size / world_size` rows of every batch (so the windows
       do not depend on the number of processes).
 
-    **Returns:** the mean loss as a float (identical on every rank).
+    **Returns:** the mean loss as a float (identical on every rank); a list of floats for a
+    `loss_fn` that returns a 1-D tensor.
     """
     gen = eval_generator(seed)
     total = torch.zeros((), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
@@ -75,9 +77,9 @@ def evaluate(
         x, y = get_batch(tokens, batch_size, context_length, "cpu" if world > 1 else device, generator=gen)
         if world > 1:
             x, y = x[rows].to(device), y[rows].to(device)
-        total += loss_fn(params, x, y).to(total.dtype)
+        total = total + loss_fn(params, x, y).to(total.dtype)
     total = parallel.all_reduce_mean(total)
-    return float(total) / batches
+    return float(total) / batches if total.ndim == 0 else (total / batches).tolist()
 
 
 @torch.no_grad()

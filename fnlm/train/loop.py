@@ -36,7 +36,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,7 @@ def _check_resume(
 
 
 def _setup(model_config: Any, tc: TrainConfig, valid_tokens: Any, out_dir: Any, model_fn: Callable,
-           parallel: Parallel, extra: dict[str, Any] | None) -> Run:
+           parallel: Parallel, extra: dict[str, Any] | None, peak_flops: float | None = None) -> Run:
     device = resolve_device(parallel.device or tc.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -169,7 +169,7 @@ def _setup(model_config: Any, tc: TrainConfig, valid_tokens: Any, out_dir: Any, 
     run.flops_per_token = _flops_per_token(model_config)
     if run.flops_per_token:
         dtype = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
-        run.peak_flops = accounting.measure_matmul_peak(device, dtype, min_seconds=0.2)
+        run.peak_flops = peak_flops or accounting.measure_matmul_peak(device, dtype, min_seconds=0.2)
     return run
 
 
@@ -316,7 +316,33 @@ def _stop_at_step_end(run: Run) -> Any:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then deliver it to the handler that was there.
+
+    The loop's step donates the state (updates it in place), so an interrupt in the middle of it
+    would leave a half-updated state for the Ctrl-C checkpoint; deferred, the step completes and
+    the interrupt arrives between steps. Off the main thread, or under a handler not set from
+    Python, it does nothing.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for _ in received[:1]:
+            signal.raise_signal(signal.SIGINT)
+
+
 def _loop(run: Run, state: TrainState, train_tokens: Any) -> TrainState:
+    """Step until the end or a stop. Each step donates the old state to `train_step` (updated in
+    place: one copy of the parameters and moments in memory); nothing keeps the old state, and
+    hooks save checkpoints synchronously before the next step."""
     config = run.train_config.step_config(run.total)
     tc, parallel = run.train_config, run.parallel
     with _stop_at_step_end(run) as asked:
@@ -327,8 +353,9 @@ def _loop(run: Run, state: TrainState, train_tokens: Any) -> TrainState:
                 t0 = time.perf_counter()
                 x, y = draw_batch(train_tokens, tc, run.context_length, state.step, run.device, rank=parallel.rank,
                                   world_size=parallel.world_size)
-                state, metrics = train_step(state, x, y, loss_fn=run.loss_fn, config=config,
-                                            sync_grads=parallel.sync_grads)
+                with _interrupts_deferred():
+                    state, metrics = train_step(state, x, y, loss_fn=run.loss_fn, config=config,
+                                                sync_grads=parallel.sync_grads, donate=True)
                 run._step_end = time.perf_counter()
                 run.step_seconds = run._step_end - t0
                 run.record = {}

@@ -125,8 +125,9 @@ def train_step(
     loss_fn: Callable[[Tree, Tensor, Tensor], Tensor],
     config: StepConfig,
     sync_grads: Callable[[Tree], Tree] = _identity,
+    donate: bool = False,
 ) -> tuple[TrainState, dict[str, Any]]:
-    """One optimizer step; pure: `state` is not modified, a new one is returned.
+    """One optimizer step; pure: `state` is not modified, a new one is returned (unless `donate`).
 
     **Arguments:**
 
@@ -137,6 +138,10 @@ def train_step(
     - `config`: a `StepConfig`.
     - `sync_grads`: applied to the gradient tree before clipping (data-parallel runs average it over
       processes here); the identity by default.
+    - `donate`: JAX's donation. `True` lets the step update the tensors of `state` in place and
+      return them in the new state (AdamW's `donate`; gradients are clipped in place too), so a
+      step holds one copy of the parameters and moments instead of two. The old `state` must not
+      be used afterwards. The results are the same as without donation.
 
     **Returns:** `(new_state, metrics)` with `metrics = {"loss", "grad_norm", "lr"}`: the loss and
     the gradient norm before clipping as 0-d tensors (no host sync), and the learning rate used.
@@ -151,7 +156,7 @@ def train_step(
     grads, norm = _clip_own_grads(sync_grads(grads), config.grad_clip)
     params, opt_state = adamw_step(
         state.params, state.opt_state, grads, lr=lr, betas=config.betas, eps=config.eps,
-        weight_decay=config.weight_decay,
+        weight_decay=config.weight_decay, donate=donate,
     )
     metrics = {"loss": loss.detach(), "grad_norm": norm.detach() if isinstance(norm, torch.Tensor) else norm, "lr": lr}
     return TrainState(params, opt_state, state.step + 1), metrics

@@ -44,3 +44,33 @@ def test_smoke_comparison_and_sweeps(tmp_path):
     bs = json.loads((out / "summary.json").read_text())["batch_size_sweep"]
     assert [(r["batch_size"], r["steps"]) for r in bs] == [(8, 4), (16, 2)]
     assert (out / "batch_size_sweep.png").exists() and "| bs8 |" in (out / "batch_size_sweep.md").read_text()
+
+
+@pytest.mark.slow
+def test_vectorized_sweeps_give_the_sequential_outputs(tmp_path):
+    """--vectorize trains the lr and seed sweeps as one vectorized run: the same files, rows and
+    per-run records as one run after another, every loss within float tolerance, and a diverging
+    run stopped alone at the same step for the same reason."""
+    args = ["--steps", "6", "--lrs", "1e-3,1e-2,200", "--seeds", "0,3", "--log-interval", "2", "--eval-interval", "3"]
+    _run(["--out", str(tmp_path / "seq"), *args])
+    proc = _run(["--out", str(tmp_path / "vec"), *args, "--vectorize"])
+    assert "5 runs at once" in proc.stderr and "stopping at step" in proc.stderr
+    seq, vec = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("seq", "vec"))
+    assert vec["vectorized"] and not seq["vectorized"]
+    for sweep in ("lr_sweep", "seed_sweep"):
+        assert [r["label"] for r in vec[sweep]] == [r["label"] for r in seq[sweep]]
+        for a, b in zip(seq[sweep], vec[sweep]):
+            assert (a["diverged_at"], a["steps"]) == (b["diverged_at"], b["steps"])
+            assert a["reason"].split(" ")[:2] == b["reason"].split(" ")[:2]
+            assert a["reason"].partition(">")[2].split()[1:] == b["reason"].partition(">")[2].split()[1:]
+            if a["diverged_at"] is None:
+                assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-4)
+                assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4)
+        for stem in (sweep + ".md", sweep + ".png"):
+            assert (tmp_path / "vec" / stem).stat().st_size > 100
+    assert [r["diverged_at"] is not None for r in vec["lr_sweep"]] == [False, False, True]
+    assert [r["seed"] for r in vec["seed_sweep"]] == [0, 3]
+    for label in ("lr0.001", "lr200", "seed3"):
+        a, b = ((tmp_path / d / "runs" / label / "metrics.jsonl").read_text().splitlines() for d in ("seq", "vec"))
+        assert [sorted(json.loads(x)) for x in a] == [sorted(json.loads(x)) for x in b]
+    assert "vectorized run" in (tmp_path / "vec" / "lr_sweep.md").read_text()
