@@ -92,17 +92,13 @@ def generate(
 ) -> list[int]:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens.
 
-    With the KV cache (the default) the prompt is run once (prefill) and then one token per step.
-    Every step has the same shapes (the attention reads the whole cache buffer, masked), and the
-    prefill pads the prompt at its end to a power of two (causal attention: padding never changes
-    the earlier positions' logits), so einx, which traces each new shape once per process (~0.1 s),
-    meets a handful of shapes however long the prompts and the generation.
-    **Beyond the context length** the model always conditions on the most recent
-    `context_length` tokens (a sliding window), exactly as recomputing the window each step
-    would: a prompt longer than the context is cut to its last `context_length` tokens, and once
-    the cache is full each new step re-prefills the cache on the last `context_length` tokens
-    (RoPE positions are absolute, so cached keys cannot be shifted). Past that point a step costs
-    one full-window forward, the same as decoding without a cache.
+    With the KV cache (the default) the prompt is run once (prefill), then one token per step. Every
+    step has the same shapes (attention reads the whole cache buffer, masked) and the prefill pads
+    the prompt to a power of two (causal: padding never changes earlier logits), so einx, which
+    traces each new shape once per process (~0.1 s), meets only a handful of shapes. **Beyond the
+    context length** the model conditions on the last `context_length` tokens (a sliding window),
+    exactly as recomputing the window would: once the cache is full, each step re-prefills it on
+    the last `context_length` tokens (RoPE positions are absolute), costing one full forward.
 
     **Arguments:**
 
@@ -118,23 +114,12 @@ def generate(
 
     **Returns:** the newly generated ids only, as a list of ints.
     """
-    _check_sampling(temperature, top_p)
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    ids = _prompt_list(prompt_ids, config.vocab_size)
-    if eos_id is not None and (
-        not isinstance(eos_id, numbers.Integral) or isinstance(eos_id, bool) or not 0 <= eos_id < config.vocab_size
-    ):
-        raise ValueError(f"eos_id must be an int in [0, {config.vocab_size}), got {eos_id!r}")
+    ids = _checked_arguments(prompt_ids, config, max_new_tokens, eos_id, temperature, top_p)
     check_params(params, config, layers=block is None, final_norm=final_norm is None)
-
     weight = params["token_embeddings"]["weight"]
     device, dtype = weight.device, weight.dtype
     generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator.seed() if seed is None else generator.manual_seed(seed)
     window = config.context_length
     cache = init_kv_cache(config, device=device, dtype=dtype) if use_cache and max_new_tokens else None
 
@@ -171,6 +156,20 @@ def generate(
             else:
                 logits = prefill(ids[-window:])
     return new
+
+
+def _checked_arguments(prompt_ids: Sequence[int] | Tensor, config: TransformerConfig, max_new_tokens: int,
+                       eos_id: int | None, temperature: float | int, top_p: float | int) -> list[int]:
+    """`generate`'s arguments checked (a `TypeError`/`ValueError` naming the bad one); the prompt as a list."""
+    _check_sampling(temperature, top_p)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    ids = _prompt_list(prompt_ids, config.vocab_size)
+    if eos_id is not None and (
+        not isinstance(eos_id, numbers.Integral) or isinstance(eos_id, bool) or not 0 <= eos_id < config.vocab_size
+    ):
+        raise ValueError(f"eos_id must be an int in [0, {config.vocab_size}), got {eos_id!r}")
+    return ids
 
 
 def _prompt_list(prompt_ids: Sequence[int] | Tensor, vocab_size: int) -> list[int]:

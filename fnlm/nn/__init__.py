@@ -6,11 +6,11 @@ vocabulary `batch seq d_model heads d_head d_ff vocab`; `...` is any number of l
 Initialisation draws on the CPU from a `torch.Generator`, so a seed gives the same parameters on
 every device.
 
-- `linear`: `init_linear`, `linear`
-- `embedding`: `init_embedding`, `embedding`
+- `dense`: `init_linear`, `linear`
+- `embeddings`: `init_embedding`, `embedding`
 - `norm`: `init_rmsnorm`, `rmsnorm`, `no_norm`
 - `ffn`: `silu`, `swiglu_d_ff`, `init_swiglu`, `swiglu`, `init_silu_ffn`, `silu_ffn`
-- `rope`: `RopeCache`, `rope_cos_sin`, `rope_cache`, `rope_tables`, `rope_rotate_tables`, `rope_rotate`, `rope`
+- `rotary`: `RopeCache`, `rope_cos_sin`, `rope_cache`, `rope_tables`, `rope_rotate_tables`, `rope_rotate`, `rope`
 - `attention`: `softmax`, `causal_mask`, `scaled_dot_product_attention`, `split_heads`,
   `merge_heads`, `AttentionContext`, `attention_context`, `LayerKV`, `kv_append`,
   `rope_position`, `no_position`, `self_attention`, `nope_self_attention`,
@@ -34,11 +34,11 @@ from fnlm.nn.attention import (
     softmax,
     split_heads,
 )
-from fnlm.nn.embedding import embedding, init_embedding
+from fnlm.nn.embeddings import embedding, init_embedding
 from fnlm.nn.ffn import init_silu_ffn, init_swiglu, silu, silu_ffn, swiglu, swiglu_d_ff
-from fnlm.nn.linear import init_linear, linear
+from fnlm.nn.dense import init_linear, linear
 from fnlm.nn.norm import init_rmsnorm, no_norm, rmsnorm
-from fnlm.nn.rope import RopeCache, rope, rope_cache, rope_cos_sin, rope_rotate, rope_rotate_tables, rope_tables
+from fnlm.nn.rotary import RopeCache, rope, rope_cache, rope_cos_sin, rope_rotate, rope_rotate_tables, rope_tables
 
 __all__ = [
     "init_linear", "linear", "init_embedding", "embedding", "init_rmsnorm", "rmsnorm", "no_norm",

@@ -17,8 +17,8 @@ import torch
 
 from fnlm.nn._autograd import _SoftmaxFn
 from fnlm.nn._common import _cast, _upcast
-from fnlm.nn.linear import init_linear
-from fnlm.nn.rope import RopeCache, rope_cos_sin, rope_rotate_tables, rope_tables
+from fnlm.nn.dense import init_linear
+from fnlm.nn.rotary import RopeCache, rope_cos_sin, rope_rotate_tables, rope_tables
 from fnlm.types import Bool, Float, Int, Tensor
 
 __all__ = [

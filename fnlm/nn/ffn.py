@@ -8,7 +8,7 @@ import math
 import torch
 
 from fnlm.nn._common import _check_positive
-from fnlm.nn.linear import init_linear, linear
+from fnlm.nn.dense import init_linear, linear
 from fnlm.types import Float, Tensor
 
 __all__ = ["silu", "swiglu_d_ff", "init_swiglu", "swiglu", "init_silu_ffn", "silu_ffn"]
