@@ -24,19 +24,25 @@ from fnlm.tokenizer import ENDOFTEXT
 from fnlm.train import resolve_device
 
 
+def _fail(message: str) -> None:
+    """One line on stderr and exit code 2: the user gave something that cannot work."""
+    print(f"generate.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def find_files(checkpoint: Path, tokenizer: Path | None) -> tuple[Path, Path]:
     """The checkpoint file and tokenizer folder for a run folder or a checkpoint path."""
     if checkpoint.is_dir():
         checkpoint = checkpoint / "checkpoints" / "latest.pt"
     if not checkpoint.is_file():
-        raise SystemExit(f"no checkpoint at {checkpoint}")
+        _fail(f"no checkpoint at {checkpoint} (give a run folder or a .pt file)")
     if tokenizer is None:
         for folder in (checkpoint.parent.parent, checkpoint.parent):
             if (folder / "tokenizer" / "vocab.json").is_file():
                 tokenizer = folder / "tokenizer"
                 break
         else:
-            raise SystemExit(f"no tokenizer folder found beside {checkpoint}; pass --tokenizer DIR")
+            _fail(f"no tokenizer folder found beside {checkpoint}; pass --tokenizer DIR")
     return checkpoint, tokenizer
 
 
@@ -57,7 +63,7 @@ def _ablation_block(name: str | None):
     from ablations import ABLATIONS
 
     if name not in ABLATIONS:
-        raise SystemExit(f"the checkpoint was trained with ablation {name!r}, which experiments/ablations does not define")
+        _fail(f"the checkpoint was trained with ablation {name!r}, which experiments/ablations does not define")
     return ABLATIONS[name].block
 
 

@@ -45,3 +45,15 @@ def test_generate_refuses_another_runs_tokenizer(tmp_path):
     assert len(lines) == 1 and "Traceback" not in bad.stderr
     assert own.fingerprint()[:12] in lines[0] and other.fingerprint()[:12] in lines[0]
     assert str(tmp_path / "other" / "tokenizer") in lines[0] and "--tokenizer" in lines[0]
+
+
+def test_generate_names_a_missing_checkpoint_or_tokenizer_in_one_line(tmp_path):
+    gone = _generate("--checkpoint", str(tmp_path / "nothing-here"))
+    assert gone.returncode == 2 and "Traceback" not in gone.stderr
+    assert gone.stderr.strip().splitlines() == [f"generate.py: error: no checkpoint at {tmp_path / 'nothing-here'}"
+                                                f"/checkpoints/latest.pt (give a run folder or a .pt file)"]
+    config = fnlm.TransformerConfig(vocab_size=280, context_length=16, d_model=16, num_layers=1, num_heads=2, d_ff=32)
+    fnlm.save_checkpoint(tmp_path / "lonely.pt", params=fnlm.init_transformer_lm(config), opt_state={}, step=1,
+                         config=config)
+    alone = _generate("--checkpoint", str(tmp_path / "lonely.pt"))
+    assert alone.returncode == 2 and "no tokenizer folder found" in alone.stderr and "Traceback" not in alone.stderr
