@@ -51,7 +51,7 @@ def test_generate_names_a_missing_checkpoint_or_tokenizer_in_one_line(tmp_path):
     gone = _generate("--checkpoint", str(tmp_path / "nothing-here"))
     assert gone.returncode == 2 and "Traceback" not in gone.stderr
     assert gone.stderr.strip().splitlines() == [f"generate.py: error: no checkpoint at {tmp_path / 'nothing-here'}"
-                                                f"/checkpoints/latest.pt (give a run folder or a .pt file)"]
+                                                " (give a run folder or a .pt file)"]
     config = fnlm.TransformerConfig(vocab_size=280, context_length=16, d_model=16, num_layers=1, num_heads=2, d_ff=32)
     fnlm.save_checkpoint(tmp_path / "lonely.pt", params=fnlm.init_transformer_lm(config), opt_state={}, step=1,
                          config=config)
