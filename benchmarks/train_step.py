@@ -18,6 +18,7 @@ with the machine's name and load. Default sizes: the 17M TinyStories model (d_mo
 
     python benchmarks/train_step.py                       # eager ratios, then compiled (CPU: minutes to compile)
     python benchmarks/train_step.py --no-compile          # eager ratios only
+    python benchmarks/train_step.py --no-compile --pure   # the pure step (no donation) instead of the loop's
     python benchmarks/train_step.py --compile-modes step,loss
     python benchmarks/train_step.py --typecheck           # shape checks on vs off (subprocesses)
     python benchmarks/train_step.py --memory              # peak memory, fnlm vs (a) (subprocesses)
@@ -69,10 +70,12 @@ class FnlmRunner:
 
     `compile_mode`: `None` (eager), `"loss"` (the loss compiled, gradients and optimizer eager, as
     (b) compiled is) or `"step"` (the whole `train_step` under `torch.compile(fullgraph=True)`, from
-    a state with tensor step counters so that it compiles once).
+    a state with tensor step counters so that it compiles once). `donate`: step with
+    `train_step(..., donate=True)`, as `fnlm.train.train` does (the optimizer updates the state in
+    place, like the baselines' `torch.optim.AdamW`); `--pure` measures the pure step instead.
     """
 
-    def __init__(self, config, params, device, autocast, compile_mode: str | None):
+    def __init__(self, config, params, device, autocast, compile_mode: str | None, donate: bool = True):
         def loss_fn(p, x, y):
             with autocast():
                 logits = fnlm.transformer_lm(p, x, config)
@@ -82,8 +85,9 @@ class FnlmRunner:
             loss_fn = torch.compile(loss_fn, fullgraph=True)
         step_config = fnlm.StepConfig(lr=LR, min_lr=LR, warmup_steps=0, cosine_steps=0, betas=BETAS, eps=EPS,
                                       weight_decay=WEIGHT_DECAY, grad_clip=MAX_NORM)
-        step = functools.partial(fnlm.train_step, loss_fn=loss_fn, config=step_config)
-        self.name = "fnlm" if compile_mode is None else f"fnlm compiled {compile_mode}"
+        donate = donate and compile_mode != "step"
+        step = functools.partial(fnlm.train_step, loss_fn=loss_fn, config=step_config, donate=donate)
+        self.name = ("fnlm" if donate else "fnlm pure") if compile_mode is None else f"fnlm compiled {compile_mode}"
         self._loss_fn = loss_fn
         self._step = torch.compile(step, fullgraph=True) if compile_mode == "step" else step
         self.state = fnlm.init_train_state(params, step_tensor=compile_mode == "step")
@@ -147,7 +151,8 @@ def build(args, which: tuple[str, ...], compile_mode: str | None = None):
     runners = []
     for w in which:
         if w == "fnlm":
-            runners.append(FnlmRunner(config, params, device, autocast, compile_mode))
+            runners.append(FnlmRunner(config, fnlm.tree_map(torch.clone, params), device, autocast, compile_mode,
+                                      donate=not args.pure))
         elif w == "a":
             runners.append(TorchRunner("(a) module", config, flat, device, autocast, fused=False, compile_model=False))
         elif w == "b":
@@ -358,6 +363,8 @@ def parse_args(argv=None):
     p.add_argument("--tune-malloc", action="store_true",
                    help="keep freed memory in glibc's heap (mallopt), so fresh tensors do not page-fault")
     p.add_argument("--no-compile", action="store_true", help="eager ratios only")
+    p.add_argument("--pure", action="store_true",
+                   help="step fnlm without donation (new params and moments each step) instead of as the training loop does")
     p.add_argument("--compile-only", action="store_true", help="compiled ratios only")
     p.add_argument("--compile-modes", default="step",
                    help="comma-separated fnlm compile modes: step (the whole train_step, fullgraph), loss")

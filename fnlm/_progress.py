@@ -1,6 +1,6 @@
 """Progress bars without a hard dependency: `progress_bar(...)` is a tqdm bar when tqdm is installed
-(`pip install fnlm[progress]`) and a silent stand-in otherwise. tqdm is imported on the first bar,
-never by `import fnlm`."""
+(`pip install fnlm[progress]`) and a silent stand-in otherwise. tqdm is imported on the first bar
+shown, never by `import fnlm` nor by the tokenizer (which needs neither torch nor tqdm)."""
 
 from __future__ import annotations
 

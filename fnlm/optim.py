@@ -9,7 +9,7 @@ build new tensors with multi-tensor (`torch._foreach_*`) kernels under `torch.no
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -131,6 +131,18 @@ def adamw_init(params: Tree) -> dict[str, Any]:
 _FUSED_DEVICES = ("cpu", "cuda")
 
 
+class _Adam(NamedTuple):
+    """The scalars of one AdamW update: `step` is t >= 1 (an int, or a 0-d tensor in a compiled
+    step); `lr` and `weight_decay` may be 0-d tensors (per-model values under `vmap`)."""
+
+    step: int | Tensor
+    lr: float | Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float | Tensor
+
+
 def _under_functorch() -> bool:
     """True inside a `torch.func` transform (not `torch.compile`): `torch._foreach_*` kernels have no
     batching rules, so the steps use one plain op per leaf there."""
@@ -162,13 +174,7 @@ def _adamw_update_fused(
     m: list[Tensor],
     v: list[Tensor],
     decay: list[bool],
-    *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    hp: _Adam,
     donate: bool = False,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """`_adamw_update` with torch's one-pass fused AdamW kernel, on copies (or, with `donate`, on
@@ -180,6 +186,7 @@ def _adamw_update_fused(
     exactly (up to rounding). Three copies plus one fused pass read and write less memory than
     the seven multi-tensor passes of the unfused update.
     """
+    step, lr, beta1, beta2, eps, weight_decay = hp
     with torch.no_grad():
         new_p, new_m, new_v = (group if donate else [t.clone() for t in group] for group in (params, m, v))
         steps = [torch.tensor(float(step), device=params[0].device)] * len(params)
@@ -224,16 +231,11 @@ def _adamw_update_foreach(
     m: list[Tensor],
     v: list[Tensor],
     decay: list[bool],
-    *,
-    step: int,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float | Tensor,
+    hp: _Adam,
     donate: bool = False,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Algorithm 2 with multi-tensor kernels: new tensors, or the inputs updated with `donate`."""
+    step, lr, beta1, beta2, eps, weight_decay = hp
     device = params[0].device
     if donate:
         new_m, new_v = m, v
@@ -278,16 +280,11 @@ def _adamw_update_plain(
     m: list[Tensor],
     v: list[Tensor],
     decay: list[bool],
-    *,
-    step: int,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float | Tensor,
+    hp: _Adam,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Algorithm 2 with one plain op per leaf and no in-place op: what `torch.func.vmap` can batch
     (there `lr` and `weight_decay` may be per-model tensors). Returns new tensors."""
+    step, lr, beta1, beta2, eps, weight_decay = hp
     alpha_t = _alpha(lr, step, beta1, beta2)
     factor = 1.0 - lr * weight_decay
     new_p, new_m, new_v = [], [], []
@@ -310,26 +307,19 @@ def _adamw_update(
     m: list[Tensor],
     v: list[Tensor],
     decay: list[bool],
-    *,
-    step: int,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float | Tensor,
+    hp: _Adam,
     donate: bool = False,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Algorithm 2 of the CS336 handout on flat lists; `step` is t >= 1. Picks torch's fused kernel
     (float hyper-parameters on CPU/CUDA), the multi-tensor kernels, or plain ops under `torch.func`."""
     if not params:
         return [], [], []
-    hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     with torch.no_grad():
         if _under_functorch():
-            return _adamw_update_plain(params, grads, m, v, decay, **hyper)
-        if _can_fuse(params, grads, m, v, lr, weight_decay):
-            return _adamw_update_fused(params, grads, m, v, decay, **hyper, donate=donate)
-        return _adamw_update_foreach(params, grads, m, v, decay, **hyper, donate=donate)
+            return _adamw_update_plain(params, grads, m, v, decay, hp)
+        if _can_fuse(params, grads, m, v, hp.lr, hp.weight_decay):
+            return _adamw_update_fused(params, grads, m, v, decay, hp, donate)
+        return _adamw_update_foreach(params, grads, m, v, decay, hp, donate)
 
 
 def adamw_step(
@@ -400,8 +390,7 @@ def adamw_step(
     decay = _decay_flags(p_flat, decay_mask)
     donate = donate and not _under_functorch() and _distinct(p_list + m_list + v_list)
     new_p, new_m, new_v = _adamw_update(
-        p_list, g_list, m_list, v_list, decay,
-        step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, donate=donate,
+        p_list, g_list, m_list, v_list, decay, _Adam(step, lr, beta1, beta2, eps, weight_decay), donate
     )
     new_state = {
         "step": step,

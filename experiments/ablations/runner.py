@@ -169,7 +169,7 @@ def plot_sweep_results(results: Sequence[RunResult], values: Sequence[float], pa
                        x_key: str = "step", log_x: bool = True, title: str = "") -> Path:
     """`fnlm.train.plots.plot_sweep` over the runs of a sweep, one per swept value."""
     return plot_sweep({r.label: r.records for r in results}, values, path, name=name, x_key=x_key, log_x=log_x,
-                      stopped=[r.label for r in results if r.diverged], title=title)
+                      stopped=[r.label for r in results if r.diverged], groups=[r.ablation for r in results], title=title)
 
 
 def _fmt(x: float, spec: str) -> str:

@@ -246,7 +246,7 @@ class _Parser(argparse.ArgumentParser):
 USAGE = ("%(prog)s [--preset NAME] [--data [DIR] | --train-file FILE --valid-file FILE] [--out DIR] "
          "[--stage STAGES] [--resume | --overwrite] [--FLAG VALUE ...]")
 
-PRESET_HELP = ("starting values for every flag below: demo (the embedded story corpus, about 6 minutes on 2 CPU "
+PRESET_HELP = ("starting values for every flag below: demo (the embedded story corpus, about 2½ minutes on 2 CPU "
                "cores; the default), smoke (tiny, for tests), cpu (17M model, 41M tokens), h100 (17M model, 328M "
                "tokens); with --data or --train-file the default is h100 on CUDA and cpu elsewhere")
 

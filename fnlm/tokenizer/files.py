@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fnlm.tokenizer._progress import progress_bar
+from fnlm._progress import progress_bar
 from fnlm.tokenizer.gpt2 import ENDOFTEXT
 from fnlm.tokenizer.pretokenize import find_chunk_boundaries
 from fnlm.tokenizer.tokenizer import Tokenizer
@@ -171,7 +171,7 @@ def _encode_chunks(tok: Tokenizer, input_path: str, output_path: str, chunks: li
     is_npy = output_path.endswith(".npy")
     tmp_path = output_path + ".tmp"
     try:
-        with open(tmp_path, "wb") as out, progress_bar(size, "encode", progress, unit="B", unit_scale=True) as bar:
+        with open(tmp_path, "wb") as out, progress_bar(total=size, desc="encode", disable=not progress, unit="B", unit_scale=True) as bar:
             if is_npy:
                 out.write(_npy_header(0))
             if workers == 1:

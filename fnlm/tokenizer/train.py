@@ -37,7 +37,7 @@ from array import array
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 
-from fnlm.tokenizer._progress import progress_bar
+from fnlm._progress import progress_bar
 from fnlm.tokenizer.pretokenize import (
     ASCII_GPT2_REGEX,
     GPT2_REGEX,
@@ -151,7 +151,7 @@ def count_pretokens(
         )
     spans = list(zip(cuts, cuts[1:]))
     total: Counter = Counter()
-    with progress_bar(size, "pre-tokenize", progress, unit="B", unit_scale=True) as bar:
+    with progress_bar(total=size, desc="pre-tokenize", disable=not progress, unit="B", unit_scale=True) as bar:
         if not parallel or len(spans) <= 1:
             for span in spans:
                 bar.update(_count_spans(path, [span], specials, total))
@@ -208,7 +208,7 @@ def _learn_merges(words: Iterable[tuple[str, int]], num_merges: int, progress: b
     gc.disable()
     try:
         merger = _Merger(words)
-        with progress_bar(num_merges, "merges", progress) as bar:
+        with progress_bar(total=num_merges, desc="merges", disable=not progress) as bar:
             return merger.run(num_merges, bar)
     finally:
         if gc_was_enabled:

@@ -105,11 +105,12 @@ def plot_sweep(
     x_key: str = "step",
     log_x: bool = True,
     stopped: Sequence[str] = (),
+    groups: Sequence[str] | None = None,
     title: str = "",
 ) -> Path:
     """A sweep: validation loss against `x_key` per run (left) and the final validation loss
-    against the swept value (right; stopped runs as red crosses at their last finite loss, or at
-    the top when they have none).
+    against the swept value (right, one line per group; stopped runs as red crosses at their last
+    finite loss, or at the top when they have none).
 
     **Arguments:**
 
@@ -120,6 +121,8 @@ def plot_sweep(
     - `x_key`: the records' key for the left plot's x axis (`"step"`, `"tokens"`, `"time"`).
     - `log_x`: a log scale for the swept value.
     - `stopped`: labels of runs that diverged.
+    - `groups`: the group of each run (e.g. the variant swept), one line per group on the right;
+      `None` is one group.
     - `title`: the figure's title.
 
     **Returns:** the path written.
@@ -130,13 +133,17 @@ def plot_sweep(
         val = _finite(records, "val_loss")
         left.plot([r[x_key] for r in val], [r["val_loss"] for r in val], color=f"C{i % 10}", marker="o", ms=3, lw=1.6,
                   label=label + (" (diverged)" if label in stopped else ""))
-    finals = [(v, _last(records, "val_loss"), label in stopped) for v, (label, records) in zip(values, runs.items())]
-    finite = [f for _, f, bad in finals if not bad and math.isfinite(f)]
+    groups = list(groups) if groups is not None else [""] * len(runs)
+    finals = [(v, _last(records, "val_loss"), label in stopped, g)
+              for v, (label, records), g in zip(values, runs.items(), groups)]
+    finite = [f for _, f, bad, _ in finals if not bad and math.isfinite(f)]
     top = max(finite) * 1.1 if finite else 1.0
-    ok = [(v, f) for v, f, bad in finals if not bad]
-    worse = [(v, min(f, top) if math.isfinite(f) else top) for v, f, bad in finals if bad]
-    if ok:
-        right.plot([p[0] for p in ok], [p[1] for p in ok], "o-", color="C0", label="final validation loss")
+    for i, group in enumerate(dict.fromkeys(groups)):
+        ok = sorted((v, f) for v, f, bad, g in finals if not bad and g == group)
+        if ok:
+            right.plot([p[0] for p in ok], [p[1] for p in ok], "o-", color=f"C{i % 10}",
+                       label=f"{group} final validation loss" if group else "final validation loss")
+    worse = [(v, min(f, top) if math.isfinite(f) else top) for v, f, bad, _ in finals if bad]
     if worse:
         right.plot([p[0] for p in worse], [p[1] for p in worse], "x", color="red", ms=10, mew=2, label="diverged")
     if log_x:
