@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -104,7 +105,11 @@ def test_train_vectorized_equals_separate_runs_and_a_diverging_model_stops_alone
     seq = [train(CONFIG, tc, out_dir=tmp_path / f"seq{k}", hooks=hooks, **data) for k, tc in enumerate(configs)]
     assert [s["diverged"] for s in seq] == [False, False, False, True]
     assert [s["step"] for s in vec] == [s["step"] for s in seq] and seq[3]["step"] < 16
-    assert vec[3]["stop_reason"] == seq[3]["stop_reason"]
+    # the same reason; the loss in it agrees to float tolerance (8.4e6 may differ in its last digits)
+    number = r"[-+]?\d+\.\d+"
+    assert re.sub(number, "#", vec[3]["stop_reason"]) == re.sub(number, "#", seq[3]["stop_reason"])
+    losses = [float(re.findall(number, s[3]["stop_reason"])[0]) for s in (vec, seq)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     for k in range(4):
         for key in ("train_loss", "val_loss", "tokens", "params", "diverged"):
             assert vec[k][key] == pytest.approx(seq[k][key], rel=1e-4, nan_ok=True), (k, key)
