@@ -38,8 +38,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fnlm  # noqa: E402
+from harness import add_model_args  # noqa: E402
 from fnlm import train as trainer  # noqa: E402
 from fnlm.train import parallel as distributed  # noqa: E402
 
@@ -55,13 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--procs", default="1,2", help="process counts to compare (comma-separated)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--batch", type=int, default=16, help="global batch (sequences per optimizer step)")
-    p.add_argument("--context", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=10_000)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--d-ff", type=int, default=384)
+    add_model_args(p, batch=16, context=256, d_model=128, heads=4, d_ff=384)  # --batch: the global batch
     p.add_argument("--device", default="cpu")
     p.add_argument("--log-interval", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2, help="runs per configuration, interleaved; the median is kept")

@@ -19,8 +19,19 @@ from typing import Any
 
 __all__ = [
     "machine_name", "cpu_name", "cpu_seconds", "peak_rss_mib", "median_time", "ratio", "alternate", "load_average",
-    "Timings", "tune_malloc",
+    "Timings", "tune_malloc", "add_model_args", "MODEL_17M",
 ]
+
+MODEL_17M = dict(batch=4, context=128, vocab=10_000, d_model=512, layers=4, heads=16, d_ff=1344)
+"""The 17M TinyStories model at batch 4 x context 128: the CPU benchmarks' default sizes."""
+
+
+def add_model_args(parser: Any, **overrides: int) -> None:
+    """Add `--batch --context --vocab --d-model --layers --heads --d-ff` to an argparse parser,
+    defaulting to `MODEL_17M` with `overrides` (e.g. `d_model=128`)."""
+    sizes = {**MODEL_17M, **overrides}
+    for name, default in sizes.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
 
 
 def cpu_name() -> str:

@@ -34,6 +34,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import add_model_args, machine_name  # noqa: E402  (torch-free: this parent process stays light)
+
 MODES = ("fnlm pure", "fnlm donate", "torch AdamW", "torch AdamW foreach", "fnlm model + torch AdamW")
 BASELINE = "torch AdamW"
 LR, BETAS, EPS, WEIGHT_DECAY, MAX_NORM = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
@@ -119,20 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3, help="fresh processes per mode (alternating)")
     p.add_argument("--steps", type=int, default=3, help="training steps per process")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--context", type=int, default=128)
-    p.add_argument("--vocab", type=int, default=10_000)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--d-ff", type=int, default=1344)
+    add_model_args(p)
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         child(args)
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from harness import machine_name
 
     print(f"machine: {machine_name()}; load average {os.getloadavg()[0]:.2f}")
     print(f"model: d_model {args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {args.d_ff}, vocab "
