@@ -148,6 +148,16 @@ def _rebuild(like: Any, children: list[Any]) -> Any:
     return type(like)(children) if isinstance(like, tuple) else list(children)
 
 
+def _map_keeping_types(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """`fn` on every leaf (tensor or not) of one or more trees of one structure; unlike `tree_map`,
+    dicts, lists, tuples and NamedTuples (a `TrainState`) keep their types."""
+    if isinstance(tree, dict):
+        return {k: _map_keeping_types(fn, v, *(o[k] for o in rest)) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return _rebuild(tree, [_map_keeping_types(fn, v, *(o[i] for o in rest)) for i, v in enumerate(tree)])
+    return fn(tree, *rest)
+
+
 def _where(path: str) -> str:
     return f"at {path!r}" if path else "at the root"
 
@@ -223,16 +233,6 @@ def _model_count(tree: Tree, path: str, found: list[tuple[str, int]]) -> None:
         found.append((path, tree.shape[0]))
 
 
-def _unstack_node(node: Any, k: int) -> Any:
-    if isinstance(node, dict):
-        return {key: _unstack_node(v, k) for key, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return _rebuild(node, [_unstack_node(v, k) for v in node])
-    if isinstance(node, torch.Tensor):
-        return node[k]
-    return node
-
-
 def tree_unstack(tree: Tree) -> list[Tree]:
     """Split a tree along the leading model axis of its tensor leaves: the inverse of
     :func:`tree_stack`.
@@ -262,4 +262,5 @@ def tree_unstack(tree: Tree) -> list[Tree]:
         first, other = found[0], next(f for f in found if f[1] != found[0][1])
         raise ValueError(f"tree_unstack: leaves disagree on the model axis: {first[0]!r} has {first[1]}, "
                          f"{other[0]!r} has {other[1]}")
-    return [_unstack_node(tree, k) for k in range(found[0][1])]
+    return [_map_keeping_types(lambda t, k=k: t[k] if isinstance(t, torch.Tensor) else t, tree)
+            for k in range(found[0][1])]

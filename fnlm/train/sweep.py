@@ -42,7 +42,7 @@ from fnlm.train.loop import _setup, _summary, draw_batch
 from fnlm.train.parallel import Parallel
 from fnlm.train.run import Run, TrainConfig
 from fnlm.train.step import StepConfig, TrainState, init_train_state, train_step
-from fnlm.tree import Tree, tree_size, tree_stack, tree_unstack
+from fnlm.tree import Tree, _map_keeping_types, tree_size, tree_stack, tree_unstack
 from fnlm.types import Tensor
 
 __all__ = ["SWEPT_FIELDS", "init_stacked", "stack_step_configs", "vectorized_step", "train_vectorized"]
@@ -56,24 +56,12 @@ _DISPLAY_FIELDS = {"progress", "plot", "wandb_project"}
 
 def _map_tensors(fn: Callable[[Tensor], Any], tree: Any) -> Any:
     """`fn` on every tensor leaf; containers keep their type (dict, list, tuple, NamedTuple)."""
-    if isinstance(tree, dict):
-        return {k: _map_tensors(fn, v) for k, v in tree.items()}
-    if isinstance(tree, tuple) and hasattr(type(tree), "_fields"):
-        return type(tree)(*(_map_tensors(fn, v) for v in tree))
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_map_tensors(fn, v) for v in tree)
-    return fn(tree) if isinstance(tree, Tensor) else tree
+    return _map_keeping_types(lambda t: fn(t) if isinstance(t, Tensor) else t, tree)
 
 
 def _in_dims(tree: Any) -> Any:
     """vmap's `in_dims` for a stacked tree: 0 for tensors, None for other leaves (a step count)."""
-    if isinstance(tree, dict):
-        return {k: _in_dims(v) for k, v in tree.items()}
-    if isinstance(tree, tuple) and hasattr(type(tree), "_fields"):
-        return type(tree)(*(_in_dims(v) for v in tree))
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_in_dims(v) for v in tree)
-    return 0 if isinstance(tree, Tensor) else None
+    return _map_keeping_types(lambda t: 0 if isinstance(t, Tensor) else None, tree)
 
 
 def _take(tree: Any, index: Sequence[int]) -> Any:
@@ -222,14 +210,7 @@ def _rows(t: Tensor, *, start: int, length: int) -> Tensor:
 
 def _concat(trees: list[Any]) -> Any:
     """Stacked trees of the same structure joined along the model axis."""
-    first = trees[0]
-    if isinstance(first, dict):
-        return {key: _concat([t[key] for t in trees]) for key in first}
-    if isinstance(first, tuple) and hasattr(type(first), "_fields"):
-        return type(first)(*(_concat([t[i] for t in trees]) for i in range(len(first))))
-    if isinstance(first, (list, tuple)):
-        return type(first)(_concat([t[i] for t in trees]) for i in range(len(first)))
-    return torch.cat(trees) if isinstance(first, Tensor) else first
+    return _map_keeping_types(lambda *ts: torch.cat(ts) if isinstance(ts[0], Tensor) else ts[0], *trees)
 
 
 class _Evaluations:
