@@ -198,11 +198,9 @@ def attention_context(
     """
     cos = sin = None
     if rope_theta is not None:
-        if positions is None:
-            positions = torch.arange(start, start + seq_len, device=device)
-            cos, sin = rope_tables(*rope_cos_sin(positions, d_head, rope_theta))
-        else:
-            cos, sin = rope_tables(*rope_cos_sin(positions, d_head, rope_theta))
+        at = torch.arange(start, start + seq_len, device=device) if positions is None else positions
+        cos, sin = rope_tables(*rope_cos_sin(at, d_head, rope_theta))
+        if positions is not None:
             cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # (..., 1, seq, d_head)
     if kv_len is not None:
         slots = torch.arange(kv_len, device=device)
