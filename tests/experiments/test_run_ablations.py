@@ -74,3 +74,19 @@ def test_vectorized_sweeps_give_the_sequential_outputs(tmp_path):
         a, b = ((tmp_path / d / "runs" / label / "metrics.jsonl").read_text().splitlines() for d in ("seq", "vec"))
         assert [sorted(json.loads(x)) for x in a] == [sorted(json.loads(x)) for x in b]
     assert "vectorized run" in (tmp_path / "vec" / "lr_sweep.md").read_text()
+
+
+@pytest.mark.parametrize(("args", "message", "code"), [
+    (["--vectorize"], "--vectorize needs a learning-rate or seed sweep (--lrs, --seeds)", 1),
+    (["--seeds", "1.5"], "expected comma-separated non-negative integers, got '1.5'", 2),
+    (["--seeds", "0,-1"], "expected comma-separated non-negative integers, got '0,-1'", 2),
+])
+def test_wrong_sweep_flags_stop_before_any_stage(tmp_path, args, message, code):
+    """What users mistype with the sweep flags: one message, a non-zero exit, and no run folder made."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "abl"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--preset", "smoke", "--out", str(out), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
