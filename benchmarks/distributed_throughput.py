@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fnlm  # noqa: E402
-from harness import add_model_args  # noqa: E402
+from harness import add_model_args, model_argv  # noqa: E402
 from fnlm import train as trainer  # noqa: E402
 from fnlm.train import parallel as distributed  # noqa: E402
 
@@ -102,10 +102,8 @@ def _worker(a: argparse.Namespace, parallel: trainer.Parallel = trainer.Parallel
 
 def _run(a: argparse.Namespace, procs: int, threads: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"fnlm_dist_{procs}p_"))
-    args = [str(Path(__file__).resolve()), "--worker", str(out), "--steps", str(a.steps), "--batch", str(a.batch),
-            "--context", str(a.context), "--vocab", str(a.vocab), "--d-model", str(a.d_model), "--layers",
-            str(a.layers), "--heads", str(a.heads), "--d-ff", str(a.d_ff), "--device", a.device,
-            "--log-interval", str(a.log_interval)]
+    args = [str(Path(__file__).resolve()), "--worker", str(out), "--steps", str(a.steps), *model_argv(a),
+            "--device", a.device, "--log-interval", str(a.log_interval)]
     env = {**os.environ, "FNLM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "FNLM_TYPECHECK": "0"}
     if procs == 1:
         cmd = [sys.executable, *args]

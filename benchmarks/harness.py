@@ -19,7 +19,7 @@ from typing import Any
 
 __all__ = [
     "machine_name", "cpu_name", "cpu_seconds", "peak_rss_mib", "median_time", "ratio", "alternate", "load_average",
-    "Timings", "tune_malloc", "add_model_args", "MODEL_17M",
+    "Timings", "tune_malloc", "add_model_args", "model_argv", "MODEL_17M",
 ]
 
 MODEL_17M = dict(batch=4, context=128, vocab=10_000, d_model=512, layers=4, heads=16, d_ff=1344)
@@ -32,6 +32,12 @@ def add_model_args(parser: Any, **overrides: int) -> None:
     sizes = {**MODEL_17M, **overrides}
     for name, default in sizes.items():
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+
+
+def model_argv(args: Any) -> list[str]:
+    """The inverse of `add_model_args`: the seven model-size flags with `args`' values, for a child
+    process of the same script."""
+    return [item for name in MODEL_17M for item in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
 
 
 def cpu_name() -> str:

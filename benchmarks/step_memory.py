@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import add_model_args, machine_name  # noqa: E402  (torch-free: this parent process stays light)
+from harness import add_model_args, machine_name, model_argv  # noqa: E402  (torch-free: this parent process stays light)
 
 MODES = ("fnlm pure", "fnlm donate", "torch AdamW", "torch AdamW foreach", "fnlm model + torch AdamW")
 BASELINE = "torch AdamW"
@@ -107,9 +107,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def spawn(args: argparse.Namespace, mode: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--batch", str(args.batch),
-           "--context", str(args.context), "--vocab", str(args.vocab), "--d-model", str(args.d_model),
-           "--layers", str(args.layers), "--heads", str(args.heads), "--d-ff", str(args.d_ff)]
+    cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), *model_argv(args)]
     env = {k: v for k, v in os.environ.items() if k != "FNLM_TYPECHECK"}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     for line in res.stdout.splitlines():

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fnlm  # noqa: E402
 from fnlm import accounting  # noqa: E402
-from harness import add_model_args, load_average, machine_name, tune_malloc  # noqa: E402
+from harness import add_model_args, load_average, machine_name, model_argv, tune_malloc  # noqa: E402
 from reference import ReferenceLM, load_fnlm_params  # noqa: E402
 
 LR, BETAS, EPS, WEIGHT_DECAY, MAX_NORM = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
@@ -290,10 +290,8 @@ def child(args) -> None:
 
 def spawn(args, runner: str, mode: str, env_extra: dict[str, str | None]) -> dict:
     cmd = [sys.executable, __file__, "--child-runner", runner, "--child-mode", mode,
-           "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch),
-           "--context", str(args.context), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--vocab", str(args.vocab), "--d-model", str(args.d_model), "--layers", str(args.layers),
-           "--heads", str(args.heads), "--d-ff", str(args.d_ff)]
+           "--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           *model_argv(args)]
     env = dict(os.environ)
     for k, v in env_extra.items():
         if v is None:
