@@ -3,14 +3,13 @@ buffers, checkpoints that later in-place updates do not touch, Ctrl-C held until
 
 from __future__ import annotations
 
-import signal
 
 import numpy as np
-import pytest
 import torch
 
 import fnlm
 from fnlm.train import TrainConfig, draw_batch, loop, train
+from tests.fresh_process import run_python
 
 CONFIG = fnlm.TransformerConfig(vocab_size=40, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=32)
 STEP = fnlm.StepConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, cosine_steps=10, weight_decay=0.1)
@@ -70,13 +69,23 @@ def test_the_loop_donates_and_its_checkpoints_hold_their_own_step(tmp_path, monk
 
 
 def test_ctrl_c_is_held_until_the_donated_step_completes():
-    finished = []
-    handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
+    """Run as a script runs the loop: a fresh process whose main thread has Python's default SIGINT
+    handler (a pytest worker's signal state is the harness's, not the user's)."""
+    r = run_python("""
+        import json, signal
+        from fnlm.train import loop
+        finished, raised = [], False
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            with loop._interrupts_deferred():
+                signal.raise_signal(signal.SIGINT)
+                finished.append("step")
+        except KeyboardInterrupt:
+            raised = True
+        restored = signal.getsignal(signal.SIGINT) is handler
         with loop._interrupts_deferred():
-            signal.raise_signal(signal.SIGINT)
-            finished.append("step")
-    assert finished == ["step"] and signal.getsignal(signal.SIGINT) is handler
-    with loop._interrupts_deferred():
-        finished.append("quiet")
-    assert finished == ["step", "quiet"]
+            finished.append("quiet")
+        print("RESULT " + json.dumps({"raised": raised, "finished": finished, "restored": restored}))
+    """, timeout=120)
+    assert r["raised"] and r["restored"]
+    assert r["finished"] == ["step", "quiet"]
