@@ -18,6 +18,7 @@ with the machine's name and load. Default sizes: the 17M TinyStories model (d_mo
 
     python benchmarks/train_step.py                       # eager ratios, then compiled (CPU: minutes to compile)
     python benchmarks/train_step.py --no-compile          # eager ratios only
+    python benchmarks/train_step.py --no-compile --isolated  # and each runner alone in fresh processes
     python benchmarks/train_step.py --no-compile --pure   # the pure step (no donation) instead of the loop's
     python benchmarks/train_step.py --compile-modes step,loss
     python benchmarks/train_step.py --typecheck           # shape checks on vs off (subprocesses)
@@ -201,7 +202,8 @@ def report(times: dict[str, list[float]], args, config, baseline_names: list[str
     peak = accounting.measure_matmul_peak(args.device, DTYPES[args.dtype] if args.device.startswith("cuda") else torch.float32)
     medians = {n: statistics.median(t) for n, t in times.items()}
     cpu = {n: statistics.median(t) for n, t in (cpu_times or {}).items()}
-    print(f"\n{label}median step time over {args.steps} alternating steps (after {args.warmup} warm-up):")
+    what = f"{args.steps} alternating steps (after {args.warmup} warm-up)" if not label.startswith("each alone") else "all steps"
+    print(f"\n{label}median step time over {what}:")
     for n, m in medians.items():
         tps = tokens / m
         util = accounting.mfu(tps, config, peak, seq_len=args.context)
@@ -267,8 +269,10 @@ def child(args) -> None:
     config, runners, x, y = build(args, which)
     r = runners[0]
     if args.child_mode == "time":
-        times = time_runners(runners, x, y, args.device, args.warmup, args.steps)
-        out = {"median_s": statistics.median(times[r.name]), "typecheck": fnlm.typecheck_enabled()}
+        cpu_times: dict[str, list[float]] = {}
+        times = time_runners(runners, x, y, args.device, args.warmup, args.steps, cpu_times)
+        out = {"median_s": statistics.median(times[r.name]), "typecheck": fnlm.typecheck_enabled(),
+               "name": r.name, "times_s": times[r.name], "cpu_s": cpu_times[r.name]}
     elif args.device.startswith("cuda"):
         r.step(x, y)
         sync(args.device)
@@ -291,7 +295,8 @@ def child(args) -> None:
 def spawn(args, runner: str, mode: str, env_extra: dict[str, str | None]) -> dict:
     cmd = [sys.executable, __file__, "--child-runner", runner, "--child-mode", mode,
            "--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           *model_argv(args)]
+           *model_argv(args), *(["--pure"] if args.pure else []), *(["--tune-malloc"] if args.tune_malloc else []),
+           *(["--threads", str(args.threads)] if args.threads else [])]
     env = dict(os.environ)
     for k, v in env_extra.items():
         if v is None:
@@ -303,6 +308,29 @@ def spawn(args, runner: str, mode: str, env_extra: dict[str, str | None]) -> dic
         if line.startswith("CHILD_RESULT "):
             return json.loads(line[len("CHILD_RESULT "):])
     raise RuntimeError(f"child failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+
+
+def run_isolated(args) -> None:
+    """Each runner alone in a fresh process, as a user runs one: `--rounds` rounds, the order of the
+    runners rotating each round; the medians are over all steps of all rounds.
+
+    In one process the runners share glibc's heap. Freed blocks at its top are returned to the OS
+    once they pass the trim threshold, and the next step touches fresh pages again: alone, each of
+    the three took thousands of page faults a step (fnlm about 14k, (b) about 24k, 17M model), but
+    alternated in one process the runner with the highest peak pays them while the others reuse
+    its pages. This mode gives each the allocator to itself."""
+    config = make_config(args)
+    names = ["fnlm", "a", "b"]
+    times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    for i in range(args.rounds):
+        for runner in names[i % 3:] + names[: i % 3]:
+            out = spawn(args, runner, "time", {})
+            times.setdefault(out["name"], []).extend(out["times_s"])
+            cpu.setdefault(out["name"], []).extend(out["cpu_s"])
+    times = {n: times[n] for n in sorted(times, key=lambda n: (not n.startswith("fnlm"), n))}
+    report(times, args, config, ["(a) module", "(b) fused"], cpu_times=cpu,
+           label=f"each alone in a fresh process ({args.rounds} rounds of {args.steps} steps after {args.warmup} warm-up), ")
 
 
 def run_typecheck(args) -> None:
@@ -362,6 +390,8 @@ def parse_args(argv=None):
                    help="comma-separated fnlm compile modes: step (the whole train_step, fullgraph), loss")
     p.add_argument("--typecheck", action="store_true")
     p.add_argument("--memory", action="store_true")
+    p.add_argument("--isolated", action="store_true",
+                   help="eager: also time each runner alone in a fresh process (--rounds of them), as a user runs one")
     p.add_argument("--child-runner", help=argparse.SUPPRESS)
     p.add_argument("--child-mode", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -391,6 +421,8 @@ def main(argv=None) -> None:
     else:
         if not args.compile_only:
             run_eager(args)
+            if args.isolated:
+                run_isolated(args)
         if not args.no_compile:
             run_compiled(args)
     print(f"done; {load_average()}")

@@ -198,10 +198,10 @@ def _adamw_update_fused(
                 continue
             wd = weight_decay if flag else 0.0
             torch._fused_adamw_(
-                [new_p[i] for i in idx],
-                [grads[i] for i in idx],
-                [new_m[i] for i in idx],
-                [new_v[i] for i in idx],
+                [_dense_view(new_p[i]) for i in idx],
+                [_dense_view(grads[i]) for i in idx],
+                [_dense_view(new_m[i]) for i in idx],
+                [_dense_view(new_v[i]) for i in idx],
                 [],
                 [steps[i] for i in idx],
                 lr=lr * shrink if flag else lr,
@@ -213,6 +213,17 @@ def _adamw_update_fused(
                 maximize=False,
             )
     return new_p, new_m, new_v
+
+
+def _dense_view(t: Tensor) -> Tensor:
+    """`t` with its dims permuted so that its strides decrease: a contiguous view of the same memory
+    for any dense tensor, such as the column-major weights of `init_linear`. The four tensors of a
+    parameter share one layout (`_can_fuse`), so they get the same permutation, and an elementwise
+    update through the views is the update of the tensors. torch's CPU fused AdamW copies a
+    non-contiguous tensor to a contiguous one and back: on the 17M model's column-major weights
+    that took 40 ms a step against 13 ms through these views (2 threads)."""
+    order = sorted(range(t.ndim), key=lambda d: -t.stride(d))
+    return t.permute(order)
 
 
 def _distinct(tensors: list[Tensor]) -> bool:

@@ -19,12 +19,17 @@ def _tree(dtype, seed=0):
     }
 
 
-def _run(monkeypatch, fused, dtype, mask, lr, wd, betas, steps=4):
+def _column_major(t):
+    return t.T.contiguous().T if t.ndim == 2 else t
+
+
+def _run(monkeypatch, fused, dtype, mask, lr, wd, betas, steps=4, layout=lambda t: t):
     monkeypatch.setattr(optim, "_can_fuse", lambda *a: fused)
-    params = _tree(dtype)
+    params = fnlm.tree_map(layout, _tree(dtype))
     state = fnlm.adamw_init(params)
     for t in range(steps):
-        grads = fnlm.tree_map(lambda p: torch.randn(p.shape, generator=torch.Generator().manual_seed(t)).to(dtype), params)
+        grads = fnlm.tree_map(
+            lambda p: layout(torch.randn(p.shape, generator=torch.Generator().manual_seed(t)).to(dtype)), params)
         params, state = fnlm.adamw_step(params, state, grads, lr=lr, betas=betas, eps=1e-6,
                                         weight_decay=wd, decay_mask=mask)
     return fnlm.tree_leaves(params) + fnlm.tree_leaves(state["m"]) + fnlm.tree_leaves(state["v"])
@@ -37,6 +42,21 @@ def test_fused_equals_foreach(monkeypatch, mask, dtype):
     b = _run(monkeypatch, False, dtype, mask, 0.01, 0.1, (0.9, 0.95))
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_path_on_column_major_leaves(monkeypatch):
+    """`init_linear`'s weights are column-major (and so are their einsum gradients): the fused kernel
+    runs on contiguous permuted views of them, updates them in place, and keeps their layout."""
+    a = _run(monkeypatch, True, torch.float64, fnlm.default_decay_mask, 0.01, 0.1, (0.9, 0.95), layout=_column_major)
+    b = _run(monkeypatch, False, torch.float64, fnlm.default_decay_mask, 0.01, 0.1, (0.9, 0.95))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+        assert x.stride() == _column_major(x).stride()
+    w = _column_major(torch.randn(5, 4))
+    view = optim._dense_view(w)
+    assert view.is_contiguous() and view.data_ptr() == w.data_ptr()
+    cube = torch.randn(2, 3, 4).permute(2, 0, 1)
+    assert optim._dense_view(cube).is_contiguous()
 
 
 @settings(max_examples=15, deadline=None)
