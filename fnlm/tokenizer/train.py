@@ -18,7 +18,10 @@ Two stages:
    rewrites only the words that hold the pair and updates only the pairs around the merged
    positions; there is never a full recount. A word longer than `BIG_WORD` bytes (a line of
    base64 or digits) is kept as a linked list with an index from each pair to its positions,
-   so that a merge costs its occurrences, not the word's length (`_Merger`).
+   so that a merge costs its occurrences, not the word's length (`_Merger`). The loop over the
+   short words of one merge is `fnlm/tokenizer/_merge.c` (compiled at install; on GCIDE it
+   took the merges from 4.3 s to 1.8 s), with the same loop in Python, `_merge_words_py`, as
+   its reference and as the fallback where no C compiler was at hand.
 
 The pre-token counts are handed to the merge loop one entry at a time (the `Counter` is
 emptied as the words are built), and the process never imports torch.
@@ -297,53 +300,16 @@ class _Merger:
                 token_id[ab] = zi
             z = chr(zi)
             touched = self._merge_big(k, z) if k in self.big_where else ()
-            new_where = self._merge_small(k, z)
+            new_pairs = _merge_words(self.words, self.counts, self.where.pop(k, []), pair_counts, k, z,
+                                     self.where, heap, token_key)
             pair_counts.pop(k, None)
-            self._push_new(new_where, touched)
+            for nk in touched:
+                if nk not in new_pairs:
+                    nc = pair_counts.get(nk, 0)
+                    if nc > 0:
+                        heappush(heap, (-nc, token_key[ord(nk[0])], token_key[ord(nk[1])], nk))
             bar.update(1)
         return merges
-
-    def _merge_small(self, k: str, z: str) -> defaultdict[str, list[int]]:
-        """Apply merge ``k -> z`` to the short words that hold ``k``; returns the new pairs
-        and, for each, the words it appeared in (once per occurrence)."""
-        words, counts, pair_counts = self.words, self.counts, self.pair_counts
-        a, b = k
-        new_where: defaultdict[str, list[int]] = defaultdict(list)
-        zz, ba = z + z, b + a
-        for wi in self.where.pop(k, ()):
-            w = words[wi]
-            if k not in w:
-                continue
-            parts = w.split(k)
-            m = len(parts) - 1
-            cw = counts[wi]
-            words[wi] = z.join(parts)
-            if m == 1:
-                p, q = parts
-                if p:
-                    x = p[-1]
-                    pair_counts[x + a] -= cw
-                    new_where[x + z].append(wi)
-                if q:
-                    y = q[0]
-                    pair_counts[b + y] -= cw
-                    new_where[z + y].append(wi)
-                continue
-            for j in range(m):
-                p, q = parts[j], parts[j + 1]
-                if p:
-                    x = p[-1]
-                    pair_counts[x + a] -= cw
-                    new_where[x + z].append(wi)
-                elif j:
-                    new_where[zz].append(wi)
-                if q:
-                    y = q[0]
-                    pair_counts[b + y] -= cw
-                    new_where[z + y].append(wi)
-                elif j + 1 < m:
-                    pair_counts[ba] -= cw
-        return new_where
 
     def _merge_big(self, k: str, z: str) -> set[str]:
         """Apply merge ``k -> z`` to the long words at the positions indexed for ``k`` (left to
@@ -391,26 +357,69 @@ class _Merger:
         else:
             old.append(entry)
 
-    def _push_new(self, new_where: dict[str, list[int]], touched: Iterable[str]) -> None:
-        """Add the short words' new pair counts, push every raised count on the heap, and merge
-        the new pairs' word lists into `where`."""
-        pair_counts, where, key, heap = self.pair_counts, self.where, self.token_key, self.heap
-        count_of = self.counts.__getitem__
-        heappush = heapq.heappush
-        for nk, lst in new_where.items():
-            nc = pair_counts.get(nk, 0) + sum(map(count_of, lst))
-            pair_counts[nk] = nc
-            heappush(heap, (-nc, key[ord(nk[0])], key[ord(nk[1])], nk))
-            old = where.get(nk)
-            if old is None:
-                where[nk] = lst
-            else:
-                old += lst
-        for nk in touched:
-            if nk not in new_where:
-                nc = pair_counts.get(nk, 0)
-                if nc > 0:
-                    heappush(heap, (-nc, key[ord(nk[0])], key[ord(nk[1])], nk))
+
+def _merge_words_py(
+    words: list[str],
+    counts: list[int],
+    where_list: list[int],
+    pair_counts: dict[str, int],
+    k: str,
+    z: str,
+    where: dict[str, list[int]],
+    heap: list,
+    token_key: list[str],
+) -> dict[str, list[int]]:
+    """One merge ``k -> z`` on the short words: the words at the indices in `where_list` (stale
+    ones, which no longer hold ``k``, are skipped) are rewritten in `words`; the pairs around
+    each occurrence lose its count in `pair_counts`; the new pairs (with ``z``) gain theirs,
+    are pushed on `heap` with their new counts, and their words are added to `where`. Returns
+    the new pairs, each with the indices of the words it appeared in (once per occurrence).
+
+    The reference for the C version in `fnlm/tokenizer/_merge.c`, which `train_bpe` uses when it
+    is built: on GCIDE (vocab 10,000) this loop rewrites 1.8 million words, 4.3 s of a 7 s run.
+    """
+    a, b = k
+    new_where: defaultdict[str, list[int]] = defaultdict(list)
+    zz, ba = z + z, b + a
+    for wi in where_list:
+        w = words[wi]
+        if k not in w:
+            continue
+        parts = w.split(k)
+        m = len(parts) - 1
+        cw = counts[wi]
+        words[wi] = z.join(parts)
+        for j in range(m):
+            p, q = parts[j], parts[j + 1]
+            if p:
+                x = p[-1]
+                pair_counts[x + a] -= cw
+                new_where[x + z].append(wi)
+            elif j:
+                new_where[zz].append(wi)
+            if q:
+                y = q[0]
+                pair_counts[b + y] -= cw
+                new_where[z + y].append(wi)
+            elif j + 1 < m:
+                pair_counts[ba] -= cw
+    count_of = counts.__getitem__
+    for nk, lst in new_where.items():
+        nc = pair_counts.get(nk, 0) + sum(map(count_of, lst))
+        pair_counts[nk] = nc
+        heapq.heappush(heap, (-nc, token_key[ord(nk[0])], token_key[ord(nk[1])], nk))
+        old = where.get(nk)
+        if old is None:
+            where[nk] = lst
+        else:
+            old += lst
+    return new_where
+
+
+try:
+    from fnlm.tokenizer._merge import merge_words as _merge_words
+except ImportError:  # not built (no C compiler at install time): the same loop in Python
+    _merge_words = _merge_words_py
 
 
 def _decrement(counts: dict[str, int], key: str, c: int) -> None:

@@ -153,16 +153,86 @@ words_strategy = st.dictionaries(
 )
 
 
+MERGE_IMPLS = {"c": train_module._merge_words, "python": train_module._merge_words_py}
+
+
+def _merges_with(impl: str, word_counts, num_merges):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "_merge_words", MERGE_IMPLS[impl])
+        return bpe_merges_from_counts(word_counts, num_merges, progress=False)
+
+
+def test_merge_loop_extension_is_built():
+    """`pip install` compiles `fnlm/tokenizer/_merge.c`; where it could not, training falls back
+    to the Python loop silently, so this checks the build happened."""
+    from fnlm.tokenizer import _merge
+
+    assert train_module._merge_words is _merge.merge_words
+
+
 @settings(max_examples=300, deadline=None)
 @given(word_counts=words_strategy, num_merges=st.integers(min_value=0, max_value=40))
 def test_merges_equal_slow_trainer_on_word_counts(word_counts, num_merges):
-    assert bpe_merges_from_counts(word_counts, num_merges, progress=False) == slow_merges(word_counts, num_merges)
+    expected = slow_merges(word_counts, num_merges)
+    for impl in MERGE_IMPLS:
+        assert _merges_with(impl, word_counts, num_merges) == expected, impl
 
 
 def test_same_bytes_from_two_merges_is_one_symbol():
     word_counts = {b"aaab": 3, b"xab": 2, b"aab": 2, b"aaaab": 1, b"ba": 1, b"aaaa": 2}
     for n in range(12):
-        assert bpe_merges_from_counts(word_counts, n, progress=False) == slow_merges(word_counts, n)
+        for impl in MERGE_IMPLS:
+            assert _merges_with(impl, word_counts, n) == slow_merges(word_counts, n), impl
+
+
+def _merge_state(words, counts):
+    where, pair_counts = {}, Counter()
+    for wi, (w, c) in enumerate(zip(words, counts)):
+        for i in range(len(w) - 1):
+            where.setdefault(w[i : i + 2], []).append(wi)
+            pair_counts[w[i : i + 2]] += c
+    return list(words), list(counts), where, dict(pair_counts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    words=st.lists(st.text(alphabet="abz\u0101\u0400", min_size=2, max_size=14), min_size=1, max_size=12),
+    data=st.data(),
+)
+def test_c_merge_step_equals_python_step(words, data):
+    """One merge step, C against Python, on the same state: the words, the pair counts, the
+    index, the heap and the returned new pairs agree (lists compared as multisets). The new
+    token may already occur in the words (`z` = "z": two merges that spell the same bytes; it is
+    never one of the pair's own tokens), and the characters cover three string kinds."""
+    counts = data.draw(st.lists(st.integers(1, 10**12), min_size=len(words), max_size=len(words)))
+    pairs = sorted({w[i : i + 2] for w in words for i in range(len(w) - 1)})
+    k = data.draw(st.sampled_from(pairs))
+    z = data.draw(st.sampled_from([t for t in ("z", "\u0102", "\U00010000") if t not in k]))  # never a or b
+    key = [chr(i) for i in range(0x10001)]
+    results = []
+    for impl in MERGE_IMPLS.values():
+        w, c, where, pair_counts = _merge_state(words, counts)
+        heap: list = []
+        new = impl(w, c, where.pop(k), pair_counts, k, z, where, heap, key)
+        results.append((w, pair_counts, {p: sorted(v) for p, v in where.items()}, sorted(heap),
+                        {p: sorted(v) for p, v in new.items()}))
+    assert results[0] == results[1]
+    merged = results[0][0]
+    assert merged == [w.replace(k, z) for w in words]
+    assert all(type(x) is str and x == x.encode("utf-8").decode("utf-8") for x in merged)
+
+
+def test_c_merge_step_rejects_bad_input():
+    merge = MERGE_IMPLS["c"]
+    w, c, where, pair_counts = _merge_state(["abab"], [1])
+    with pytest.raises(ValueError, match="two-character pair"):
+        merge(w, c, [0], pair_counts, "abc", "z", where, [], [])
+    with pytest.raises(IndexError):
+        merge(w, c, [5], pair_counts, "ab", "z", where, [], ["k"] * 200)
+    with pytest.raises(KeyError):
+        merge(["xab"], [1], [0], {}, "ab", "z", {}, [], ["k"] * 200)
+    with pytest.raises(TypeError):
+        merge(w, c, [0], pair_counts, "ab", "z", where, (), ["k"] * 200)
 
 
 docs_strategy = st.lists(
@@ -265,7 +335,8 @@ def test_long_word_path_equals_slow_trainer(word_counts, num_merges, big):
     saved = train_module.BIG_WORD
     train_module.BIG_WORD = big  # every word longer than `big` goes through the linked-list path
     try:
-        assert bpe_merges_from_counts(word_counts, num_merges, progress=False) == slow_merges(word_counts, num_merges)
+        for impl in MERGE_IMPLS:
+            assert _merges_with(impl, word_counts, num_merges) == slow_merges(word_counts, num_merges), impl
     finally:
         train_module.BIG_WORD = saved
 

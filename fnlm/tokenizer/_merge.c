@@ -1,0 +1,332 @@
+/* BPE training's merge step on the short words, in C: `merge_words` is
+ * `fnlm.tokenizer.train._merge_words_py` (the reference, used when this module is not built) on
+ * the same Python objects, with the same result:
+ *
+ *   - each word listed in `where_list` that still holds the pair `k = a b` is rewritten with its
+ *     occurrences (greedy, left to right, non-overlapping: `str.split`'s rule) replaced by `z`;
+ *   - around each occurrence, the pairs `x a` and `b y` lose the word's count, and the new pairs
+ *     `x z`, `z y` (and `z z` between two adjacent occurrences) gain it;
+ *   - each new pair is pushed on `heap` as `(-count, token_key[first], token_key[second], pair)`,
+ *     and its words are appended to `where[pair]`;
+ *   - the return value maps each new pair to the indices of its words, once per occurrence.
+ *
+ * The differences are in how, not what: the occurrences are found by one scan of the word, the
+ * new word is written directly, and the count changes are summed per neighbouring token in C
+ * arrays first, so that `pair_counts` sees one update per distinct pair instead of one per
+ * occurrence. On GCIDE (vocab 10,000) the loop rewrites 1.8 million words; in Python it took 4.3 s
+ * of a 7 s training run.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+static PyObject *heappush_fn = NULL;
+
+/* Per-token scratch, indexed by the neighbouring token's id, grown as needed and kept between
+ * calls; only the entries listed in `touched` are non-zero at the end of a call. */
+typedef struct {
+    Py_ssize_t cap;
+    long long *dec_left, *dec_right;   /* count lost by `x a`, by `b y` */
+    long long *inc_left, *inc_right;   /* count gained by `x z`, by `z y` */
+    PyObject **list_left, **list_right; /* the words of `x z`, of `z y` */
+    char *seen_left, *seen_right;
+    Py_UCS4 *touched_left, *touched_right;
+    Py_ssize_t n_left, n_right;
+} Scratch;
+
+static Scratch sc = {0};
+
+static int grow(Py_ssize_t need) {
+    if (need <= sc.cap) return 0;
+    Py_ssize_t cap = sc.cap ? sc.cap : 1024;
+    while (cap < need) cap *= 2;
+#define GROW(field, type)                                                        \
+    do {                                                                         \
+        type *p = PyMem_Realloc(sc.field, sizeof(type) * (size_t)cap);           \
+        if (p == NULL) { PyErr_NoMemory(); return -1; }                         \
+        memset(p + sc.cap, 0, sizeof(type) * (size_t)(cap - sc.cap));           \
+        sc.field = p;                                                            \
+    } while (0)
+    GROW(dec_left, long long);
+    GROW(dec_right, long long);
+    GROW(inc_left, long long);
+    GROW(inc_right, long long);
+    GROW(list_left, PyObject *);
+    GROW(list_right, PyObject *);
+    GROW(seen_left, char);
+    GROW(seen_right, char);
+    GROW(touched_left, Py_UCS4);
+    GROW(touched_right, Py_UCS4);
+#undef GROW
+    sc.cap = cap;
+    return 0;
+}
+
+static PyObject *pair_key(Py_UCS4 c1, Py_UCS4 c2) {
+    /* the exact maximum character: CPython compares and hashes a str by its compact kind */
+    PyObject *s = PyUnicode_New(2, c1 > c2 ? c1 : c2);
+    if (s == NULL) return NULL;
+    int kind = PyUnicode_KIND(s);
+    void *data = PyUnicode_DATA(s);
+    PyUnicode_WRITE(kind, data, 0, c1);
+    PyUnicode_WRITE(kind, data, 1, c2);
+    return s;
+}
+
+/* pair_counts[c1 c2] += delta; with `must_exist`, a missing key is a KeyError (as `-=` is in
+ * Python), else it starts at 0. */
+static int add_count(PyObject *pair_counts, PyObject *key, long long delta, int must_exist) {
+    PyObject *old = PyDict_GetItemWithError(pair_counts, key);
+    if (old == NULL) {
+        if (PyErr_Occurred()) return -1;
+        if (must_exist) { PyErr_SetObject(PyExc_KeyError, key); return -1; }
+    }
+    PyObject *d = PyLong_FromLongLong(delta);
+    if (d == NULL) return -1;
+    PyObject *val = old == NULL ? (Py_INCREF(d), d) : PyNumber_Add(old, d);
+    Py_DECREF(d);
+    if (val == NULL) return -1;
+    int rc = PyDict_SetItem(pair_counts, key, val);
+    Py_DECREF(val);
+    return rc;
+}
+
+static int decrement(PyObject *pair_counts, Py_UCS4 c1, Py_UCS4 c2, long long c) {
+    PyObject *key = pair_key(c1, c2);
+    if (key == NULL) return -1;
+    int rc = add_count(pair_counts, key, -c, 1);
+    Py_DECREF(key);
+    return rc;
+}
+
+/* A new pair's words: counted in pair_counts and added to new_where (extending the list when
+ * the pair is already there, which happens when `z` itself is a neighbour). */
+static int gain(PyObject *pair_counts, PyObject *new_where, Py_UCS4 c1, Py_UCS4 c2, long long c, PyObject *lst) {
+    PyObject *key = pair_key(c1, c2);
+    if (key == NULL) return -1;
+    int rc = add_count(pair_counts, key, c, 0);
+    if (rc == 0) {
+        PyObject *old = PyDict_GetItemWithError(new_where, key);
+        if (old != NULL) {
+            Py_ssize_t n = PyList_GET_SIZE(old);
+            rc = PyList_SetSlice(old, n, n, lst);
+        } else {
+            rc = PyErr_Occurred() ? -1 : PyDict_SetItem(new_where, key, lst);
+        }
+    }
+    Py_DECREF(key);
+    return rc;
+}
+
+static int append_new(PyObject **slot, PyObject *wi) {
+    if (*slot == NULL) {
+        *slot = PyList_New(0);
+        if (*slot == NULL) return -1;
+    }
+    return PyList_Append(*slot, wi);
+}
+
+/* Empty the scratch (after a call, successful or not). */
+static void reset(void) {
+    for (Py_ssize_t t = 0; t < sc.n_left; t++) {
+        Py_UCS4 x = sc.touched_left[t];
+        sc.dec_left[x] = sc.inc_left[x] = 0;
+        Py_CLEAR(sc.list_left[x]);
+        sc.seen_left[x] = 0;
+    }
+    for (Py_ssize_t t = 0; t < sc.n_right; t++) {
+        Py_UCS4 y = sc.touched_right[t];
+        sc.dec_right[y] = sc.inc_right[y] = 0;
+        Py_CLEAR(sc.list_right[y]);
+        sc.seen_right[y] = 0;
+    }
+    sc.n_left = sc.n_right = 0;
+}
+
+static int touch(Py_UCS4 c, int left) {
+    if ((Py_ssize_t)c >= sc.cap && grow((Py_ssize_t)c + 1) < 0) return -1;
+    if (left) {
+        if (!sc.seen_left[c]) { sc.seen_left[c] = 1; sc.touched_left[sc.n_left++] = c; }
+    } else {
+        if (!sc.seen_right[c]) { sc.seen_right[c] = 1; sc.touched_right[sc.n_right++] = c; }
+    }
+    return 0;
+}
+
+static PyObject *merge_words(PyObject *self, PyObject *args) {
+    PyObject *words, *counts, *where_list, *pair_counts, *k, *z, *where, *heap, *token_key;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!UUO!O!O!:merge_words", &PyList_Type, &words, &PyList_Type, &counts,
+                          &PyList_Type, &where_list, &PyDict_Type, &pair_counts, &k, &z, &PyDict_Type, &where,
+                          &PyList_Type, &heap, &PyList_Type, &token_key))
+        return NULL;
+    if (PyUnicode_GET_LENGTH(k) != 2 || PyUnicode_GET_LENGTH(z) != 1) {
+        PyErr_SetString(PyExc_ValueError, "merge_words needs a two-character pair and a one-character token");
+        return NULL;
+    }
+    Py_UCS4 a = PyUnicode_READ_CHAR(k, 0), b = PyUnicode_READ_CHAR(k, 1), zc = PyUnicode_READ_CHAR(z, 0);
+    if (grow((Py_ssize_t)zc + 1) < 0) return NULL;
+    PyObject *new_where = PyDict_New(), *zz_list = NULL;
+    if (new_where == NULL) return NULL;
+    long long dec_ba = 0, inc_zz = 0;
+    Py_ssize_t stack_pos[512];
+    Py_ssize_t *pos = stack_pos, cap = 512;
+    Py_ssize_t nwhere = PyList_GET_SIZE(where_list);
+
+    for (Py_ssize_t e = 0; e < nwhere; e++) {
+        PyObject *wi = PyList_GET_ITEM(where_list, e);
+        Py_ssize_t idx = PyLong_AsSsize_t(wi);
+        if (idx == -1 && PyErr_Occurred()) goto fail;
+        if (idx < 0 || idx >= PyList_GET_SIZE(words) || idx >= PyList_GET_SIZE(counts)) {
+            PyErr_Format(PyExc_IndexError, "word index %zd out of range", idx);
+            goto fail;
+        }
+        PyObject *w = PyList_GET_ITEM(words, idx);
+        if (!PyUnicode_Check(w)) { PyErr_SetString(PyExc_TypeError, "words must be str"); goto fail; }
+        Py_ssize_t n = PyUnicode_GET_LENGTH(w);
+        int kind = PyUnicode_KIND(w);
+        const void *data = PyUnicode_DATA(w);
+        if (n / 2 + 1 > cap) {
+            Py_ssize_t *grown = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(n / 2 + 1));
+            if (grown == NULL) { PyErr_NoMemory(); goto fail; }
+            if (pos != stack_pos) PyMem_Free(pos);
+            pos = grown;
+            cap = n / 2 + 1;
+        }
+        /* the occurrences, and the largest character that stays */
+        Py_ssize_t m = 0, i = 0;
+        Py_UCS4 maxchar = zc;
+        while (i < n) {
+            Py_UCS4 c = PyUnicode_READ(kind, data, i);
+            if (c == a && i + 1 < n && PyUnicode_READ(kind, data, i + 1) == b) {
+                pos[m++] = i;
+                i += 2;
+            } else {
+                if (c > maxchar) maxchar = c;
+                i += 1;
+            }
+        }
+        if (m == 0) continue; /* stale */
+        long long cw = PyLong_AsLongLong(PyList_GET_ITEM(counts, idx));
+        if (cw == -1 && PyErr_Occurred()) goto fail;
+
+        for (Py_ssize_t t = 0; t < m; t++) {
+            Py_ssize_t at = pos[t];
+            Py_ssize_t prev_end = t ? pos[t - 1] + 2 : 0;
+            Py_ssize_t next_start = t + 1 < m ? pos[t + 1] : n;
+            if (at > prev_end) {
+                Py_UCS4 x = PyUnicode_READ(kind, data, at - 1);
+                if (touch(x, 1) < 0) goto fail;
+                sc.dec_left[x] += cw;
+                sc.inc_left[x] += cw;
+                if (append_new(&sc.list_left[x], wi) < 0) goto fail;
+            } else if (t) {
+                inc_zz += cw;
+                if (append_new(&zz_list, wi) < 0) goto fail;
+            }
+            if (at + 2 < next_start) {
+                Py_UCS4 y = PyUnicode_READ(kind, data, at + 2);
+                if (touch(y, 0) < 0) goto fail;
+                sc.dec_right[y] += cw;
+                sc.inc_right[y] += cw;
+                if (append_new(&sc.list_right[y], wi) < 0) goto fail;
+            } else if (t + 1 < m) {
+                dec_ba += cw;
+            }
+        }
+
+        PyObject *nw = PyUnicode_New(n - m, maxchar);
+        if (nw == NULL) goto fail;
+        int nkind = PyUnicode_KIND(nw);
+        void *ndata = PyUnicode_DATA(nw);
+        Py_ssize_t out = 0, src = 0;
+        for (Py_ssize_t t = 0; t < m; t++) {
+            for (; src < pos[t]; src++) PyUnicode_WRITE(nkind, ndata, out++, PyUnicode_READ(kind, data, src));
+            PyUnicode_WRITE(nkind, ndata, out++, zc);
+            src += 2;
+        }
+        for (; src < n; src++) PyUnicode_WRITE(nkind, ndata, out++, PyUnicode_READ(kind, data, src));
+        if (PyList_SetItem(words, idx, nw) < 0) goto fail; /* steals nw, releases the old word */
+    }
+
+    /* the count changes, one per distinct pair */
+    for (Py_ssize_t t = 0; t < sc.n_left; t++) {
+        Py_UCS4 x = sc.touched_left[t];
+        if (decrement(pair_counts, x, a, sc.dec_left[x]) < 0) goto fail;
+    }
+    for (Py_ssize_t t = 0; t < sc.n_right; t++) {
+        Py_UCS4 y = sc.touched_right[t];
+        if (decrement(pair_counts, b, y, sc.dec_right[y]) < 0) goto fail;
+    }
+    if (dec_ba && decrement(pair_counts, b, a, dec_ba) < 0) goto fail;
+    for (Py_ssize_t t = 0; t < sc.n_left; t++) {
+        Py_UCS4 x = sc.touched_left[t];
+        if (gain(pair_counts, new_where, x, zc, sc.inc_left[x], sc.list_left[x]) < 0) goto fail;
+    }
+    if (zz_list != NULL && gain(pair_counts, new_where, zc, zc, inc_zz, zz_list) < 0) goto fail;
+    for (Py_ssize_t t = 0; t < sc.n_right; t++) {
+        Py_UCS4 y = sc.touched_right[t];
+        if (gain(pair_counts, new_where, zc, y, sc.inc_right[y], sc.list_right[y]) < 0) goto fail;
+    }
+
+    /* push each new pair with its count, and add its words to `where` */
+    PyObject *nk, *lst;
+    Py_ssize_t it = 0;
+    while (PyDict_Next(new_where, &it, &nk, &lst)) {
+        PyObject *nc = PyDict_GetItemWithError(pair_counts, nk);
+        if (nc == NULL) { if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, nk); goto fail; }
+        Py_ssize_t c0 = PyUnicode_READ_CHAR(nk, 0), c1 = PyUnicode_READ_CHAR(nk, 1);
+        if (c0 >= PyList_GET_SIZE(token_key) || c1 >= PyList_GET_SIZE(token_key)) {
+            PyErr_SetString(PyExc_IndexError, "token_key is shorter than the token ids");
+            goto fail;
+        }
+        PyObject *neg = PyNumber_Negative(nc);
+        if (neg == NULL) goto fail;
+        PyObject *entry = PyTuple_Pack(4, neg, PyList_GET_ITEM(token_key, c0), PyList_GET_ITEM(token_key, c1), nk);
+        Py_DECREF(neg);
+        if (entry == NULL) goto fail;
+        PyObject *r = PyObject_CallFunctionObjArgs(heappush_fn, heap, entry, NULL);
+        Py_DECREF(entry);
+        if (r == NULL) goto fail;
+        Py_DECREF(r);
+        PyObject *old = PyDict_GetItemWithError(where, nk);
+        if (old == NULL) {
+            if (PyErr_Occurred() || PyDict_SetItem(where, nk, lst) < 0) goto fail;
+        } else if (PyList_Check(old)) {
+            Py_ssize_t n = PyList_GET_SIZE(old);
+            if (PyList_SetSlice(old, n, n, lst) < 0) goto fail;
+        } else {
+            PyErr_SetString(PyExc_TypeError, "where must map pairs to lists");
+            goto fail;
+        }
+    }
+    if (pos != stack_pos) PyMem_Free(pos);
+    Py_XDECREF(zz_list);
+    reset();
+    return new_where;
+
+fail:
+    if (pos != stack_pos) PyMem_Free(pos);
+    Py_XDECREF(zz_list);
+    reset();
+    Py_DECREF(new_where);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"merge_words", merge_words, METH_VARARGS,
+     "merge_words(words, counts, where_list, pair_counts, pair, token, where, heap, token_key) -> new_where\n\n"
+     "One BPE merge `pair -> token` on the words listed in `where_list`; see "
+     "fnlm.tokenizer.train._merge_words_py, which it equals."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_merge", "BPE training's merge loop in C.", -1, methods};
+
+PyMODINIT_FUNC PyInit__merge(void) {
+    PyObject *heapq = PyImport_ImportModule("heapq");
+    if (heapq == NULL) return NULL;
+    heappush_fn = PyObject_GetAttrString(heapq, "heappush");
+    Py_DECREF(heapq);
+    if (heappush_fn == NULL) return NULL;
+    return PyModule_Create(&module);
+}
