@@ -13,7 +13,7 @@
  * The differences are in how, not what: the occurrences are found by one scan of the word, the
  * new word is written directly, and the count changes are summed per neighbouring token in C
  * arrays first, so that `pair_counts` sees one update per distinct pair instead of one per
- * occurrence. On GCIDE (vocab 10,000) the loop rewrites 1.8 million words; in Python it took 4.3 s
+ * occurrence. On GCIDE (vocab 10,000) the loop rewrites 1.8 million words; in Python it took 3.6 s
  * of a 7 s training run.
  */
 #define PY_SSIZE_T_CLEAN
