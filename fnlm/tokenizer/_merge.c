@@ -312,15 +312,188 @@ fail:
     return NULL;
 }
 
+
+/* ---- Encoding: BPE of many short pre-tokens (`bpe_many`) ----------------------------------
+ *
+ * `make_table(byte_ids, ranks, merged)` packs a tokenizer's merges into a capsule: the 256 byte
+ * ids, and an open-addressing hash from `(left id, right id)` to the merge's rank, with
+ * `merged[rank]` the id it makes. `bpe_many(table, pieces)` returns, for each byte string, the
+ * tuple of ids that `fnlm.tokenizer.bpe.bpe_word` gives: one symbol per byte, then, while an
+ * adjacent pair is a merge, merge the pair of lowest rank (the leftmost on a tie). Quadratic in a
+ * piece's length: the tokenizer sends only short pieces here (long ones go to `bpe_long`).
+ */
+
+typedef struct {
+    long byte_ids[256];
+    Py_ssize_t n_merges;
+    long *merged;
+    unsigned long long *keys; /* (left << 32 | right) + 1; 0 = empty */
+    long *ranks;
+    size_t mask;
+} Table;
+
+static void table_free(PyObject *capsule) {
+    Table *t = PyCapsule_GetPointer(capsule, "fnlm.bpe_table");
+    if (t == NULL) return;
+    PyMem_Free(t->merged);
+    PyMem_Free(t->keys);
+    PyMem_Free(t->ranks);
+    PyMem_Free(t);
+}
+
+static inline size_t slot_of(unsigned long long key, size_t mask) {
+    return (size_t)((key * 0x9E3779B97F4A7C15ULL) >> 20) & mask;
+}
+
+static inline long rank_of(const Table *t, long left, long right) {
+    unsigned long long key = (((unsigned long long)left << 32) | (unsigned long long)(unsigned int)right) + 1;
+    for (size_t i = slot_of(key, t->mask);; i = (i + 1) & t->mask) {
+        if (t->keys[i] == key) return t->ranks[i];
+        if (t->keys[i] == 0) return -1;
+    }
+}
+
+static PyObject *make_table(PyObject *self, PyObject *args) {
+    PyObject *byte_ids, *ranks, *merged;
+    if (!PyArg_ParseTuple(args, "OO!O:make_table", &byte_ids, &PyDict_Type, &ranks, &merged)) return NULL;
+    PyObject *bseq = PySequence_Fast(byte_ids, "byte_ids must be a sequence");
+    if (bseq == NULL) return NULL;
+    PyObject *mseq = PySequence_Fast(merged, "merged must be a sequence");
+    if (mseq == NULL) { Py_DECREF(bseq); return NULL; }
+    Table *t = PyMem_Calloc(1, sizeof(Table));
+    if (t == NULL) { Py_DECREF(bseq); Py_DECREF(mseq); return PyErr_NoMemory(); }
+    if (PySequence_Fast_GET_SIZE(bseq) != 256) {
+        PyErr_SetString(PyExc_ValueError, "byte_ids must hold 256 ids");
+        goto fail;
+    }
+    for (int b = 0; b < 256; b++) {
+        t->byte_ids[b] = PyLong_AsLong(PySequence_Fast_GET_ITEM(bseq, b));
+        if (t->byte_ids[b] == -1 && PyErr_Occurred()) goto fail;
+    }
+    t->n_merges = PySequence_Fast_GET_SIZE(mseq);
+    t->merged = PyMem_Malloc(sizeof(long) * (size_t)(t->n_merges + 1));
+    if (t->merged == NULL) { PyErr_NoMemory(); goto fail; }
+    for (Py_ssize_t r = 0; r < t->n_merges; r++) {
+        t->merged[r] = PyLong_AsLong(PySequence_Fast_GET_ITEM(mseq, r));
+        if (t->merged[r] == -1 && PyErr_Occurred()) goto fail;
+    }
+    size_t size = 16;
+    while (size < 4 * (size_t)PyDict_GET_SIZE(ranks)) size *= 2;
+    t->mask = size - 1;
+    t->keys = PyMem_Calloc(size, sizeof(unsigned long long));
+    t->ranks = PyMem_Malloc(sizeof(long) * size);
+    if (t->keys == NULL || t->ranks == NULL) { PyErr_NoMemory(); goto fail; }
+    PyObject *pair, *rank;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(ranks, &pos, &pair, &rank)) {
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "ranks must map (left, right) tuples to ranks");
+            goto fail;
+        }
+        long left = PyLong_AsLong(PyTuple_GET_ITEM(pair, 0)), right = PyLong_AsLong(PyTuple_GET_ITEM(pair, 1));
+        long r = PyLong_AsLong(rank);
+        if (PyErr_Occurred()) goto fail;
+        if (left < 0 || right < 0 || left > 0x7FFFFFFF || right > 0x7FFFFFFF || r < 0 || r >= t->n_merges) {
+            PyErr_SetString(PyExc_ValueError, "a pair id or rank is out of range");
+            goto fail;
+        }
+        unsigned long long key = (((unsigned long long)left << 32) | (unsigned long long)right) + 1;
+        size_t i = slot_of(key, t->mask);
+        while (t->keys[i] != 0 && t->keys[i] != key) i = (i + 1) & t->mask;
+        t->keys[i] = key;
+        t->ranks[i] = r;
+    }
+    Py_DECREF(bseq);
+    Py_DECREF(mseq);
+    PyObject *capsule = PyCapsule_New(t, "fnlm.bpe_table", table_free);
+    if (capsule == NULL) {
+        PyMem_Free(t->merged); PyMem_Free(t->keys); PyMem_Free(t->ranks); PyMem_Free(t);
+    }
+    return capsule;
+
+fail:
+    Py_DECREF(bseq);
+    Py_DECREF(mseq);
+    PyMem_Free(t->merged);
+    PyMem_Free(t->keys);
+    PyMem_Free(t->ranks);
+    PyMem_Free(t);
+    return NULL;
+}
+
+static PyObject *bpe_many(PyObject *self, PyObject *args) {
+    PyObject *capsule, *pieces;
+    if (!PyArg_ParseTuple(args, "OO!:bpe_many", &capsule, &PyList_Type, &pieces)) return NULL;
+    Table *t = PyCapsule_GetPointer(capsule, "fnlm.bpe_table");
+    if (t == NULL) return NULL;
+    Py_ssize_t n_pieces = PyList_GET_SIZE(pieces);
+    PyObject *out = PyList_New(n_pieces);
+    if (out == NULL) return NULL;
+    long stack_ids[512], stack_ranks[512];
+    long *ids = stack_ids, *pr = stack_ranks;
+    Py_ssize_t cap = 512;
+    for (Py_ssize_t w = 0; w < n_pieces; w++) {
+        PyObject *piece = PyList_GET_ITEM(pieces, w);
+        if (!PyBytes_Check(piece)) {
+            PyErr_SetString(PyExc_TypeError, "pieces must be bytes");
+            goto fail;
+        }
+        Py_ssize_t n = PyBytes_GET_SIZE(piece);
+        const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(piece);
+        if (n > cap) {
+            long *gi = PyMem_Malloc(sizeof(long) * (size_t)n), *gr = PyMem_Malloc(sizeof(long) * (size_t)n);
+            if (gi == NULL || gr == NULL) { PyMem_Free(gi); PyMem_Free(gr); PyErr_NoMemory(); goto fail; }
+            if (ids != stack_ids) { PyMem_Free(ids); PyMem_Free(pr); }
+            ids = gi; pr = gr; cap = n;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) ids[i] = t->byte_ids[raw[i]];
+        for (Py_ssize_t i = 0; i + 1 < n; i++) pr[i] = rank_of(t, ids[i], ids[i + 1]);
+        Py_ssize_t len = n;
+        while (len > 1) {
+            Py_ssize_t best = -1;
+            long best_rank = 0;
+            for (Py_ssize_t i = 0; i + 1 < len; i++) {
+                if (pr[i] >= 0 && (best < 0 || pr[i] < best_rank)) { best = i; best_rank = pr[i]; }
+            }
+            if (best < 0) break;
+            ids[best] = t->merged[best_rank];
+            memmove(ids + best + 1, ids + best + 2, sizeof(long) * (size_t)(len - best - 2));
+            memmove(pr + best, pr + best + 1, sizeof(long) * (size_t)(len - best - 2));
+            len -= 1;
+            if (best > 0) pr[best - 1] = rank_of(t, ids[best - 1], ids[best]);
+            if (best + 1 < len) pr[best] = rank_of(t, ids[best], ids[best + 1]);
+        }
+        PyObject *tup = PyTuple_New(len);
+        if (tup == NULL) goto fail;
+        for (Py_ssize_t i = 0; i < len; i++) {
+            PyObject *v = PyLong_FromLong(ids[i]);
+            if (v == NULL) { Py_DECREF(tup); goto fail; }
+            PyTuple_SET_ITEM(tup, i, v);
+        }
+        PyList_SET_ITEM(out, w, tup);
+    }
+    if (ids != stack_ids) { PyMem_Free(ids); PyMem_Free(pr); }
+    return out;
+
+fail:
+    if (ids != stack_ids) { PyMem_Free(ids); PyMem_Free(pr); }
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"merge_words", merge_words, METH_VARARGS,
      "merge_words(words, counts, where_list, pair_counts, pair, token, where, heap, token_key) -> new_where\n\n"
      "One BPE merge `pair -> token` on the words listed in `where_list`; see "
      "fnlm.tokenizer.train._merge_words_py, which it equals."},
+    {"make_table", make_table, METH_VARARGS,
+     "make_table(byte_ids, ranks, merged) -> table: a tokenizer's merges for bpe_many."},
+    {"bpe_many", bpe_many, METH_VARARGS,
+     "bpe_many(table, pieces) -> list of id tuples: fnlm.tokenizer.bpe.bpe_word of each byte string."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_merge", "BPE training's merge loop in C.", -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_merge", "BPE's inner loops in C: training's merge step and encoding's merges.", -1, methods};
 
 PyMODINIT_FUNC PyInit__merge(void) {
     PyObject *heapq = PyImport_ImportModule("heapq");

@@ -99,6 +99,30 @@ def _island_cuts(text: str) -> list[int] | None:
     return cuts
 
 
+try:
+    from fnlm.tokenizer._merge import bpe_many as _bpe_many
+    from fnlm.tokenizer._merge import make_table as _make_table
+except ImportError:  # not built (no C compiler at install time): the numpy and Python paths below
+    _bpe_many = _make_table = None
+
+
+def _bpe_short_and_long(c_table, table: MergeTable, raws: list[bytes], lengths: list[int], longest: int) -> list:
+    """BPE of a batch of cache misses with the C loop of `fnlm/tokenizer/_merge.c` (`bpe_word`'s
+    rule, one word at a time), and of the long ones (over `LONG_BYTES`) with `bpe_long`. On 8 MB
+    of unseen English (GCIDE) the misses took 0.21 s of a 0.77 s cold encode through the numpy
+    rounds of `bpe_words`."""
+    if longest <= LONG_BYTES:
+        return _bpe_many(c_table, raws)
+    results: list = [None] * len(raws)
+    short = [i for i, length in enumerate(lengths) if length <= LONG_BYTES]
+    for i, ids in zip(short, _bpe_many(c_table, [raws[i] for i in short])):
+        results[i] = ids
+    for i, length in enumerate(lengths):
+        if length > LONG_BYTES:
+            results[i] = bpe_long(table, raws[i])
+    return results
+
+
 def _rebuild(vocab, merges, special_tokens, cache_size):
     return Tokenizer(vocab, merges, special_tokens, cache_size=cache_size)
 
@@ -193,6 +217,7 @@ class Tokenizer:
 
         self._table = MergeTable(self._byte_ids, self._ranks, self._merged_by_rank)
         self._table.arrays()
+        self._c_table = None if _make_table is None else _make_table(self._byte_ids, self._ranks, self._merged_by_rank)
 
         self._cache_size = cache_size
         self._special_re = special_tokens_regex(self.special_tokens)
@@ -240,7 +265,9 @@ class Tokenizer:
         lengths = list(map(len, raws))
         longest = max(lengths)
         table = self._table
-        if len(raws) >= BATCH_MIN and longest <= BATCH_BYTES:
+        if self._c_table is not None:
+            results = _bpe_short_and_long(self._c_table, table, raws, lengths, longest)
+        elif len(raws) >= BATCH_MIN and longest <= BATCH_BYTES:
             results = bpe_words(table, raws)
         else:
             results = [None] * len(raws)

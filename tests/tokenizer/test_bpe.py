@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fnlm.tokenizer import bpe
+from fnlm.tokenizer import _merge, bpe
 from fnlm.tokenizer.bpe import MergeTable, bpe_long, bpe_word, bpe_words
 from fnlm.tokenizer.train import bpe_merges_from_counts
 
@@ -78,6 +78,24 @@ def test_all_encoders_equal_the_definition(seed, alphabet, count, shuffle, data)
     finally:
         bpe.BATCH_MIN_WORDS = saved
     assert [bpe_long(table, w) for w in words] == expected
+    c_table = _merge.make_table(table.byte_ids, table.ranks, table.merged)
+    assert [list(t) for t in _merge.bpe_many(c_table, words)] == expected, "the C loop"
+
+
+def test_c_encoder_on_long_and_empty_pieces_and_bad_input():
+    merges = trained_merges(3, b"abc", 30)
+    table, token_id = make_table(merges)
+    c_table = _merge.make_table(table.byte_ids, table.ranks, table.merged)
+    words = [b"", b"a", bytes(random.Random(0).choice(b"abc") for _ in range(3000))]  # past the stack buffer
+    assert [list(t) for t in _merge.bpe_many(c_table, words)] == [ids_of(reference_bpe(w, merges), token_id) for w in words]
+    with pytest.raises(TypeError):
+        _merge.bpe_many(c_table, ["abc"])
+    with pytest.raises(ValueError, match="256"):
+        _merge.make_table(range(255), {}, [])
+    with pytest.raises(ValueError, match="out of range"):
+        _merge.make_table(range(256), {(1, 2): 5}, [300])
+    with pytest.raises(ValueError, match="PyCapsule"):
+        _merge.bpe_many(object(), [b"ab"])
 
 
 def test_trained_lists_are_monotone_and_shuffled_ones_mostly_not():

@@ -471,6 +471,19 @@ def test_many_misses_are_merged_in_one_batch(gpt2_tok, tiktoken_gpt2):
     assert tok.encode(text) == tiktoken_gpt2.encode(text) == tok.encode(text)
 
 
+@pytest.mark.parametrize("misses", [10, 3_000])
+def test_cache_misses_without_the_c_loop_equal_tiktoken(gpt2_tok, tiktoken_gpt2, misses):
+    """The C loop (`_merge.bpe_many`) is the default for cache misses; the numpy rounds and the
+    per-word Python loop it replaces stay the path of an install without a C compiler."""
+    rng = random.Random(misses)
+    words = ["".join(rng.choice("bcdfghjklmnpqrstvwxzé") for _ in range(rng.randint(1, 15))) for _ in range(misses)]
+    text = " ".join(words) + " " + "q" * 600 + " 的的" * 40
+    tok = Tokenizer(gpt2_tok.vocab, gpt2_tok.merges, [EOT])
+    assert tok._c_table is not None
+    tok._c_table = None
+    assert tok.encode(text) == tiktoken_gpt2.encode(text) == gpt2_tok.encode(text)
+
+
 # ---- errors name what was wrong
 
 
