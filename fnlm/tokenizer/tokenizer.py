@@ -10,9 +10,10 @@ Encoding works in three stages, the same as GPT-2 and tiktoken:
    is a merge.
 
 Pre-token results are kept in a bounded cache. The pre-tokens a text misses in the cache are
-gathered and merged together after the text is cut (`fnlm.tokenizer.bpe`): short ones in
-vectorised rounds over all of them, a long one (a run of 100k letters or digits) by a linked
-list in O(n log n). Pure-ASCII text is pre-tokenized by an equivalent pattern on the faster
+gathered and merged together after the text is cut: short ones by a C loop
+(`fnlm/tokenizer/_merge.c`, built at install; without it, `fnlm.tokenizer.bpe`'s vectorised
+numpy rounds over all of them), a long one (a run of 100k letters or digits) by a linked list in
+O(n log n). Pure-ASCII text is pre-tokenized by an equivalent pattern on the faster
 standard-library ``re`` (text holding some non-ASCII characters sends only short stretches
 around them to the slower ``regex`` engine; the stretches are joined exactly as
 `encode_iterable` joins chunks).
