@@ -197,13 +197,13 @@ def time_runners(runners, x, y, device, warmup: int, steps: int, cpu_times: dict
 
 
 def report(times: dict[str, list[float]], args, config, baseline_names: list[str], label: str = "",
-           cpu_times: dict[str, list[float]] | None = None) -> dict[str, float]:
+           cpu_times: dict[str, list[float]] | None = None, over: str | None = None) -> dict[str, float]:
     tokens = args.batch * args.context
     peak = accounting.measure_matmul_peak(args.device, DTYPES[args.dtype] if args.device.startswith("cuda") else torch.float32)
     medians = {n: statistics.median(t) for n, t in times.items()}
     cpu = {n: statistics.median(t) for n, t in (cpu_times or {}).items()}
-    what = f"{args.steps} alternating steps (after {args.warmup} warm-up)" if not label.startswith("each alone") else "all steps"
-    print(f"\n{label}median step time over {what}:")
+    over = over or f"{args.steps} alternating steps (after {args.warmup} warm-up)"
+    print(f"\n{label}median step time over {over}:")
     for n, m in medians.items():
         tps = tokens / m
         util = accounting.mfu(tps, config, peak, seq_len=args.context)
@@ -330,7 +330,8 @@ def run_isolated(args) -> None:
             cpu.setdefault(out["name"], []).extend(out["cpu_s"])
     times = {n: times[n] for n in sorted(times, key=lambda n: (not n.startswith("fnlm"), n))}
     report(times, args, config, ["(a) module", "(b) fused"], cpu_times=cpu,
-           label=f"each alone in a fresh process ({args.rounds} rounds of {args.steps} steps after {args.warmup} warm-up), ")
+           label=f"each alone in a fresh process ({args.rounds} rounds of {args.steps} steps after {args.warmup} warm-up), ",
+           over="all steps")
 
 
 def run_typecheck(args) -> None:

@@ -23,13 +23,13 @@
 static PyObject *heappush_fn = NULL;
 
 /* Per-token scratch, indexed by the neighbouring token's id, grown as needed and kept between
- * calls; only the entries listed in `touched` are non-zero at the end of a call. */
+ * calls; only the entries listed in `touched` are set during a call, and they are cleared after.
+ * Each occurrence moves its word's count from `x a` to `x z` (from `b y` to `z y`), so one sum
+ * serves as both the loss and the gain; a token was touched when its word list exists. */
 typedef struct {
     Py_ssize_t cap;
-    long long *dec_left, *dec_right;   /* count lost by `x a`, by `b y` */
-    long long *inc_left, *inc_right;   /* count gained by `x z`, by `z y` */
+    long long *sum_left, *sum_right;    /* count moved from `x a` to `x z`, from `b y` to `z y` */
     PyObject **list_left, **list_right; /* the words of `x z`, of `z y` */
-    char *seen_left, *seen_right;
     Py_UCS4 *touched_left, *touched_right;
     Py_ssize_t n_left, n_right;
 } Scratch;
@@ -47,14 +47,10 @@ static int grow(Py_ssize_t need) {
         memset(p + sc.cap, 0, sizeof(type) * (size_t)(cap - sc.cap));           \
         sc.field = p;                                                            \
     } while (0)
-    GROW(dec_left, long long);
-    GROW(dec_right, long long);
-    GROW(inc_left, long long);
-    GROW(inc_right, long long);
+    GROW(sum_left, long long);
+    GROW(sum_right, long long);
     GROW(list_left, PyObject *);
     GROW(list_right, PyObject *);
-    GROW(seen_left, char);
-    GROW(seen_right, char);
     GROW(touched_left, Py_UCS4);
     GROW(touched_right, Py_UCS4);
 #undef GROW
@@ -130,27 +126,29 @@ static int append_new(PyObject **slot, PyObject *wi) {
 static void reset(void) {
     for (Py_ssize_t t = 0; t < sc.n_left; t++) {
         Py_UCS4 x = sc.touched_left[t];
-        sc.dec_left[x] = sc.inc_left[x] = 0;
+        sc.sum_left[x] = 0;
         Py_CLEAR(sc.list_left[x]);
-        sc.seen_left[x] = 0;
     }
     for (Py_ssize_t t = 0; t < sc.n_right; t++) {
         Py_UCS4 y = sc.touched_right[t];
-        sc.dec_right[y] = sc.inc_right[y] = 0;
+        sc.sum_right[y] = 0;
         Py_CLEAR(sc.list_right[y]);
-        sc.seen_right[y] = 0;
     }
     sc.n_left = sc.n_right = 0;
 }
 
-static int touch(Py_UCS4 c, int left) {
+/* One occurrence next to token `c` (on the left or the right of the pair) in word `wi` of count
+ * `cw`: add the count to the token's sum and the word to its list, noting the token the first
+ * time. */
+static int move(Py_UCS4 c, int left, long long cw, PyObject *wi) {
     if ((Py_ssize_t)c >= sc.cap && grow((Py_ssize_t)c + 1) < 0) return -1;
-    if (left) {
-        if (!sc.seen_left[c]) { sc.seen_left[c] = 1; sc.touched_left[sc.n_left++] = c; }
-    } else {
-        if (!sc.seen_right[c]) { sc.seen_right[c] = 1; sc.touched_right[sc.n_right++] = c; }
+    PyObject **lists = left ? sc.list_left : sc.list_right;
+    if (lists[c] == NULL) {
+        if (left) sc.touched_left[sc.n_left++] = c;
+        else sc.touched_right[sc.n_right++] = c;
     }
-    return 0;
+    (left ? sc.sum_left : sc.sum_right)[c] += cw;
+    return append_new(&lists[c], wi);
 }
 
 static PyObject *merge_words(PyObject *self, PyObject *args) {
@@ -214,21 +212,13 @@ static PyObject *merge_words(PyObject *self, PyObject *args) {
             Py_ssize_t prev_end = t ? pos[t - 1] + 2 : 0;
             Py_ssize_t next_start = t + 1 < m ? pos[t + 1] : n;
             if (at > prev_end) {
-                Py_UCS4 x = PyUnicode_READ(kind, data, at - 1);
-                if (touch(x, 1) < 0) goto fail;
-                sc.dec_left[x] += cw;
-                sc.inc_left[x] += cw;
-                if (append_new(&sc.list_left[x], wi) < 0) goto fail;
+                if (move(PyUnicode_READ(kind, data, at - 1), 1, cw, wi) < 0) goto fail;
             } else if (t) {
                 inc_zz += cw;
                 if (append_new(&zz_list, wi) < 0) goto fail;
             }
             if (at + 2 < next_start) {
-                Py_UCS4 y = PyUnicode_READ(kind, data, at + 2);
-                if (touch(y, 0) < 0) goto fail;
-                sc.dec_right[y] += cw;
-                sc.inc_right[y] += cw;
-                if (append_new(&sc.list_right[y], wi) < 0) goto fail;
+                if (move(PyUnicode_READ(kind, data, at + 2), 0, cw, wi) < 0) goto fail;
             } else if (t + 1 < m) {
                 dec_ba += cw;
             }
@@ -251,21 +241,21 @@ static PyObject *merge_words(PyObject *self, PyObject *args) {
     /* the count changes, one per distinct pair */
     for (Py_ssize_t t = 0; t < sc.n_left; t++) {
         Py_UCS4 x = sc.touched_left[t];
-        if (decrement(pair_counts, x, a, sc.dec_left[x]) < 0) goto fail;
+        if (decrement(pair_counts, x, a, sc.sum_left[x]) < 0) goto fail;
     }
     for (Py_ssize_t t = 0; t < sc.n_right; t++) {
         Py_UCS4 y = sc.touched_right[t];
-        if (decrement(pair_counts, b, y, sc.dec_right[y]) < 0) goto fail;
+        if (decrement(pair_counts, b, y, sc.sum_right[y]) < 0) goto fail;
     }
     if (dec_ba && decrement(pair_counts, b, a, dec_ba) < 0) goto fail;
     for (Py_ssize_t t = 0; t < sc.n_left; t++) {
         Py_UCS4 x = sc.touched_left[t];
-        if (gain(pair_counts, new_where, x, zc, sc.inc_left[x], sc.list_left[x]) < 0) goto fail;
+        if (gain(pair_counts, new_where, x, zc, sc.sum_left[x], sc.list_left[x]) < 0) goto fail;
     }
     if (zz_list != NULL && gain(pair_counts, new_where, zc, zc, inc_zz, zz_list) < 0) goto fail;
     for (Py_ssize_t t = 0; t < sc.n_right; t++) {
         Py_UCS4 y = sc.touched_right[t];
-        if (gain(pair_counts, new_where, zc, y, sc.inc_right[y], sc.list_right[y]) < 0) goto fail;
+        if (gain(pair_counts, new_where, zc, y, sc.sum_right[y], sc.list_right[y]) < 0) goto fail;
     }
 
     /* push each new pair with its count, and add its words to `where` */

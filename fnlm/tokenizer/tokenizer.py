@@ -217,8 +217,9 @@ class Tokenizer:
         self._no_rank = len(self._merged_by_rank)
 
         self._table = MergeTable(self._byte_ids, self._ranks, self._merged_by_rank)
-        self._table.arrays()
         self._c_table = None if _make_table is None else _make_table(self._byte_ids, self._ranks, self._merged_by_rank)
+        if self._c_table is None:
+            self._table.arrays()  # numpy forms for the short words; with the C loop only `bpe_long` reads them (lazily)
 
         self._cache_size = cache_size
         self._special_re = special_tokens_regex(self.special_tokens)
