@@ -172,5 +172,20 @@ def _distinct(tensors: list[Tensor]) -> bool:
     return len(set(ptrs)) == len(ptrs)
 
 
+def _decay_state(decay: float | Tensor, state: Tensor, like: Tensor) -> Tensor:
+    """`decay * state`, as optax computes it under `jax.jit` when `state` is float16 or bfloat16 (a
+    `mu_dtype` or `accumulator_dtype`): `decay`, a weakly typed constant, is rounded to the state's
+    dtype (bfloat16(0.9) = 0.8984375), and the product is taken in the dtype of `state` and `like`
+    (the gradient) promoted together, with no rounding in between. For other dtypes it is the plain
+    product."""
+    if state.dtype not in (torch.float16, torch.bfloat16):
+        return decay * state
+    if isinstance(decay, Tensor):
+        decay = decay.to(state.dtype).to(like.dtype)
+    else:
+        decay = torch.tensor(decay, dtype=state.dtype).item()
+    return decay * state.to(torch.promote_types(state.dtype, like.dtype))
+
+
 def _has_decay(weight_decay: float | Tensor) -> bool:
     return isinstance(weight_decay, Tensor) or weight_decay != 0

@@ -40,7 +40,15 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fnlm.optim._common import Scalar, _check_state, _decay_flags, _distinct, _under_functorch, check_hyper
+from fnlm.optim._common import (
+    Scalar,
+    _check_state,
+    _decay_flags,
+    _distinct,
+    _decay_state,
+    _under_functorch,
+    check_hyper,
+)
 from fnlm.optim.clipping import global_norm
 from fnlm.optim.schedules import Schedule
 from fnlm.tree import Tree, tree_flatten, tree_map, tree_unflatten
@@ -435,7 +443,7 @@ def trace(decay: Scalar, nesterov: bool = False, accumulator_dtype: torch.dtype 
         names, u_list = _leaves_of(updates)
         t_list = _mirror(names, state["trace"], "state['trace']")
         with torch.no_grad():
-            new_t = [g + decay * t for g, t in zip(u_list, t_list)]
+            new_t = [g + _decay_state(decay, t, g) for g, t in zip(u_list, t_list)]
             out = [g + decay * t for g, t in zip(u_list, new_t)] if nesterov else new_t
             kept = [t if accumulator_dtype is None else t.to(accumulator_dtype) for t in new_t]
         return tree_unflatten(dict(zip(names, out))), {"trace": tree_unflatten(dict(zip(names, kept)))}
@@ -470,7 +478,8 @@ def scale_by_adam(
     - `eps`: added to the root of the second moment.
     - `eps_root`: added under the root.
     - `mu_dtype`: the dtype the first moment is stored in (default: the params'); the updates are
-      computed before that cast, as in optax.
+      computed before that cast, and a float16/bfloat16 moment is multiplied by `b1` rounded to
+      its dtype, both as in optax (under `jax.jit`).
     - `nesterov`: Nesterov's momentum (NAdam).
 
     **Returns:**
@@ -491,7 +500,7 @@ def scale_by_adam(
         count = state["count"] + 1
         bc1, bc2 = _bias_correction(b1, count), _bias_correction(b2, count)
         with torch.no_grad():
-            new_mu = [(1.0 - b1) * g + b1 * m for m, g in zip(mu, g_list)]
+            new_mu = [(1.0 - b1) * g + _decay_state(b1, m, g) for m, g in zip(mu, g_list)]
             new_nu = [((1.0 - b2) * (g * g) + b2 * v).to(v.dtype) for v, g in zip(nu, g_list)]
             if nesterov:
                 bc1_next = _bias_correction(b1, count + 1)
@@ -533,8 +542,8 @@ def scale_by_lion(b1: Scalar = 0.9, b2: Scalar = 0.99, mu_dtype: torch.dtype | N
         names, g_list = _leaves_of(updates)
         mu = _mirror(names, state["mu"], "state['mu']")
         with torch.no_grad():
-            out = [torch.sign((1.0 - b1) * g + b1 * m) for g, m in zip(g_list, mu)]
-            new_mu = [(1.0 - b2) * g + b2 * m for g, m in zip(g_list, mu)]
+            out = [torch.sign((1.0 - b1) * g + _decay_state(b1, m, g)) for g, m in zip(g_list, mu)]
+            new_mu = [(1.0 - b2) * g + _decay_state(b2, m, g) for g, m in zip(g_list, mu)]
             new_mu = [m if mu_dtype is None else m.to(mu_dtype) for m in new_mu]
         new_state = {"count": state["count"] + 1, "mu": tree_unflatten(dict(zip(names, new_mu)))}
         return tree_unflatten(dict(zip(names, out))), new_state
