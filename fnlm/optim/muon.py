@@ -57,7 +57,7 @@ _EMBEDDING_AND_HEAD = ("token_embeddings.weight", "lm_head.weight")
 
 
 def orthogonalize_via_newton_schulz(
-    x: Float[Tensor, "rows cols"], ns_coeffs: tuple[float, float, float] = NS_COEFFS, ns_steps: int = 5,
+    x: Float[Tensor, "rows cols"], ns_coeffs: tuple = NS_COEFFS, ns_steps: int = 5,
     eps: float = 1e-7,
 ) -> Tensor:
     """An approximate orthogonalization `U S' V^T` of `x = U S V^T` (`S'` near 1), in bfloat16:
@@ -83,11 +83,25 @@ def orthogonalize_via_newton_schulz(
     if tall:
         out = out.T
     out = out / out.norm().clamp(min=eps)
+    step = _ns_step_batched if _under_functorch() else _ns_step
     for _ in range(ns_steps):
-        gram = out @ out.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-        out = torch.addmm(out, poly, out, beta=a)
+        out = step(out, a, b, c)
     return out.T if tall else out
+
+
+def _ns_step(x: Tensor, a: float, b: float, c: float) -> Tensor:
+    gram = x @ x.T
+    poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+    return torch.addmm(x, poly, x, beta=a)
+
+
+def _ns_step_batched(x: Tensor, a: float, b: float, c: float) -> Tensor:
+    """`_ns_step` under `torch.func.vmap`, where `addmm` decomposes into a bfloat16 product, scale
+    and sum, each rounded to bfloat16: here each `addmm` is computed in float32 and rounded once, as
+    the unbatched kernel does (same bits on the matrices tried; at most float32 summation order apart)."""
+    gram = (x.float() @ x.float().T).bfloat16().float()
+    poly = (b * gram + c * (gram @ gram)).bfloat16().float()
+    return (a * x.float() + poly @ x.float()).bfloat16()
 
 
 def _lr_ratio(shape: torch.Size, adjust_lr_fn: str | None) -> float:
@@ -134,7 +148,7 @@ class _Muon:
 
 
 def scale_by_muon(
-    ns_coeffs: tuple[float, float, float] = NS_COEFFS,
+    ns_coeffs: tuple = NS_COEFFS,
     ns_steps: int = 5,
     beta: Scalar = 0.95,
     eps: float = 1e-7,
@@ -235,7 +249,7 @@ def hidden_matrix_mask(name: str, leaf: Tensor) -> bool:
 
 def muon(
     learning_rate: Scalar | Schedule,
-    ns_coeffs: tuple[float, float, float] = NS_COEFFS,
+    ns_coeffs: tuple = NS_COEFFS,
     ns_steps: int = 5,
     beta: Scalar = 0.95,
     eps: float = 1e-7,
