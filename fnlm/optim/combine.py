@@ -107,7 +107,7 @@ def masked(inner: GradientTransformation, mask: Any) -> GradientTransformationEx
 
 def _labels(names: list[str], leaves: list[Any], param_labels: Any, groups: Mapping[str, Any]) -> list[str]:
     labels = _per_leaf(dict(zip(names, leaves)), param_labels, "param_labels")
-    unknown = sorted({repr(lab) for lab in labels if not isinstance(lab, str) or lab not in groups})
+    unknown = sorted({lab for lab in labels if not isinstance(lab, str) or lab not in groups}, key=repr)
     if unknown:
         raise ValueError(f"param_labels gave labels with no transformation: {unknown[:8]}; the transformations "
                          f"are {sorted(groups)}")
@@ -124,7 +124,7 @@ def _check_groups(transforms: Any) -> dict[str, GradientTransformation]:
     return dict(transforms)
 
 
-def multi_transform(transforms: Mapping[str, GradientTransformation], param_labels: Any
+def multi_transform(transforms: Any, param_labels: Any
                     ) -> GradientTransformationExtraArgs:
     """A different transformation per group of leaves (optax's `multi_transform`, now `partition`;
     same semantics). State `{"inner_states": {label: that group's state}}`, one per transformation
