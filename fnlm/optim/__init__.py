@@ -10,7 +10,7 @@
 - **Combinators** (`fnlm.optim.combine`, `fnlm.optim.accumulate`): `masked` (a transformation on
   some leaves), `multi_transform` / `partition` (one per group of leaves), `MultiSteps`
   (accumulate K calls' gradients), as optax's.
-- **Muon** (`fnlm.optim.muon`): `scale_by_muon` (`torch.optim.Muon`'s update of 2-D matrices) and
+- **Muon** (`fnlm.optim.orthogonal`): `scale_by_muon` (`torch.optim.Muon`'s update of 2-D matrices) and
   `muon`, Muon for the hidden matrices with AdamW for the other leaves.
 - **The CS336 interface** (`fnlm.optim.steps`): `adamw_init` / `adamw_step`, `sgd_init` /
   `sgd_step`: pure `(params, state, grads) -> (params, state)` steps (`donate=True` updates in place).
@@ -23,7 +23,7 @@ from fnlm.optim.accumulate import MultiSteps
 from fnlm.optim.alias import adamw, adamw_cs336, lion, sgd
 from fnlm.optim.clipping import CLIP_EPS, clip_grad_norm, clip_grad_norm_with_norm, global_norm
 from fnlm.optim.combine import masked, multi_transform, partition
-from fnlm.optim.muon import NS_COEFFS, hidden_matrix_mask, muon, orthogonalize_via_newton_schulz, scale_by_muon
+from fnlm.optim.orthogonal import NS_COEFFS, hidden_matrix_mask, muon, orthogonalize_via_newton_schulz, scale_by_muon
 from fnlm.optim.schedules import Schedule, constant_schedule, cosine_schedule, warmup_cosine_schedule
 from fnlm.optim.steps import adamw_init, adamw_step, sgd_init, sgd_step
 from fnlm.optim.transform import (

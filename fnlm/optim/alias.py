@@ -1,5 +1,6 @@
 """Optimizers by name, each a `GradientTransformation`: `adamw` (optax's and `torch.optim.AdamW`'s),
-`adamw_cs336` (CS336's Algorithm 2, `train_step`'s default) and `sgd`.
+`adamw_cs336` (CS336's Algorithm 2, `train_step`'s default), `sgd` and `lion` (optax's). Muon is
+`fnlm.optim.muon` (in `fnlm.optim.orthogonal`).
 
 The two AdamW forms differ at second order. With `t` the update count, `m_hat = m / (1 - b1^t)`
 and `v_hat = v / (1 - b2^t)`:
@@ -163,8 +164,8 @@ def sgd(
     nesterov: bool = False,
     accumulator_dtype: Any = None,
 ) -> GradientTransformationExtraArgs:
-    """Stochastic gradient descent, with optional (Nesterov) momentum: optax's `sgd`,
-    `chain(trace(momentum, nesterov) or identity(), scale_by_learning_rate(learning_rate))`.
+    """Stochastic gradient descent, with optional (Nesterov) momentum: optax's `sgd` (same arguments
+    and semantics), `chain(trace(momentum, nesterov) or identity(), scale_by_learning_rate(learning_rate))`.
 
     For `torch.optim.SGD`'s L2 weight decay, put `add_decayed_weights(wd)` in front:
     `chain(add_decayed_weights(wd), sgd(lr, momentum))`.

@@ -154,44 +154,42 @@ def multi_transform(transforms: Any, param_labels: Any
         return {"inner_states": {g: tx.init(_sub(names, leaves, [lab == g for lab in labels]))
                                  for g, tx in groups.items()}}
 
-    def check(state: OptState) -> None:
+    def each_group(updates: Tree, state: OptState, params: Tree | None, base: str, step: Any) -> tuple:
+        """`step(tx, sub_updates, sub_state, sub_params) -> (sub_result, sub_state)` per group; the
+        results written over the leaves of `updates` (`base="updates"`) or `params`."""
         _check_state(state, ("inner_states",), "multi_transform")
         _check_state(state["inner_states"], tuple(groups), "multi_transform's inner_states")
-
-    def update(updates: Tree, state: OptState, params: Tree | None = None, **extra: Any) -> tuple[Tree, OptState]:
-        check(state)
         names, u_list = _leaves_of(updates)
-        labels = _labels(names, u_list, param_labels, groups)
         p_list = None if params is None else _mirror(names, params, "params")
-        new_flat, new_states = dict(zip(names, u_list)), {}
+        labels = _labels(names, u_list, param_labels, groups)
+        out, new_states = dict(zip(names, u_list if base == "updates" else p_list)), {}
         for g, tx in groups.items():
             keep = [lab == g for lab in labels]
             sub_p = None if p_list is None else _sub(names, p_list, keep)
-            new, new_states[g] = _call(tx, _sub(names, u_list, keep), state["inner_states"][g], sub_p,
-                                       _inner_extra(extra))
-            _put(new_flat, [n for n, k in zip(names, keep) if k], new, f"transforms[{g!r}]")
-        return tree_unflatten(new_flat), {"inner_states": new_states}
+            new, new_states[g] = step(tx, _sub(names, u_list, keep), state["inner_states"][g], sub_p)
+            _put(out, [n for n, k in zip(names, keep) if k], new, f"transforms[{g!r}]")
+        return tree_unflatten(out), {"inner_states": new_states}
+
+    def update(updates: Tree, state: OptState, params: Tree | None = None, **extra: Any) -> tuple[Tree, OptState]:
+        return each_group(updates, state, params, "updates",
+                          lambda tx, u, s, p: _call(tx, u, s, p, _inner_extra(extra)))
 
     def apply(updates: Tree, state: OptState, params: Tree, *, donate: bool = False,
               **extra: Any) -> tuple[Tree, OptState]:
-        check(state)
-        names, p_list = _leaves_of(params)
-        g_list = _mirror(names, updates, "updates")
-        labels = _labels(names, g_list, param_labels, groups)
-        new_flat, new_states = dict(zip(names, p_list)), {}
-        for g, tx in groups.items():
-            keep = [lab == g for lab in labels]
-            sub_p, sub_g, s = _sub(names, p_list, keep), _sub(names, g_list, keep), state["inner_states"][g]
-            if tx.apply is not None:
-                new_p, new_states[g] = tx.apply(sub_g, s, sub_p, donate=donate, **_inner_extra(extra))
-            else:
-                new_u, new_states[g] = _call(tx, sub_g, s, sub_p, _inner_extra(extra))
-                new_p = apply_updates(sub_p, new_u, donate=donate)
-            _put(new_flat, [n for n, k in zip(names, keep) if k], new_p, f"transforms[{g!r}]")
-        return tree_unflatten(new_flat), {"inner_states": new_states}
+        return each_group(updates, state, params, "params",
+                          lambda tx, u, s, p: _group_apply(tx, u, s, p, donate, _inner_extra(extra)))
 
     fused = any(tx.apply is not None for tx in groups.values())
     return GradientTransformationExtraArgs(init, update, apply if fused else None)
+
+
+def _group_apply(tx: GradientTransformation, updates: Tree, state: OptState, params: Tree, donate: bool,
+                 extra: dict[str, Any]) -> tuple[Tree, OptState]:
+    """One group's new params: its fused `apply`, or `update` + `apply_updates`."""
+    if tx.apply is not None:
+        return tx.apply(updates, state, params, donate=donate, **extra)
+    new, state = _call(tx, updates, state, params, extra)
+    return apply_updates(params, new, donate=donate), state
 
 
 partition = multi_transform

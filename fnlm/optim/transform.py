@@ -191,7 +191,8 @@ def _check_chain_state(state: OptState, n: int) -> None:
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformationExtraArgs:
-    """Apply transformations one after the other (optax's `chain`); the state is a tuple of theirs.
+    """Apply transformations one after the other (optax's `chain`, same semantics); the state is a
+    tuple of theirs. `chain()` of nothing is the identity, with state `()` (optax's fails to build).
 
     Extra arguments reach every link that takes them, except `grad_norm` and `donate_updates`, which
     describe the chain's incoming gradients and go to the first link only. The chain has a fused
