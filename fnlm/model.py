@@ -33,6 +33,10 @@ logits = transformer_lm(params, token_ids, config, block=parallel_block)
 ```
 
 A block that needs other parameters comes with its own `init_block` for `init_transformer_lm`.
+
+`transformer_lm(..., remat=True)` recomputes every block in the backward pass instead of keeping
+its activations (`fnlm.remat` around the block, the config's or the one passed): the same values
+and gradients for less memory and one more forward pass through the blocks.
 """
 
 from __future__ import annotations
