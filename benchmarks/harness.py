@@ -19,7 +19,7 @@ from typing import Any
 
 __all__ = [
     "machine_name", "cpu_name", "cpu_seconds", "peak_rss_mib", "median_time", "ratio", "alternate", "load_average",
-    "Timings", "tune_malloc", "add_model_args", "model_argv", "MODEL_17M",
+    "Timings", "tune_malloc", "add_model_args", "model_argv", "MODEL_17M", "PeakMemory",
 ]
 
 MODEL_17M = dict(batch=4, context=128, vocab=10_000, d_model=512, layers=4, heads=16, d_ff=1344)
@@ -157,3 +157,59 @@ def tune_malloc(threshold: int = 32 << 20, trim: int = (1 << 31) - 1) -> bool:
         return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, trim))
     except (OSError, AttributeError):
         return False
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+class PeakMemory:
+    """The peak memory a block of code adds above what was in use when it began, in bytes:
+    `with PeakMemory(device) as peak: ...; peak.bytes`.
+
+    On CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, less the memory
+    allocated at the start. On CPU (Linux): the process's resident set, after handing freed heap
+    memory back to the OS (glibc's `malloc_trim`) and resetting the kernel's high-water mark
+    (writing 5 to `/proc/self/clear_refs`), so that memory touched earlier (imports, a compile,
+    a warm-up step) does not count; the peak is the high-water mark `VmHWM` less the resident set
+    at the start. `bytes` is None where neither is available."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device, self.bytes, self._start = device, None, 0
+
+    def __enter__(self) -> "PeakMemory":
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        import ctypes
+        import ctypes.util
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._start = _status_kib("VmRSS") * 1024
+        except OSError:
+            self._start = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self._start
+        elif self._start is not None:
+            self.bytes = _status_kib("VmHWM") * 1024 - self._start

@@ -25,7 +25,7 @@ if _typecheck_on:
     _install_import_hook("fnlm", "beartype.beartype")
 
 if TYPE_CHECKING:
-    from fnlm import accounting, compat, interop, nn, optim, tokenizer, train
+    from fnlm import accounting, compat, interop, nn, optim, precision, tokenizer, train
     from fnlm.accounting import (
         adamw_memory,
         forward_flops,
@@ -112,6 +112,8 @@ if TYPE_CHECKING:
         sgd_init,
         sgd_step,
     )
+    from fnlm.precision import Policy, get_policy, with_policy
+    from fnlm.rematerialization import remat
     from fnlm.sampling import generate, sample_next_token, top_p_mask
     from fnlm.tokenizer import ENDOFTEXT, Tokenizer, encode_file, train_bpe
     from fnlm.train import StepConfig, TrainConfig, TrainState, init_train_state, train_step

@@ -33,6 +33,10 @@ logits = transformer_lm(params, token_ids, config, block=parallel_block)
 ```
 
 A block that needs other parameters comes with its own `init_block` for `init_transformer_lm`.
+
+`transformer_lm(..., remat=True)` recomputes every block in the backward pass instead of keeping
+its activations (`fnlm.remat` around the block, the config's or the one passed): the same values
+and gradients for less memory and one more forward pass through the blocks.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from fnlm.nn import (
     silu_ffn,
     swiglu,
 )
+from fnlm.rematerialization import remat as remat_transform
 from fnlm.types import Float, Int, Tensor
 
 __all__ = [
@@ -468,6 +473,7 @@ def transformer_lm(
     block: Callable[..., Tensor] | None = None,
     final_norm: Callable[..., Tensor] | None = None,
     kv_cache: KVCache | None = None,
+    remat: bool = False,
 ) -> Float[Tensor, "... seq vocab"]:
     """The LM's logits: token embedding → `num_layers` blocks → final norm → LM head.
 
@@ -493,6 +499,9 @@ def transformer_lm(
     - `kv_cache`: a `KVCache` (`init_kv_cache`) holding `kv_cache.length` earlier tokens; this
       call's keys and values are written into it and its length advanced, and the new tokens
       attend to all cached ones (over the whole buffer, masked: static shapes at every step).
+    - `remat`: recompute each block in the backward pass instead of keeping its activations
+      (`fnlm.remat` around `block`): the same values and gradients, about one layer's activations
+      held at a time instead of all of them, for one more forward pass through the blocks.
 
     **Returns:** logits `(..., seq, vocab)`.
     """
@@ -518,7 +527,8 @@ def transformer_lm(
         kv_len=None if kv_cache is None else kv_cache.max_len,
         device=token_ids.device,
     )
-    x = _blocks(params, embedding(params["token_embeddings"], token_ids), ctx, config, block, kv_cache, start)
+    x = embedding(params["token_embeddings"], token_ids)
+    x = _blocks(params, x, ctx, config, block, kv_cache, start, remat)
     if kv_cache is not None:
         kv_cache.length = start + seq
     final_norm = NORMS[config.norm] if final_norm is None else final_norm
@@ -527,10 +537,12 @@ def transformer_lm(
 
 def _blocks(
     params: Params, x: Tensor, ctx: AttentionContext, config: TransformerConfig,
-    block: Callable[..., Tensor] | None, kv_cache: KVCache | None, start: int,
+    block: Callable[..., Tensor] | None, kv_cache: KVCache | None, start: int, remat: bool = False,
 ) -> Tensor:
     custom = block is not None
     block = block if custom else block_from_config(config)
+    if remat:
+        block = remat_transform(block)
     for i, layer in enumerate(params["layers"]):
         layer_ctx = ctx if kv_cache is None else ctx._replace(kv=LayerKV(kv_cache.keys[i], kv_cache.values[i], start))
         if not custom:
