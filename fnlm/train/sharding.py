@@ -94,6 +94,7 @@ __all__ = [
 
 MODES = ("optimizer", "params")
 _RS_MODES = ("auto", "native", "all_reduce")
+_DTENSOR_FAILURES = ("DTensor", "Sharding propagation", "sharding strategy")
 
 
 class ShardingError(RuntimeError):
@@ -535,7 +536,7 @@ def _inner_call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) ->
                             f"shards; use this transformation unsharded, or write it with ops DTensor supports: {e}"
                             ) from e
     except RuntimeError as e:
-        if isinstance(e, ShardingError) or "DTensor" not in str(e):
+        if isinstance(e, ShardingError) or not any(m in str(e) for m in _DTENSOR_FAILURES):
             raise
         raise ShardingError(f"the sharded optimizer's inner {what} failed on DTensor shards: {e}") from e
 

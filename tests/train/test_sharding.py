@@ -1,0 +1,583 @@
+"""Sharded training (fnlm.train.sharding) with 2 CPU processes on gloo.
+
+The central checks: 2 ranks × 4 sequences, ZeRO-1 (optimizer state sharded) and FSDP-style (params,
+gradients and optimizer state sharded), end within float tolerance of one process stepping the same
+optimizer over the union of the ranks' data shards (8 sequences), as the data-parallel tests do;
+checkpoints written by rank 0 from the gathered state resume exactly with 2 ranks and, within
+tolerance, with 1 (and a one-process checkpoint resumes sharded).
+
+Tolerances: the sharded runs are also compared with the unsharded data-parallel run of the same
+ranks (gradients all-reduced, every rank stepping everything), from which they differ only in
+rounding (measured: at most 3.6e-7 after 4 steps): rtol 1e-5, atol 1e-6. Against one process the
+data-parallel run itself differs by up to 6.8e-6 (measured) in one `lm_head` coordinate whose
+gradient is tiny (the loss is a mean of two 4-row means instead of one 8-row mean; the gradients are
+clipped to norm 0.05, so Adam's eps weighs on that coordinate and amplifies a 1-ulp difference):
+rtol 1e-5, atol 1e-5 there.
+
+Until `fnlm.optim`'s transformations land, the optimizers are stand-ins written here as
+`GradientTransformation(init, update[, apply])` (an optax-style chain with global-norm clipping, Adam,
+name-masked weight decay and a learning-rate schedule; today's `fnlm.adamw_step` as a fused `apply`;
+a Newton-Schulz orthogonalisation like `muon`'s, which needs whole matrices).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fnlm
+from fnlm.train import TrainConfig, draw_batch
+from fnlm.train import sharding
+from fnlm.train.sharding import GradientTransformation
+from fnlm.tree import tree_map_with_path
+
+ONE_PROCESS = dict(rtol=1e-5, atol=1e-5)
+DATA_PARALLEL = dict(rtol=1e-5, atol=1e-6)
+K = 4
+CFG = fnlm.TransformerConfig(vocab_size=48, context_length=16, d_model=32, num_layers=2, num_heads=2, d_ff=64)
+TC = TrainConfig(batch_size=8, data_shards=2, seed=0, device="cpu")
+MAX_NORM = 0.05
+STEP_CONFIG = fnlm.StepConfig(lr=1e-2, min_lr=1e-3, warmup_steps=1, cosine_steps=K, weight_decay=0.1, grad_clip=MAX_NORM)
+
+
+# --- stand-in gradient transformations (optax's shapes) -----------------------------------------
+
+
+def chain(*links):
+    def init(params):
+        return tuple(link.init(params) for link in links)
+
+    def update(updates, state, params=None, **extra):
+        new = []
+        for i, (link, s) in enumerate(zip(links, state)):
+            updates, s = link.update(updates, s, params, **(extra if i == 0 else {}))
+            new.append(s)
+        return updates, tuple(new)
+
+    return GradientTransformation(init, update)
+
+
+def clip_by_global_norm(max_norm):
+    def update(updates, state, params=None, grad_norm=None):
+        leaves = fnlm.tree_leaves(updates)
+        norm = grad_norm if grad_norm is not None else torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in leaves]))
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        return fnlm.tree_map(lambda g: g * coef, updates), state
+
+    return GradientTransformation(lambda params: (), update)
+
+
+def scale_by_adam(b1=0.9, b2=0.95, eps=1e-8):
+    def init(params):
+        zeros = fnlm.tree_map(torch.zeros_like, params)
+        return {"count": torch.zeros((), dtype=torch.int64), "mu": zeros, "nu": fnlm.tree_map(torch.zeros_like, params)}
+
+    def update(updates, state, params=None, **extra):
+        count = state["count"] + 1
+        mu = fnlm.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state["mu"], updates)
+        nu = fnlm.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state["nu"], updates)
+        c1, c2 = 1 - b1 ** count.double(), 1 - b2 ** count.double()
+        out = fnlm.tree_map(lambda m, v: (m / c1.float()) / ((v / c2.float()).sqrt() + eps), mu, nu)
+        return out, {"count": count, "mu": mu, "nu": nu}
+
+    return GradientTransformation(init, update)
+
+
+def add_decayed_weights(weight_decay, mask):
+    def update(updates, state, params=None, **extra):
+        return tree_map_with_path(lambda name, u, p: u + weight_decay * p if mask(name, p) else u, updates, params), state
+
+    return GradientTransformation(lambda params: (), update)
+
+
+def scale_by_learning_rate(schedule):
+    def update(updates, state, params=None, **extra):
+        lr = schedule(int(state["count"]))
+        return fnlm.tree_map(lambda u: -lr * u, updates), {"count": state["count"] + 1}
+
+    return GradientTransformation(lambda params: {"count": torch.zeros((), dtype=torch.int64)}, update)
+
+
+def cs336_adamw(lr=1e-2, weight_decay=0.1):
+    """Today's `fnlm.adamw_step` (Algorithm 2, fused kernel) as a transformation's `apply`."""
+
+    def apply(grads, state, params, *, donate=False, **extra):
+        return fnlm.adamw_step(params, state, grads, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
+                               decay_mask=fnlm.optim.default_decay_mask, donate=donate)
+
+    def update(grads, state, params=None, **extra):
+        new, state = apply(grads, state, params)
+        return fnlm.tree_map(lambda a, b: a - b, new, params), state
+
+    return GradientTransformation(fnlm.adamw_init, update, apply)
+
+
+def newton_schulz(steps=5):
+    """Muon's orthogonalisation of each matrix (its quintic iteration); other leaves pass through."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+
+    def orth(g):
+        if g.ndim != 2:
+            return g
+        x = g / (torch.linalg.vector_norm(g) + 1e-7)
+        for _ in range(steps):
+            gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        return x
+
+    return GradientTransformation(lambda params: (), lambda updates, state, params=None, **extra: (
+        fnlm.tree_map(orth, updates), state))
+
+
+def _schedule(count):
+    return fnlm.cosine_schedule(count + 1, 1e-2, 1e-3, 1, K)
+
+
+OPTIMIZERS = {
+    "chain": lambda: chain(clip_by_global_norm(MAX_NORM), scale_by_adam(),
+                           add_decayed_weights(0.1, fnlm.optim.default_decay_mask), scale_by_learning_rate(_schedule)),
+    "cs336": cs336_adamw,
+    "muon": lambda: chain(newton_schulz(), scale_by_learning_rate(lambda count: 0.02)),
+}
+
+
+def optimizer_step(opt, params, state, grads, *, donate=False, **extra):
+    """`fnlm.optim.optimizer_step`'s stand-in: `apply` when there is one, else update + add."""
+    if opt.apply is not None:
+        return opt.apply(grads, state, params, donate=donate, **extra)
+    updates, state = opt.update(grads, state, params, **extra)
+    return fnlm.tree_map(lambda p, u: p + u, params, updates), state
+
+
+# --- data and the one-process reference -----------------------------------------------------------
+
+
+def _tokens(n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    base = (np.arange(n) * 7) % CFG.vocab_size
+    return np.where(rng.random(n) < 0.2, rng.integers(0, CFG.vocab_size, n), base).astype(np.uint16)
+
+
+def loss_fn(params, x, y, model_fn=fnlm.transformer_lm):
+    return fnlm.cross_entropy(model_fn(params, x, CFG), y)
+
+
+def _batch(step, rank=0, world=1):
+    return draw_batch(_tokens(), TC, CFG.context_length, step, torch.device("cpu"), rank=rank, world_size=world)
+
+
+def reference(name, steps, params=None, state=None, start=0):
+    """One process, the whole batch of each step (both data shards)."""
+    opt = OPTIMIZERS[name]()
+    params = fnlm.init_transformer_lm(CFG, seed=0) if params is None else params
+    state = opt.init(params) if state is None else state
+    norms = []
+    for t in range(start, start + steps):
+        _, grads = fnlm.value_and_grad(loss_fn)(params, *_batch(t))
+        norms.append(float(fnlm.optim.global_norm(grads)))
+        params, state = optimizer_step(opt, params, state, grads, grad_norm=fnlm.optim.global_norm(grads))
+    return params, state, norms
+
+
+def reference_train_step(steps):
+    state = fnlm.init_train_state(fnlm.init_transformer_lm(CFG, seed=0))
+    for t in range(steps):
+        state, _ = fnlm.train_step(state, *_batch(t), loss_fn=loss_fn, config=STEP_CONFIG)
+    return state
+
+
+# --- the two ranks ---------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _zero1_run(name, mesh, rank, steps, *, params=None, state=None, start=0, donate=False, rs="auto"):
+    opt = sharding.shard_optimizer(OPTIMIZERS[name](), mesh, reduce_scatter=rs, bucket_mb=0.01)
+    params = fnlm.init_transformer_lm(CFG, seed=0) if params is None else params
+    state = opt.init(params) if state is None else state
+    for t in range(start, start + steps):
+        _, grads = fnlm.value_and_grad(loss_fn)(params, *_batch(t, rank, 2))
+        local_norm = fnlm.optim.global_norm(grads)  # of this rank's own gradients: the wrapper must replace it
+        params, state = optimizer_step(opt, params, state, grads, donate=donate, grad_norm=local_norm)
+    return params, state, opt
+
+
+def _data_parallel_run(name, rank, steps):
+    """The unsharded data-parallel step (gradients all-reduced, every rank steps everything): the
+    baseline whose only difference from the sharded runs is where the optimizer runs."""
+    opt = OPTIMIZERS[name]()
+    params = fnlm.init_transformer_lm(CFG, seed=0)
+    state = opt.init(params)
+    for t in range(steps):
+        _, grads = fnlm.value_and_grad(loss_fn)(params, *_batch(t, rank, 2))
+        grads = fnlm.train.parallel.all_reduce_grads(grads)
+        params, state = optimizer_step(opt, params, state, grads, grad_norm=fnlm.optim.global_norm(grads))
+    return params
+
+
+def _fsdp_run(name, mesh, rank, steps, *, reshard=True, params=None, state=None, start=0):
+    model_fn = sharding.sharded_model_fn(reshard_after_forward=reshard, bucket_mb=0.01)
+    opt = OPTIMIZERS[name]()
+    params = sharding.shard_tree(fnlm.init_transformer_lm(CFG, seed=0), mesh) if params is None else params
+    state = opt.init(params) if state is None else state
+    for t in range(start, start + steps):
+        _, grads = fnlm.value_and_grad(loss_fn)(params, *_batch(t, rank, 2), model_fn)
+        params, state = optimizer_step(opt, params, state, grads, grad_norm=sharding.global_grad_norm(grads))
+    return params, state
+
+
+def _fsdp_train_step(mesh, rank, steps, state=None, start=0):
+    """Today's `fnlm.train_step` (AdamW, clipping by the global norm) over sharded params, unchanged."""
+    model_fn = sharding.sharded_model_fn(bucket_mb=0.01)
+    if state is None:
+        state = fnlm.init_train_state(sharding.shard_tree(fnlm.init_transformer_lm(CFG, seed=0), mesh))
+    metrics = None
+    for t in range(start, start + steps):
+        state, metrics = fnlm.train_step(state, *_batch(t, rank, 2), config=STEP_CONFIG,
+                                         loss_fn=lambda p, x, y: loss_fn(p, x, y, model_fn))
+    return state, metrics
+
+
+def _local_bytes(tree):
+    return sum((x.to_local() if hasattr(x, "to_local") else x).numel() * x.element_size()
+               for x in torch.utils._pytree.tree_leaves(tree) if isinstance(x, torch.Tensor))
+
+
+def _collectives(mesh, rank):
+    torch.manual_seed(rank)
+    grads = {"odd": torch.randn(5, 3), "one": torch.randn(1), "t": torch.randn(4, 3).T, "s": torch.tensor(1.0 + rank),
+             "d": torch.randn(3, dtype=torch.float64), "h": torch.randn(7, 2).to(torch.bfloat16), "n": 7}
+    out = {"grads": grads, "local_rows": {}}
+    for mode in ("native", "all_reduce"):
+        shards = sharding.reduce_scatter_tree(grads, mesh, reduce_scatter=mode, bucket_mb=16 / 2**20)
+        out[mode] = sharding.full_tree(shards)
+        out["local_rows"][mode] = {k: tuple(v.to_local().shape) for k, v in shards.items() if k != "n"}
+        out[f"{mode}_sum"] = sharding.full_tree(sharding.reduce_scatter_tree(grads, mesh, average=False,
+                                                                             reduce_scatter=mode))
+    out["norm"] = sharding.global_grad_norm(shards)
+    out["gathered"] = sharding.gather_tree(shards, mesh)
+    out["native_supported"] = sharding.reduce_scatter_supported(mesh)
+    full = torch.arange(30.0).reshape(5, 6).T.contiguous().T
+    target = torch.zeros_like(full)
+    out["into"] = sharding.all_gather_tree({"w": sharding.shard_tensor(full, mesh)}, mesh, out={"w": target})["w"]
+    out["into_is_target"] = out["into"] is target
+    return out
+
+
+def _checkpoint_roundtrip(name, mesh, rank, root, mode):
+    """2 steps, rank 0 writes the gathered state, 2 more steps; then every rank resumes from the file."""
+    if mode == "optimizer":
+        params, state, opt = _zero1_run(name, mesh, rank, 2)
+        init, run = opt.init, lambda p, s: _zero1_run(name, mesh, rank, 2, params=p, state=s, start=2)[:2]
+    else:
+        params, state = _fsdp_run(name, mesh, rank, 2)
+        init, run = OPTIMIZERS[name]().init, lambda p, s: _fsdp_run(name, mesh, rank, 2, params=p, state=s, start=2)
+    plan = sharding.Sharding(mode, mesh)
+    full = plan.gather_state(fnlm.TrainState(params, state, 2))
+    path = root / f"{mode}_{name}.pt"
+    if rank == 0:
+        fnlm.save_checkpoint(path, params=full.params, opt_state=full.opt_state, step=2, config=CFG)
+    else:
+        assert full is None
+    torch.distributed.barrier()
+    straight = sharding.full_tree(run(params, state)[0])
+    ck = fnlm.load_checkpoint(path)
+    resumed = plan.shard_state(fnlm.TrainState(ck["params"], ck["opt_state"], ck["step"]), init)
+    after = sharding.full_tree(run(resumed.params, resumed.opt_state)[0])
+    one = fnlm.load_checkpoint(root / f"one_process_{name}.pt")
+    from_one = plan.shard_state(fnlm.TrainState(one["params"], one["opt_state"], one["step"]), init)
+    return {"straight": straight, "resumed": after, "from_one": sharding.full_tree(run(from_one.params,
+                                                                                      from_one.opt_state)[0])}
+
+
+def _train_step_checkpoint(mesh, rank, root):
+    state, _ = _fsdp_train_step(mesh, rank, 2)
+    plan = sharding.Sharding("params", mesh)
+    full = plan.gather_state(state)
+    if rank == 0:
+        fnlm.save_checkpoint(root / "train_step.pt", params=full.params, opt_state=full.opt_state, step=2, config=CFG)
+    torch.distributed.barrier()
+    straight = sharding.full_tree(_fsdp_train_step(mesh, rank, 2, state=state, start=2)[0].params)
+    ck = fnlm.load_checkpoint(root / "train_step.pt")
+    resumed = plan.shard_state(fnlm.TrainState(ck["params"], ck["opt_state"], ck["step"]), fnlm.adamw_init)
+    after = sharding.full_tree(_fsdp_train_step(mesh, rank, 2, state=resumed, start=2)[0].params)
+    return {"straight": straight, "resumed": after}
+
+
+def _worker(rank: int, world: int, port: int, root: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "FNLM_NUM_THREADS": "1"})
+    root = Path(root)
+    with fnlm.train.parallel.process_group(device="cpu", startup_timeout=60) as par:
+        par = sharding.make_sharded_parallel(par, "optimizer")
+        mesh = par.sharding.mesh
+        res = {"collectives": _collectives(mesh, rank), "zero1": {}, "fsdp": {}, "state_bytes": {}}
+        res["dp"] = {name: _data_parallel_run(name, rank, K) for name in OPTIMIZERS}
+        dp_state = fnlm.init_train_state(fnlm.init_transformer_lm(CFG, seed=0))
+        for t in range(K):
+            dp_state, _ = fnlm.train_step(dp_state, *_batch(t, rank, 2), loss_fn=loss_fn, config=STEP_CONFIG,
+                                          sync_grads=fnlm.train.parallel.all_reduce_grads)
+        res["dp_train_step"] = dp_state.params
+        for name, donate, rs in (("chain", True, "auto"), ("cs336", False, "all_reduce"), ("muon", True, "auto")):
+            params, state, _ = _zero1_run(name, mesh, rank, K, donate=donate, rs=rs)
+            res["zero1"][name] = params
+            res["state_bytes"][name] = _local_bytes(state)
+        for name, reshard in (("chain", True), ("muon", False)):
+            params, state = _fsdp_run(name, mesh, rank, K, reshard=reshard)
+            res["fsdp"][name] = sharding.full_tree(params)
+            res["state_bytes"][f"fsdp_{name}"] = (_local_bytes(params), _local_bytes(state))
+        state, metrics = _fsdp_train_step(mesh, rank, K)
+        res["fsdp_train_step"] = sharding.full_tree(state.params)
+        res["fsdp_grad_norm"] = float(metrics["grad_norm"])
+        res["resume"] = {mode: _checkpoint_roundtrip("chain", mesh, rank, root, mode) for mode in ("optimizer", "params")}
+        res["resume_train_step"] = _train_step_checkpoint(mesh, rank, root)
+        res["refused"] = _refusal(mesh)
+        torch.save(res, root / f"rank{rank}.pt")
+
+
+def _refusal(mesh):
+    def unique_count(updates, state, params=None, **extra):
+        return fnlm.tree_map(lambda g: g * torch.unique(g).numel(), updates), state
+
+    opt = sharding.shard_optimizer(GradientTransformation(lambda p: (), unique_count), mesh)
+    params = {"w": torch.ones(4, 2)}
+    try:
+        opt.update({"w": torch.ones(4, 2)}, (), params)
+    except sharding.ShardingError as e:
+        return str(e)
+    return None
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharding")
+    refs = {}
+    for name in OPTIMIZERS:
+        refs[name] = reference(name, K)
+    for name in ("chain",):
+        params, state, _ = reference(name, 2)
+        fnlm.save_checkpoint(root / f"one_process_{name}.pt", params=params, opt_state=state, step=2, config=CFG)
+    refs["train_step"] = reference_train_step(K)
+    mp.spawn(_worker, args=(2, _free_port(), str(root)), nprocs=2, join=True)
+    return root, refs, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _assert_close(a, b, rtol, atol):
+    fa, fb = fnlm.tree_flatten(a), fnlm.tree_flatten(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert type(fa[k]) is torch.Tensor, f"{k} is a {type(fa[k]).__name__}, not a plain tensor"
+        torch.testing.assert_close(fa[k], fb[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _moved(a, b):
+    return max(float((x - y).abs().max()) for x, y in zip(fnlm.tree_leaves(a), fnlm.tree_leaves(b)))
+
+
+# --- tests: collectives ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_reduce_scatter_then_all_gather_is_the_mean_over_ranks(two_ranks):
+    _, _, results = two_ranks
+    grads = [r["collectives"]["grads"] for r in results]
+    for r in results:
+        c = r["collectives"]
+        for mode in ("native", "all_reduce"):
+            for key in ("odd", "one", "t", "s", "d", "h"):
+                mean = (grads[0][key].double() + grads[1][key].double()) / 2
+                got = c[mode][key]
+                assert type(got) is torch.Tensor and got.dtype == grads[0][key].dtype and got.shape == mean.shape
+                torch.testing.assert_close(got.double(), mean, rtol=1e-2 if key == "h" else 1e-6, atol=1e-6)
+                total = c[f"{mode}_sum"][key].double()
+                torch.testing.assert_close(total, 2 * mean, rtol=1e-2 if key == "h" else 1e-6, atol=1e-6)
+            assert c[mode]["n"] == 7
+        assert c["local_rows"]["native"] == c["local_rows"]["all_reduce"]
+        assert c["native_supported"] is True  # torch 2.13's gloo has reduce_scatter
+        torch.testing.assert_close(c["into"], torch.arange(30.0).reshape(5, 6), rtol=0, atol=0)
+        assert c["into_is_target"] and c["into"].stride() == (1, 5)
+    rows = [r["collectives"]["local_rows"]["native"] for r in results]
+    assert [rows[0]["odd"], rows[1]["odd"]] == [(3, 3), (2, 3)]
+    assert [rows[0]["one"], rows[1]["one"]] == [(1,), (0,)]
+    assert rows[0]["s"] == rows[1]["s"] == ()
+    whole = {k: (grads[0][k].double() + grads[1][k].double()) / 2 for k in ("odd", "one", "t", "s", "d", "h")}
+    expect = math.sqrt(sum(float(v.square().sum()) for v in whole.values()))
+    assert float(results[0]["collectives"]["norm"]) == pytest.approx(expect, rel=1e-2)
+    assert float(results[0]["collectives"]["norm"]) == float(results[1]["collectives"]["norm"])
+
+
+@pytest.mark.slow
+def test_gather_tree_gives_rank0_the_whole_tree_on_cpu(two_ranks):
+    _, _, (r0, r1) = two_ranks
+    assert r1["collectives"]["gathered"] is None
+    gathered = r0["collectives"]["gathered"]
+    for key in ("odd", "one", "t", "s", "d", "h"):
+        assert type(gathered[key]) is torch.Tensor and gathered[key].device.type == "cpu"
+        torch.testing.assert_close(gathered[key], r0["collectives"]["all_reduce"][key], rtol=0, atol=0)
+
+
+# --- tests: training equals one process ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["chain", "cs336", "muon"])
+def test_zero1_matches_one_process(two_ranks, name):
+    _, refs, (r0, r1) = two_ranks
+    ref = refs[name][0]
+    _assert_close(r0["zero1"][name], ref, **ONE_PROCESS)
+    _assert_close(r0["zero1"][name], r0["dp"][name], **DATA_PARALLEL)
+    torch.testing.assert_close(r0["zero1"][name], r1["zero1"][name], rtol=0, atol=0)
+    assert _moved(ref, fnlm.init_transformer_lm(CFG, seed=0)) > 1e-3, "training did not move the params"
+
+
+@pytest.mark.slow
+def test_clipping_was_active_so_the_global_norm_was_checked(two_ranks):
+    _, refs, _ = two_ranks
+    norms = refs["chain"][2]
+    assert min(norms) > 4 * MAX_NORM, norms
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["chain", "muon"])
+def test_fsdp_matches_one_process(two_ranks, name):
+    _, refs, (r0, r1) = two_ranks
+    _assert_close(r0["fsdp"][name], refs[name][0], **ONE_PROCESS)
+    _assert_close(r0["fsdp"][name], r0["dp"][name], **DATA_PARALLEL)
+    torch.testing.assert_close(r0["fsdp"][name], r1["fsdp"][name], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_fsdp_through_todays_train_step_matches_one_process(two_ranks):
+    _, refs, (r0, r1) = two_ranks
+    _assert_close(r0["fsdp_train_step"], refs["train_step"].params, **ONE_PROCESS)
+    _assert_close(r0["fsdp_train_step"], r0["dp_train_step"], **DATA_PARALLEL)
+    assert r0["fsdp_grad_norm"] == r1["fsdp_grad_norm"] > MAX_NORM
+
+
+@pytest.mark.slow
+def test_each_rank_holds_about_half_the_optimizer_state(two_ranks):
+    _, refs, (r0, r1) = two_ranks
+    params = fnlm.init_transformer_lm(CFG, seed=0)
+    whole_params = _local_bytes(params)
+    whole_state = _local_bytes(OPTIMIZERS["chain"]().init(params))
+    for r in (r0, r1):
+        assert r["state_bytes"]["chain"] <= whole_state / 2 + 4 * 64 * 8
+        assert r["state_bytes"]["cs336"] <= whole_params + 64 * 8  # m and v: 2 x params, halved
+        p_bytes, s_bytes = r["state_bytes"]["fsdp_chain"]
+        assert p_bytes <= whole_params / 2 + 64 * 4
+    assert r0["state_bytes"]["chain"] + r1["state_bytes"]["chain"] == whole_state + 16  # two 0-d int64 counts, on each rank
+
+
+# --- tests: checkpoints --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["optimizer", "params"])
+def test_resume_from_the_gathered_checkpoint_is_exact(two_ranks, mode):
+    _, _, (r0, r1) = two_ranks
+    for r in (r0, r1):
+        res = r["resume"][mode]
+        torch.testing.assert_close(res["resumed"], res["straight"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["optimizer", "params"])
+def test_checkpoint_is_the_single_file_format_and_resumes_in_one_process(two_ranks, mode):
+    root, refs, (r0, _) = two_ranks
+    ck = fnlm.load_checkpoint(root / f"{mode}_chain.pt")
+    assert ck["step"] == 2
+    ref_params, ref_state, _ = reference("chain", 2)
+    _assert_close(ck["params"], ref_params, **ONE_PROCESS)
+    assert ck["opt_state"][1]["count"] == ref_state[1]["count"]
+    _assert_close(ck["opt_state"][1]["mu"], ref_state[1]["mu"], rtol=1e-4, atol=1e-6)
+    params, _, _ = reference("chain", 2, params=ck["params"], state=ck["opt_state"], start=2)
+    _assert_close(params, r0["resume"][mode]["straight"], **ONE_PROCESS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["optimizer", "params"])
+def test_a_one_process_checkpoint_resumes_sharded(two_ranks, mode):
+    _, refs, (r0, _) = two_ranks
+    _assert_close(r0["resume"][mode]["from_one"], refs["chain"][0], **ONE_PROCESS)
+
+
+@pytest.mark.slow
+def test_train_step_state_checkpoint_resumes_exactly(two_ranks):
+    root, refs, (r0, r1) = two_ranks
+    for r in (r0, r1):
+        res = r["resume_train_step"]
+        torch.testing.assert_close(res["resumed"], res["straight"], rtol=0, atol=0)
+    ck = fnlm.load_checkpoint(root / "train_step.pt")
+    assert ck["opt_state"]["step"] == 2 and type(ck["opt_state"]["m"]["lm_head"]["weight"]) is torch.Tensor
+    state = fnlm.TrainState(ck["params"], ck["opt_state"], 2)
+    for t in range(2, K):
+        state, _ = fnlm.train_step(state, *_batch(t), loss_fn=loss_fn, config=STEP_CONFIG)
+    _assert_close(state.params, refs["train_step"].params, **ONE_PROCESS)
+
+
+@pytest.mark.slow
+def test_an_op_dtensor_cannot_shard_is_refused_with_a_sharding_error(two_ranks):
+    _, _, (r0, r1) = two_ranks
+    for r in (r0, r1):
+        assert r["refused"] is not None and "inner update" in r["refused"] and "unique" in r["refused"]
+
+
+# --- tests without a process group ------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(0, 40), world=st.integers(1, 9))
+def test_shard_bounds_partition_the_rows_like_torch_chunk(rows, world):
+    bounds = [sharding.shard_bounds(rows, world, r) for r in range(world)]
+    assert sum(n for _, n in bounds) == rows
+    assert all(bounds[r][0] + bounds[r][1] == bounds[r + 1][0] for r in range(world - 1) if bounds[r + 1][1])
+    chunks = torch.arange(rows).chunk(world) if rows else []
+    assert [n for _, n in bounds if n] == [len(c) for c in chunks]
+    assert max(n for _, n in bounds) == -(-rows // world)
+
+
+def test_shard_bounds_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="rank=2"):
+        sharding.shard_bounds(4, 2, 2)
+    with pytest.raises(ValueError, match="rows=-1"):
+        sharding.shard_bounds(-1, 2, 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes=st.lists(st.lists(st.integers(1, 6), min_size=1, max_size=3), min_size=1, max_size=5),
+       world=st.integers(1, 4), transpose=st.booleans())
+def test_packing_rows_round_trips(shapes, world, transpose):
+    g = torch.Generator().manual_seed(len(shapes) * 10 + world)
+    tensors = [torch.randn(*s, generator=g) for s in shapes]
+    if transpose:
+        tensors = [t.T.contiguous().T if t.ndim == 2 else t for t in tensors]
+    slots, numel = sharding._slots([t.shape for t in tensors], world)
+    packed = sharding._pack_full(tensors, slots, world, numel)
+    for r in range(world):
+        local = [t.narrow(0, *sharding.shard_bounds(t.shape[0], world, r)).contiguous() for t in tensors]
+        torch.testing.assert_close(sharding._pack_local(local, slots, numel), packed[r], rtol=0, atol=0)
+    out = [torch.full_like(t, float("nan")) for t in tensors]
+    sharding._unpack_full(packed, slots, world, out)
+    for a, b in zip(out, tensors):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_no_process_group_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="process group"):
+        sharding.device_mesh()
+    with pytest.raises(ValueError, match="reduce_scatter must be one of"):
+        sharding.shard_optimizer(cs336_adamw(), reduce_scatter="ring")
