@@ -318,6 +318,59 @@ def _train_step_checkpoint(mesh, rank, root):
     return {"straight": straight, "resumed": after}
 
 
+def _saved_for_backward(mesh, reshard):
+    """The shapes of the plain tensors and of the DTensors autograd keeps from a sharded forward."""
+    params = fnlm.tree_map(lambda t: t.detach().requires_grad_(),
+                           sharding.shard_tree(fnlm.init_transformer_lm(CFG, seed=0), mesh))
+    saved = {"plain": [], "shards": 0}
+
+    def pack(t):
+        if type(t) is torch.Tensor:
+            saved["plain"].append(tuple(n for n in t.shape if n != 1))
+        else:
+            saved["shards"] += 1
+        return t
+
+    x, y = _batch(0, mesh.get_local_rank(), 2)
+    x, y = x[:1], y[:1]  # 16 rows of activations: no (batch * seq, d_model) matrix has a weight's shape
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(params, x, y, sharding.sharded_model_fn(reshard_after_forward=reshard))
+    loss.backward()
+    return saved
+
+
+def _zero1_update_path(mesh, rank, steps):
+    """ZeRO-1 through `update` (whole updates gathered, then added) instead of `apply`."""
+    opt = sharding.shard_optimizer(OPTIMIZERS["chain"](), mesh)
+    params = fnlm.init_transformer_lm(CFG, seed=0)
+    state = opt.init(params)
+    for t in range(steps):
+        _, grads = fnlm.value_and_grad(loss_fn)(params, *_batch(t, rank, 2))
+        updates, state = opt.update(grads, state, params, grad_norm=fnlm.optim.global_norm(grads))
+        assert all(type(u) is torch.Tensor for u in fnlm.tree_leaves(updates))
+        params = fnlm.tree_map(lambda p, u: p + u, params, updates)
+    return params
+
+
+def _wiring(par):
+    """What `make_sharded_parallel` gives a loop."""
+    plain = fnlm.train.Parallel(rank=par.rank, world_size=par.world_size, device="cpu")
+    out = {}
+    for mode in ("optimizer", "params"):
+        sharded = sharding.make_sharded_parallel(plain, mode, bucket_mb=1.0)
+        s = sharded.sharding
+        grads = {"a": torch.ones(2)}
+        out[mode] = {"sync_is_identity": sharded.sync_grads(grads) is grads, "mode": s.mode, "bucket_mb": s.bucket_mb,
+                     "model_fn_is_lm": s.model_fn() is fnlm.transformer_lm,
+                     "optimizer_wrapped": s.optimizer(OPTIMIZERS["chain"]()).apply is not None,
+                     "params_sharded": type(s.shard_params({"w": torch.ones(3, 2)})["w"]).__name__}
+    try:
+        sharding.make_sharded_parallel(plain, "gradients")
+    except ValueError as e:
+        out["bad_mode"] = str(e)
+    return out
+
+
 def _worker(rank: int, world: int, port: int, root: str) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
@@ -347,6 +400,9 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         res["resume"] = {mode: _checkpoint_roundtrip("chain", mesh, rank, root, mode) for mode in ("optimizer", "params")}
         res["resume_train_step"] = _train_step_checkpoint(mesh, rank, root)
         res["refused"] = _refusal(mesh)
+        res["saved"] = {reshard: _saved_for_backward(mesh, reshard) for reshard in (True, False)}
+        res["zero1_update"] = _zero1_update_path(mesh, rank, K)
+        res["wiring"] = _wiring(par)
         torch.save(res, root / f"rank{rank}.pt")
 
 
@@ -534,6 +590,33 @@ def test_an_op_dtensor_cannot_shard_is_refused_with_a_sharding_error(two_ranks):
     _, _, (r0, r1) = two_ranks
     for r in (r0, r1):
         assert r["refused"] is not None and "inner update" in r["refused"] and "unique" in r["refused"]
+
+
+@pytest.mark.slow
+def test_zero1_update_path_equals_its_apply_path(two_ranks):
+    _, _, (r0, r1) = two_ranks
+    for r in (r0, r1):
+        torch.testing.assert_close(r["zero1_update"], r0["zero1"]["chain"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_reshard_after_forward_keeps_no_whole_layer_weight_for_the_backward(two_ranks):
+    _, _, (r0, _) = two_ranks
+    whole_ffn = {(CFG.d_ff, CFG.d_model), (CFG.d_model, CFG.d_ff)}
+    resharded, kept = r0["saved"][True], r0["saved"][False]
+    assert not whole_ffn & set(resharded["plain"]) and resharded["shards"] > 0
+    assert whole_ffn & set(kept["plain"]) and kept["shards"] == 0
+
+
+@pytest.mark.slow
+def test_make_sharded_parallel_wires_the_hooks(two_ranks):
+    _, _, (r0, _) = two_ranks
+    w = r0["wiring"]
+    assert w["optimizer"] == {"sync_is_identity": True, "mode": "optimizer", "bucket_mb": 1.0, "model_fn_is_lm": True,
+                              "optimizer_wrapped": True, "params_sharded": "Tensor"}
+    assert w["params"] == {"sync_is_identity": True, "mode": "params", "bucket_mb": 1.0, "model_fn_is_lm": False,
+                           "optimizer_wrapped": False, "params_sharded": "DTensor"}
+    assert "'gradients'" in w["bad_mode"] and "optimizer" in w["bad_mode"]
 
 
 # --- tests without a process group ------------------------------------------------------------------
