@@ -25,7 +25,7 @@ if _typecheck_on:
     _install_import_hook("fnlm", "beartype.beartype")
 
 if TYPE_CHECKING:
-    from fnlm import accounting, compat, interop, nn, tokenizer, train
+    from fnlm import accounting, compat, interop, nn, optim, tokenizer, train
     from fnlm.accounting import (
         adamw_memory,
         forward_flops,

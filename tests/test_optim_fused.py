@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnlm
-from fnlm import optim
+from fnlm.optim import _adamw as optim
 
 
 def _tree(dtype, seed=0):

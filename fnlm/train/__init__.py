@@ -1,6 +1,7 @@
 """Training: the pure step, the loop, evaluation, hooks, plots and data parallelism.
 
-- `step`: `TrainState`, `StepConfig`, `init_train_state`, `train_step` (the one training step);
+- `step`: `TrainState`, `StepConfig`, `init_train_state`, `train_step` (the one training step),
+  `build_optimizer` (the gradient transformation a `StepConfig` names), `lr_schedule`;
 - `loop`: `train` (a short loop over `train_step`), `resolve_device`, `draw_batch`, `resume_mismatches`,
   `TrainingInterrupted`;
 - `run`: `TrainConfig` and `Run` (what the loop and its hooks share);
@@ -33,11 +34,19 @@ from fnlm.train.hooks import (
 from fnlm.train.loop import TrainingInterrupted, draw_batch, resolve_device, resume_mismatches, train
 from fnlm.train.run import HARMLESS_FIELDS, Run, TrainConfig
 from fnlm.train.parallel import Parallel
-from fnlm.train.step import StepConfig, TrainState, init_train_state, train_step
+from fnlm.train.step import (
+    OPTIMIZERS,
+    StepConfig,
+    TrainState,
+    build_optimizer,
+    init_train_state,
+    lr_schedule,
+    train_step,
+)
 from fnlm.train.sweep import init_stacked, stack_step_configs, train_vectorized, vectorized_step
 
 __all__ = [
-    "TrainState", "StepConfig", "init_train_state", "train_step", "TrainConfig", "Run", "train", "resolve_device",
+    "TrainState", "StepConfig", "init_train_state", "train_step", "build_optimizer", "lr_schedule", "OPTIMIZERS", "TrainConfig", "Run", "train", "resolve_device",
     "draw_batch", "evaluate", "evaluate_windows", "lm_loss_fn", "Hook", "LogWindow", "Evaluator", "DivergenceGuard",
     "MetricsFile", "Callback", "Checkpointer", "ProgressBar", "LossPlot", "Wandb", "default_hooks", "read_metrics",
     "Parallel", "HARMLESS_FIELDS", "TrainingInterrupted", "resume_mismatches", "train_vectorized", "vectorized_step",

@@ -53,3 +53,58 @@ def test_the_tensor_schedule_equals_the_float_one(warmup, cycle):
         expected = fnlm.cosine_schedule(t, 3e-3, 3e-4, warmup, cycle)
         got = learning_rate(torch.tensor(t), config)
         assert isinstance(got, torch.Tensor) and math.isclose(float(got), expected, rel_tol=1e-12, abs_tol=1e-15), t
+
+
+def _todays_step(state, x, y, config, donate):
+    """The step as it was before optimizers became transformations: schedule, value_and_grad, clipping in place,
+    `adamw_step` by name."""
+    lr = fnlm.cosine_schedule(state.step, config.lr, config.min_lr, config.warmup_steps, config.cosine_steps)
+    _, grads = fnlm.value_and_grad(loss_fn)(state.params, x, y)
+    grads, _ = fnlm.clip_grad_norm_with_norm(grads, config.grad_clip, donate=True)
+    params, opt_state = fnlm.adamw_step(state.params, state.opt_state, grads, lr=lr, betas=config.betas,
+                                        eps=config.eps, weight_decay=config.weight_decay, donate=donate)
+    return fnlm.TrainState(params, opt_state, state.step + 1)
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_the_default_optimizer_is_bitwise_todays_step_over_50_steps(donate):
+    config = fnlm.StepConfig(lr=3e-3, min_lr=3e-4, warmup_steps=5, cosine_steps=40, grad_clip=0.5)
+    ours = fnlm.init_train_state(fnlm.init_transformer_lm(CONFIG, seed=1))
+    theirs = fnlm.TrainState(fnlm.init_transformer_lm(CONFIG, seed=1), fnlm.adamw_init(ours.params), 0)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        x, y = torch.randint(0, 41, (4, 12), generator=g), torch.randint(0, 41, (4, 12), generator=g)
+        ours, _ = fnlm.train_step(ours, x, y, loss_fn=loss_fn, config=config, donate=donate)
+        theirs = _todays_step(theirs, x, y, config, donate)
+    assert ours.step == theirs.step == 50 and ours.opt_state["step"] == 50
+    for (name, a), b in zip(fnlm.tree_flatten((ours.params, ours.opt_state)).items(),
+                            fnlm.tree_leaves((theirs.params, theirs.opt_state))):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, name
+
+
+def test_any_optimizer_runs_through_the_step_and_equals_its_own_update():
+    """`optimizer=` takes any transformation; without a config the step neither clips nor accumulates, so one
+    step is exactly `value_and_grad` + `optimizer_step`."""
+    from fnlm import optim
+
+    tx = optim.chain(optim.clip_by_global_norm(0.1), optim.sgd(0.05, momentum=0.9))
+    state = fnlm.init_train_state(fnlm.init_transformer_lm(CONFIG, seed=2), tx)
+    x, y = torch.randint(0, 41, (3, 12)), torch.randint(0, 41, (3, 12))
+    new, metrics = fnlm.train_step(state, x, y, loss_fn=loss_fn, optimizer=tx)
+    _, grads = fnlm.value_and_grad(loss_fn)(state.params, x, y)
+    expected, _ = optim.optimizer_step(tx, state.params, state.opt_state, grads)
+    assert "lr" not in metrics and new.step == 1
+    for name, value in fnlm.tree_flatten(expected).items():
+        torch.testing.assert_close(fnlm.tree_flatten(new.params)[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_the_config_names_the_optimizer(name):
+    config = fnlm.StepConfig(lr=1e-2, warmup_steps=0, cosine_steps=10, optimizer=name)
+    state = fnlm.init_train_state(fnlm.init_transformer_lm(CONFIG, seed=0), config)
+    x, y = torch.randint(0, 41, (2, 12)), torch.randint(0, 41, (2, 12))
+    for _ in range(3):
+        state, metrics = fnlm.train_step(state, x, y, loss_fn=loss_fn, config=config, donate=True)
+    assert math.isfinite(float(metrics["loss"])) and state.step == 3
+    with pytest.raises(ValueError, match="one of adamw_cs336"):
+        fnlm.train_step(state, x, y, loss_fn=loss_fn, config=config._replace(optimizer="adam"))
