@@ -62,15 +62,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from fnlm.train.parallel import DEFAULT_BUCKET_MB, Parallel, _buckets, _reduce_op
 from fnlm.tree import Tree
 
-try:
-    from fnlm.optim import GradientTransformation
-except ImportError:  # until fnlm.optim's transformations land: the same NamedTuple
-
-    class GradientTransformation(NamedTuple):  # type: ignore[no-redef]
-        init: Callable[[Tree], Tree]
-        update: Callable[..., tuple[Tree, Tree]]
-        apply: Callable[..., tuple[Tree, Tree]] | None = None
-
+from fnlm.optim import GradientTransformation, GradientTransformationExtraArgs
 
 __all__ = [
     "ShardingError",
@@ -541,6 +533,14 @@ def _inner_call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) ->
         raise ShardingError(f"the sharded optimizer's inner {what} failed on DTensor shards: {e}") from e
 
 
+def _inner_update(inner: GradientTransformation, grads: Tree, state: Tree, params: Tree | None,
+                  extra: dict[str, Any]) -> tuple[Tree, Tree]:
+    """`inner.update`, given the extra arguments only when it takes them (as `fnlm.optim.chain` does)."""
+    if extra and isinstance(inner, GradientTransformationExtraArgs):
+        return _inner_call("update", inner.update, grads, state, params, **extra)
+    return _inner_call("update", inner.update, grads, state, params)
+
+
 def _add_to_shards(params: Tree, updates: Tree) -> Tree:
     """`params + updates` in place on this rank's shard copies (an update of another placement is
     redistributed to the param's first)."""
@@ -563,25 +563,37 @@ def _add_to_shards(params: Tree, updates: Tree) -> Tree:
     return pytree.tree_unflatten(p_leaves, spec)
 
 
+def _reduced(grads: Tree) -> bool:
+    """Whether `grads` already holds DTensor shards (reduce-scattered by `Sharding.sync_grads`)."""
+    leaves = [x for x in pytree.tree_leaves(grads) if isinstance(x, Tensor)]
+    sharded = [isinstance(x, DTensor) for x in leaves]
+    if any(sharded) and not all(sharded):
+        raise TypeError("the gradients mix DTensor shards and whole tensors; pass either each rank's whole "
+                        "gradients or all of them reduce-scattered (reduce_scatter_tree)")
+    return bool(leaves) and all(sharded)
+
+
 def shard_optimizer(
     inner: GradientTransformation, group: Any = None, *, bucket_mb: float = DEFAULT_BUCKET_MB,
     reduce_scatter: str = "auto",
-) -> GradientTransformation:
+) -> GradientTransformationExtraArgs:
     """ZeRO-1: `inner` run on this rank's shard of every leaf, its state kept only for that shard.
 
-    The params stay whole on every rank (the forward and backward are the data-parallel ones); the
-    gradients each rank computes on its own batch go in unsynchronised.
+    The params stay whole on every rank (the forward and backward are the data-parallel ones).
 
     - `init(params)`: `inner.init` on this rank's rows of `params` (DTensor shards): about `1/N` of
       the state on each of `N` ranks.
-    - `update(grads, state, params=None, **extra)`: reduce-scatter the gradients (their mean over
-      ranks, this rank's rows), `inner.update` on the shards, all-gather the updates: whole updates
-      on every rank, `apply_updates` adds them.
+    - `update(grads, state, params=None, **extra)`: the gradients are either each rank's own
+      whole gradients (then reduce-scattered here: their mean over ranks, this rank's rows) or
+      already DTensor shards (`reduce_scatter_tree`, as `Sharding.sync_grads` gives `train_step`);
+      `inner.update` runs on the shards; the updates are all-gathered: whole updates on every rank.
     - `apply(grads, state, params, *, donate=False, **extra)`: the same, but the new param shards
       (from `inner.apply` when it has one, else shard + update) are all-gathered into the new params;
       with `donate` into `params`' own tensors (and the inner step may reuse the state's).
-    - A `grad_norm=` extra argument (the norm `train_step` took of the unsynchronised gradients) is
-      replaced by the global norm of the averaged gradients (`global_grad_norm`).
+    - Extra arguments reach `inner` as `fnlm.optim.chain` passes them. For whole local gradients a
+      `grad_norm` (their norm, one rank's) is replaced by the global norm of the averaged gradients
+      (`global_grad_norm`), and the reduce-scattered shards, this wrapper's own, are handed on
+      with `donate_updates=True`.
 
     `inner` sees DTensors (see the module docstring): elementwise links, `clip_by_global_norm`
     and whole-matrix links (`muon`) compute what they compute unsharded; an op DTensor cannot shard
@@ -593,24 +605,26 @@ def shard_optimizer(
     - `group`: a `ProcessGroup` or 1-D `DeviceMesh` (default: the world), looked up at first use.
     - `bucket_mb`, `reduce_scatter`: as for `reduce_scatter_tree`.
 
-    **Returns:** a `GradientTransformation` with `init`, `update` and `apply`.
+    **Returns:** a `GradientTransformationExtraArgs` with `init`, `update` and `apply`.
     """
     _check_mode(reduce_scatter)
 
     def prepare(grads: Tree, params: Tree | None, extra: dict[str, Any]) -> tuple[Any, Tree, Tree, dict[str, Any]]:
         mesh = device_mesh(group)
-        g = reduce_scatter_tree(grads, mesh, bucket_mb=bucket_mb, reduce_scatter=reduce_scatter)
+        if not _reduced(grads):
+            grads = reduce_scatter_tree(grads, mesh, bucket_mb=bucket_mb, reduce_scatter=reduce_scatter)
+            extra = {**extra, "donate_updates": True}
+            if "grad_norm" in extra:
+                extra["grad_norm"] = global_grad_norm(grads, mesh)
         p = shard_tree(params, mesh) if params is not None else None
-        if "grad_norm" in extra:
-            extra = {**extra, "grad_norm": global_grad_norm(g, mesh)}
-        return mesh, g, p, extra
+        return mesh, grads, p, extra
 
     def init(params: Tree) -> Tree:
         return _inner_call("init", inner.init, shard_tree(params, device_mesh(group)))
 
     def update(grads: Tree, state: Tree, params: Tree | None = None, **extra: Any) -> tuple[Tree, Tree]:
         mesh, g, p, extra = prepare(grads, params, extra)
-        updates, state = _inner_call("update", inner.update, g, state, p, **extra)
+        updates, state = _inner_update(inner, g, state, p, extra)
         return all_gather_tree(updates, mesh, like=params, bucket_mb=bucket_mb), state
 
     def apply(grads: Tree, state: Tree, params: Tree, *, donate: bool = False, **extra: Any) -> tuple[Tree, Tree]:
@@ -618,11 +632,11 @@ def shard_optimizer(
         if inner.apply is not None:
             new_p, state = _inner_call("apply", inner.apply, g, state, p, donate=donate, **extra)
         else:
-            updates, state = _inner_call("update", inner.update, g, state, p, **extra)
+            updates, state = _inner_update(inner, g, state, p, extra)
             new_p = _add_to_shards(p, updates)
         return all_gather_tree(new_p, mesh, out=params if donate else None, like=params, bucket_mb=bucket_mb), state
 
-    return GradientTransformation(init, update, apply)
+    return GradientTransformationExtraArgs(init, update, apply)
 
 
 # --- FSDP-style: parameters sharded, gathered per block --------------------------------------------
@@ -733,24 +747,25 @@ def sharded_model_fn(
 # --- wiring: what a training loop calls ----------------------------------------------------------
 
 
-def _identity(x: Any) -> Any:
-    return x
-
-
 @dataclasses.dataclass(frozen=True)
 class Sharding:
     """How a run shards: `mode` `"optimizer"` (ZeRO-1) or `"params"` (FSDP-style), on `mesh`.
 
-    What a training loop does with it (the data-parallel `sync_grads` becomes the identity: the
-    gradients are reduce-scattered in the optimizer or in the backward):
+    What a training loop calls (see `make_sharded_parallel`):
 
-    - `model_fn(fn)`: the model function to train with (`"params"`: `sharded_model_fn(fn)`).
+    - `sync_grads(grads)`: `train_step`'s `sync_grads`: `"optimizer"` reduce-scatters each rank's
+      gradients into DTensor shards (the step then clips them by their true global norm, and the
+      optimizer steps its shard); `"params"`: the identity (the backward already reduce-scattered).
+    - `model_fn(fn)`: the model function to train and evaluate with (`"params"`: `sharded_model_fn`).
     - `optimizer(inner)`: the transformation to step with (`"optimizer"`: `shard_optimizer(inner)`).
-    - `shard_state(state, init)`: a `TrainState` of whole tensors (fresh, loaded from a checkpoint
-      and/or broadcast) as this rank holds it; `init` is the init of the transformation `optimizer`
-      returned (it tells which optimizer-state leaves are sharded).
+    - `shard_state(state, init)`: a `TrainState` of whole tensors (loaded from a checkpoint and/or
+      broadcast) as this rank holds it; `init` is the init of the transformation `optimizer`
+      returned (it says which optimizer-state leaves are sharded). A fresh run can instead build
+      its state from the sharded params: `init_train_state(shard_params(params), optimizer)`.
     - `gather_state(state)`: every rank calls it; rank 0 gets the `TrainState` of whole tensors (on
       CPU) to write the usual single-file checkpoint, the others `None`.
+    - `plain_metrics(metrics)`: the step's metrics with DTensor values (the gradient norm of
+      shards) made plain tensors, for hooks that add them to plain tensors.
     """
 
     mode: str
@@ -765,6 +780,11 @@ class Sharding:
         _check_mode(self.reduce_scatter)
         if not self.bucket_mb > 0:
             raise ValueError(f"bucket_mb must be positive, got {self.bucket_mb!r}")
+
+    def sync_grads(self, grads: Tree) -> Tree:
+        if self.mode != "optimizer":
+            return grads
+        return reduce_scatter_tree(grads, self.mesh, bucket_mb=self.bucket_mb, reduce_scatter=self.reduce_scatter)
 
     def model_fn(self, model_fn: Callable[..., Tensor] | None = None) -> Callable[..., Tensor]:
         if self.mode != "params":
@@ -795,10 +815,15 @@ class Sharding:
             return None
         return state._replace(params=params, opt_state=opt_state)
 
+    @staticmethod
+    def plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in metrics.items()}
+
 
 def make_sharded_parallel(parallel: Parallel, mode: str, *, group: Any = None, **options: Any) -> Parallel:
     """`parallel` (from `fnlm.train.parallel.process_group`) made to shard: its `sharding` set and its
-    `sync_grads` the identity.
+    `sync_grads` the sharding's (`Sharding.sync_grads`: a reduce-scatter for `"optimizer"`, the
+    identity for `"params"`).
 
     **Arguments:**
 
@@ -812,4 +837,5 @@ def make_sharded_parallel(parallel: Parallel, mode: str, *, group: Any = None, *
     if mode not in MODES:
         raise ValueError(f"shard mode must be one of {MODES}, got {mode!r}")
     mesh = device_mesh(group, device_type="cuda" if (parallel.device or "").startswith("cuda") else None)
-    return dataclasses.replace(parallel, sync_grads=_identity, sharding=Sharding(mode, mesh, **options))
+    sharding = Sharding(mode, mesh, **options)
+    return dataclasses.replace(parallel, sync_grads=sharding.sync_grads, sharding=sharding)

@@ -14,10 +14,10 @@ gradient is tiny (the loss is a mean of two 4-row means instead of one 8-row mea
 clipped to norm 0.05, so Adam's eps weighs on that coordinate and amplifies a 1-ulp difference):
 rtol 1e-5, atol 1e-5 there.
 
-Until `fnlm.optim`'s transformations land, the optimizers are stand-ins written here as
-`GradientTransformation(init, update[, apply])` (an optax-style chain with global-norm clipping, Adam,
-name-masked weight decay and a learning-rate schedule; today's `fnlm.adamw_step` as a fused `apply`;
-a Newton-Schulz orthogonalisation like `muon`'s, which needs whole matrices).
+The optimizers are `fnlm.optim`'s: a chain with global-norm clipping, Adam, name-masked weight decay
+and a schedule; `adamw` and `adamw_cs336` (fused `apply` links); and a Newton-Schulz orthogonalisation
+like `muon`'s, which needs whole matrices. `fnlm.train_step` runs both modes as the loop calls it
+(`donate=True`, clipping by the global norm in the step).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from hypothesis import strategies as st
 import fnlm
 from fnlm.train import TrainConfig, draw_batch
 from fnlm.train import sharding
-from fnlm.train.sharding import GradientTransformation
-from fnlm.tree import tree_map_with_path
+from fnlm import optim
+from fnlm.optim import GradientTransformation, optimizer_step
 
 ONE_PROCESS = dict(rtol=1e-5, atol=1e-5)
 DATA_PARALLEL = dict(rtol=1e-5, atol=1e-6)
@@ -49,81 +49,12 @@ MAX_NORM = 0.05
 STEP_CONFIG = fnlm.StepConfig(lr=1e-2, min_lr=1e-3, warmup_steps=1, cosine_steps=K, weight_decay=0.1, grad_clip=MAX_NORM)
 
 
-# --- stand-in gradient transformations (optax's shapes) -----------------------------------------
-
-
-def chain(*links):
-    def init(params):
-        return tuple(link.init(params) for link in links)
-
-    def update(updates, state, params=None, **extra):
-        new = []
-        for i, (link, s) in enumerate(zip(links, state)):
-            updates, s = link.update(updates, s, params, **(extra if i == 0 else {}))
-            new.append(s)
-        return updates, tuple(new)
-
-    return GradientTransformation(init, update)
-
-
-def clip_by_global_norm(max_norm):
-    def update(updates, state, params=None, grad_norm=None):
-        leaves = fnlm.tree_leaves(updates)
-        norm = grad_norm if grad_norm is not None else torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g) for g in leaves]))
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        return fnlm.tree_map(lambda g: g * coef, updates), state
-
-    return GradientTransformation(lambda params: (), update)
-
-
-def scale_by_adam(b1=0.9, b2=0.95, eps=1e-8):
-    def init(params):
-        zeros = fnlm.tree_map(torch.zeros_like, params)
-        return {"count": torch.zeros((), dtype=torch.int64), "mu": zeros, "nu": fnlm.tree_map(torch.zeros_like, params)}
-
-    def update(updates, state, params=None, **extra):
-        count = state["count"] + 1
-        mu = fnlm.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state["mu"], updates)
-        nu = fnlm.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state["nu"], updates)
-        c1, c2 = 1 - b1 ** count.double(), 1 - b2 ** count.double()
-        out = fnlm.tree_map(lambda m, v: (m / c1.float()) / ((v / c2.float()).sqrt() + eps), mu, nu)
-        return out, {"count": count, "mu": mu, "nu": nu}
-
-    return GradientTransformation(init, update)
-
-
-def add_decayed_weights(weight_decay, mask):
-    def update(updates, state, params=None, **extra):
-        return tree_map_with_path(lambda name, u, p: u + weight_decay * p if mask(name, p) else u, updates, params), state
-
-    return GradientTransformation(lambda params: (), update)
-
-
-def scale_by_learning_rate(schedule):
-    def update(updates, state, params=None, **extra):
-        lr = schedule(int(state["count"]))
-        return fnlm.tree_map(lambda u: -lr * u, updates), {"count": state["count"] + 1}
-
-    return GradientTransformation(lambda params: {"count": torch.zeros((), dtype=torch.int64)}, update)
-
-
-def cs336_adamw(lr=1e-2, weight_decay=0.1):
-    """Today's `fnlm.adamw_step` (Algorithm 2, fused kernel) as a transformation's `apply`."""
-
-    def apply(grads, state, params, *, donate=False, **extra):
-        return fnlm.adamw_step(params, state, grads, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
-                               decay_mask=fnlm.optim.default_decay_mask, donate=donate)
-
-    def update(grads, state, params=None, **extra):
-        new, state = apply(grads, state, params)
-        return fnlm.tree_map(lambda a, b: a - b, new, params), state
-
-    return GradientTransformation(fnlm.adamw_init, update, apply)
+# --- optimizers --------------------------------------------------------------------------------------
 
 
 def newton_schulz(steps=5):
-    """Muon's orthogonalisation of each matrix (its quintic iteration); other leaves pass through."""
+    """Muon's orthogonalisation of each matrix (its quintic iteration), which needs whole matrices;
+    other leaves pass through. (A stand-in until `fnlm.optim.muon` lands.)"""
     a, b, c = 3.4445, -4.7750, 2.0315
 
     def orth(g):
@@ -135,7 +66,7 @@ def newton_schulz(steps=5):
             x = a * x + (b * gram + c * gram @ gram) @ x
         return x
 
-    return GradientTransformation(lambda params: (), lambda updates, state, params=None, **extra: (
+    return GradientTransformation(lambda params: (), lambda updates, state, params=None: (
         fnlm.tree_map(orth, updates), state))
 
 
@@ -144,19 +75,13 @@ def _schedule(count):
 
 
 OPTIMIZERS = {
-    "chain": lambda: chain(clip_by_global_norm(MAX_NORM), scale_by_adam(),
-                           add_decayed_weights(0.1, fnlm.optim.default_decay_mask), scale_by_learning_rate(_schedule)),
-    "cs336": cs336_adamw,
-    "muon": lambda: chain(newton_schulz(), scale_by_learning_rate(lambda count: 0.02)),
+    "chain": lambda: optim.chain(optim.clip_by_global_norm(MAX_NORM), optim.scale_by_adam(0.9, 0.95),
+                                 optim.add_decayed_weights(0.1, optim.default_decay_mask),
+                                 optim.scale_by_learning_rate(_schedule)),
+    "adamw": lambda: optim.adamw(_schedule, 0.9, 0.95, weight_decay=0.1, mask=optim.default_decay_mask),
+    "cs336": lambda: optim.adamw_cs336(1e-2, 0.9, 0.95, weight_decay=0.1, mask=optim.default_decay_mask),
+    "muon": lambda: optim.chain(newton_schulz(), optim.scale_by_learning_rate(0.02)),
 }
-
-
-def optimizer_step(opt, params, state, grads, *, donate=False, **extra):
-    """`fnlm.optim.optimizer_step`'s stand-in: `apply` when there is one, else update + add."""
-    if opt.apply is not None:
-        return opt.apply(grads, state, params, donate=donate, **extra)
-    updates, state = opt.update(grads, state, params, **extra)
-    return fnlm.tree_map(lambda p, u: p + u, params, updates), state
 
 
 # --- data and the one-process reference -----------------------------------------------------------
@@ -240,16 +165,18 @@ def _fsdp_run(name, mesh, rank, steps, *, reshard=True, params=None, state=None,
     return params, state
 
 
-def _fsdp_train_step(mesh, rank, steps, state=None, start=0):
-    """Today's `fnlm.train_step` (AdamW, clipping by the global norm) over sharded params, unchanged."""
-    model_fn = sharding.sharded_model_fn(bucket_mb=0.01)
+def _train_step_run(plan, rank, steps, state=None, start=0):
+    """`fnlm.train_step` as the loop calls it (donated state, clipping in the step) with a `Sharding`."""
+    optimizer = plan.optimizer(fnlm.train.build_optimizer(STEP_CONFIG))
+    model_fn = plan.model_fn()
     if state is None:
-        state = fnlm.init_train_state(sharding.shard_tree(fnlm.init_transformer_lm(CFG, seed=0), mesh))
+        state = fnlm.init_train_state(plan.shard_params(fnlm.init_transformer_lm(CFG, seed=0)), optimizer)
     metrics = None
     for t in range(start, start + steps):
-        state, metrics = fnlm.train_step(state, *_batch(t, rank, 2), config=STEP_CONFIG,
-                                         loss_fn=lambda p, x, y: loss_fn(p, x, y, model_fn))
-    return state, metrics
+        state, metrics = fnlm.train_step(state, *_batch(t, rank, 2), config=STEP_CONFIG, optimizer=optimizer,
+                                         loss_fn=lambda p, x, y: loss_fn(p, x, y, model_fn),
+                                         sync_grads=plan.sync_grads, donate=True)
+    return state, plan.plain_metrics(metrics), optimizer
 
 
 def _local_bytes(tree):
@@ -304,17 +231,17 @@ def _checkpoint_roundtrip(name, mesh, rank, root, mode):
                                                                                       from_one.opt_state)[0])}
 
 
-def _train_step_checkpoint(mesh, rank, root):
-    state, _ = _fsdp_train_step(mesh, rank, 2)
-    plan = sharding.Sharding("params", mesh)
+def _train_step_checkpoint(plan, rank, root):
+    state, _, optimizer = _train_step_run(plan, rank, 2)
     full = plan.gather_state(state)
+    path = root / f"train_step_{plan.mode}.pt"
     if rank == 0:
-        fnlm.save_checkpoint(root / "train_step.pt", params=full.params, opt_state=full.opt_state, step=2, config=CFG)
+        fnlm.save_checkpoint(path, params=full.params, opt_state=full.opt_state, step=2, config=CFG)
     torch.distributed.barrier()
-    straight = sharding.full_tree(_fsdp_train_step(mesh, rank, 2, state=state, start=2)[0].params)
-    ck = fnlm.load_checkpoint(root / "train_step.pt")
-    resumed = plan.shard_state(fnlm.TrainState(ck["params"], ck["opt_state"], ck["step"]), fnlm.adamw_init)
-    after = sharding.full_tree(_fsdp_train_step(mesh, rank, 2, state=resumed, start=2)[0].params)
+    straight = sharding.full_tree(_train_step_run(plan, rank, 2, state=state, start=2)[0].params)
+    ck = fnlm.load_checkpoint(path)
+    resumed = plan.shard_state(fnlm.TrainState(ck["params"], ck["opt_state"], ck["step"]), optimizer.init)
+    after = sharding.full_tree(_train_step_run(plan, rank, 2, state=resumed, start=2)[0].params)
     return {"straight": straight, "resumed": after}
 
 
@@ -360,7 +287,7 @@ def _wiring(par):
         sharded = sharding.make_sharded_parallel(plain, mode, bucket_mb=1.0)
         s = sharded.sharding
         grads = {"a": torch.ones(2)}
-        out[mode] = {"sync_is_identity": sharded.sync_grads(grads) is grads, "mode": s.mode, "bucket_mb": s.bucket_mb,
+        out[mode] = {"synced": type(sharded.sync_grads(grads)["a"]).__name__, "mode": s.mode, "bucket_mb": s.bucket_mb,
                      "model_fn_is_lm": s.model_fn() is fnlm.transformer_lm,
                      "optimizer_wrapped": s.optimizer(OPTIMIZERS["chain"]()).apply is not None,
                      "params_sharded": type(s.shard_params({"w": torch.ones(3, 2)})["w"]).__name__}
@@ -386,19 +313,23 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
             dp_state, _ = fnlm.train_step(dp_state, *_batch(t, rank, 2), loss_fn=loss_fn, config=STEP_CONFIG,
                                           sync_grads=fnlm.train.parallel.all_reduce_grads)
         res["dp_train_step"] = dp_state.params
-        for name, donate, rs in (("chain", True, "auto"), ("cs336", False, "all_reduce"), ("muon", True, "auto")):
+        for name, donate, rs in (("chain", True, "auto"), ("adamw", False, "native"), ("cs336", True, "all_reduce"),
+                                 ("muon", True, "auto")):
             params, state, _ = _zero1_run(name, mesh, rank, K, donate=donate, rs=rs)
             res["zero1"][name] = params
             res["state_bytes"][name] = _local_bytes(state)
-        for name, reshard in (("chain", True), ("muon", False)):
+        for name, reshard in (("chain", True), ("adamw", True), ("muon", False)):
             params, state = _fsdp_run(name, mesh, rank, K, reshard=reshard)
             res["fsdp"][name] = sharding.full_tree(params)
             res["state_bytes"][f"fsdp_{name}"] = (_local_bytes(params), _local_bytes(state))
-        state, metrics = _fsdp_train_step(mesh, rank, K)
-        res["fsdp_train_step"] = sharding.full_tree(state.params)
-        res["fsdp_grad_norm"] = float(metrics["grad_norm"])
+        res["train_step"] = {}
+        for mode in ("optimizer", "params"):
+            state, metrics, _ = _train_step_run(sharding.Sharding(mode, mesh, bucket_mb=0.01), rank, K)
+            res["train_step"][mode] = {"params": sharding.full_tree(state.params), "opt_bytes": _local_bytes(state.opt_state),
+                                       "grad_norm": metrics["grad_norm"]}
         res["resume"] = {mode: _checkpoint_roundtrip("chain", mesh, rank, root, mode) for mode in ("optimizer", "params")}
-        res["resume_train_step"] = _train_step_checkpoint(mesh, rank, root)
+        res["resume_train_step"] = {mode: _train_step_checkpoint(sharding.Sharding(mode, mesh), rank, root)
+                                    for mode in ("optimizer", "params")}
         res["refused"] = _refusal(mesh)
         res["saved"] = {reshard: _saved_for_backward(mesh, reshard) for reshard in (True, False)}
         res["zero1_update"] = _zero1_update_path(mesh, rank, K)
@@ -490,7 +421,7 @@ def test_gather_tree_gives_rank0_the_whole_tree_on_cpu(two_ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["chain", "cs336", "muon"])
+@pytest.mark.parametrize("name", ["chain", "adamw", "cs336", "muon"])
 def test_zero1_matches_one_process(two_ranks, name):
     _, refs, (r0, r1) = two_ranks
     ref = refs[name][0]
@@ -508,7 +439,7 @@ def test_clipping_was_active_so_the_global_norm_was_checked(two_ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["chain", "muon"])
+@pytest.mark.parametrize("name", ["chain", "adamw", "muon"])
 def test_fsdp_matches_one_process(two_ranks, name):
     _, refs, (r0, r1) = two_ranks
     _assert_close(r0["fsdp"][name], refs[name][0], **ONE_PROCESS)
@@ -517,11 +448,17 @@ def test_fsdp_matches_one_process(two_ranks, name):
 
 
 @pytest.mark.slow
-def test_fsdp_through_todays_train_step_matches_one_process(two_ranks):
+@pytest.mark.parametrize("mode", ["optimizer", "params"])
+def test_train_step_as_the_loop_calls_it_matches_one_process(two_ranks, mode):
     _, refs, (r0, r1) = two_ranks
-    _assert_close(r0["fsdp_train_step"], refs["train_step"].params, **ONE_PROCESS)
-    _assert_close(r0["fsdp_train_step"], r0["dp_train_step"], **DATA_PARALLEL)
-    assert r0["fsdp_grad_norm"] == r1["fsdp_grad_norm"] > MAX_NORM
+    ours = r0["train_step"][mode]
+    _assert_close(ours["params"], refs["train_step"].params, **ONE_PROCESS)
+    _assert_close(ours["params"], r0["dp_train_step"], **DATA_PARALLEL)
+    torch.testing.assert_close(ours["params"], r1["train_step"][mode]["params"], rtol=0, atol=0)
+    norm = ours["grad_norm"]
+    assert type(norm) is torch.Tensor and float(norm) == float(r1["train_step"][mode]["grad_norm"]) > MAX_NORM
+    whole_moments = 2 * _local_bytes(fnlm.init_transformer_lm(CFG, seed=0))
+    assert ours["opt_bytes"] == r1["train_step"][mode]["opt_bytes"] == whole_moments // 2
 
 
 @pytest.mark.slow
@@ -530,12 +467,11 @@ def test_each_rank_holds_about_half_the_optimizer_state(two_ranks):
     params = fnlm.init_transformer_lm(CFG, seed=0)
     whole_params = _local_bytes(params)
     whole_state = _local_bytes(OPTIMIZERS["chain"]().init(params))
-    for r in (r0, r1):
-        assert r["state_bytes"]["chain"] <= whole_state / 2 + 4 * 64 * 8
-        assert r["state_bytes"]["cs336"] <= whole_params + 64 * 8  # m and v: 2 x params, halved
-        p_bytes, s_bytes = r["state_bytes"]["fsdp_chain"]
-        assert p_bytes <= whole_params / 2 + 64 * 4
-    assert r0["state_bytes"]["chain"] + r1["state_bytes"]["chain"] == whole_state + 16  # two 0-d int64 counts, on each rank
+    assert whole_state == 2 * whole_params  # Adam's two moments; the counts are ints
+    for r in (r0, r1):  # every leaf of the smoke model has an even number of rows: exact halves
+        for name in ("chain", "adamw", "cs336"):
+            assert r["state_bytes"][name] == whole_state // 2
+        assert r["state_bytes"]["fsdp_chain"] == (whole_params // 2, whole_state // 2)
 
 
 # --- tests: checkpoints --------------------------------------------------------------------------------
@@ -572,12 +508,13 @@ def test_a_one_process_checkpoint_resumes_sharded(two_ranks, mode):
 
 
 @pytest.mark.slow
-def test_train_step_state_checkpoint_resumes_exactly(two_ranks):
+@pytest.mark.parametrize("mode", ["optimizer", "params"])
+def test_train_step_state_checkpoint_resumes_exactly(two_ranks, mode):
     root, refs, (r0, r1) = two_ranks
     for r in (r0, r1):
-        res = r["resume_train_step"]
+        res = r["resume_train_step"][mode]
         torch.testing.assert_close(res["resumed"], res["straight"], rtol=0, atol=0)
-    ck = fnlm.load_checkpoint(root / "train_step.pt")
+    ck = fnlm.load_checkpoint(root / f"train_step_{mode}.pt")
     assert ck["opt_state"]["step"] == 2 and type(ck["opt_state"]["m"]["lm_head"]["weight"]) is torch.Tensor
     state = fnlm.TrainState(ck["params"], ck["opt_state"], 2)
     for t in range(2, K):
@@ -612,9 +549,9 @@ def test_reshard_after_forward_keeps_no_whole_layer_weight_for_the_backward(two_
 def test_make_sharded_parallel_wires_the_hooks(two_ranks):
     _, _, (r0, _) = two_ranks
     w = r0["wiring"]
-    assert w["optimizer"] == {"sync_is_identity": True, "mode": "optimizer", "bucket_mb": 1.0, "model_fn_is_lm": True,
+    assert w["optimizer"] == {"synced": "DTensor", "mode": "optimizer", "bucket_mb": 1.0, "model_fn_is_lm": True,
                               "optimizer_wrapped": True, "params_sharded": "Tensor"}
-    assert w["params"] == {"sync_is_identity": True, "mode": "params", "bucket_mb": 1.0, "model_fn_is_lm": False,
+    assert w["params"] == {"synced": "Tensor", "mode": "params", "bucket_mb": 1.0, "model_fn_is_lm": False,
                            "optimizer_wrapped": False, "params_sharded": "DTensor"}
     assert "'gradients'" in w["bad_mode"] and "optimizer" in w["bad_mode"]
 
@@ -663,4 +600,4 @@ def test_no_process_group_is_a_clear_error():
     with pytest.raises(RuntimeError, match="process group"):
         sharding.device_mesh()
     with pytest.raises(ValueError, match="reduce_scatter must be one of"):
-        sharding.shard_optimizer(cs336_adamw(), reduce_scatter="ring")
+        sharding.shard_optimizer(OPTIMIZERS["cs336"](), reduce_scatter="ring")
