@@ -14,9 +14,10 @@ For each it prints tokens/s, MFU against the device's dense bf16 peak, peak memo
 time for 327,680,000 tokens (the h100 preset's budget), then fnlm/baseline as ratios.
 
 4. Sharded training (`fnlm.train.sharding`) on a one-rank process group (NCCL on CUDA, gloo on CPU):
-   `--sharded-steps` eager float32 AdamW steps (TF32 off) of the same model unsharded, with ZeRO-1
-   (`shard_optimizer`) and FSDP-style (`sharded_model_fn` over `shard_tree` params); it prints each
-   one's final loss, largest parameter difference from the unsharded run and peak memory, and fails
+   `--sharded-steps` eager float32 `fnlm.train_step`s (TF32 off; donated state and clipping, as the
+   training loop steps) of the same model unsharded, with ZeRO-1 (`Sharding("optimizer")`) and
+   FSDP-style (`Sharding("params")`); it prints each one's final loss, largest parameter
+   difference from the unsharded run and peak memory, and fails
    when a difference exceeds 1e-4 (one rank: the same sums, so only the kernels' rounding can
    differ; under bf16 autocast Adam amplifies that rounding to ~1e-2, hence float32). It checks DTensor, the collectives and the fused AdamW on DTensor shards on
    the device; the memory saving itself needs several GPUs (`benchmarks/sharding_memory.py`).
@@ -48,7 +49,6 @@ import fnlm  # noqa: E402
 from fnlm import accounting  # noqa: E402
 from harness import load_average, machine_name, peak_rss_mib  # noqa: E402
 from reference import ReferenceLM, load_fnlm_params  # noqa: E402
-from sharding_memory import adamw_transformation  # noqa: E402
 
 TARGET_TOKENS = 327_680_000
 
@@ -165,29 +165,33 @@ def measure(name, run, data, args, config, batch, peak_flops) -> dict:
 
 
 def _sharded_run(mode, config, hyper, data, device):
-    """Eager float32 AdamW steps over `data` unsharded, with ZeRO-1 or FSDP-style; the whole params and the last loss."""
+    """Eager float32 `fnlm.train_step`s over `data` (CS336 AdamW, clipping at 1.0, donated state, as
+    the training loop steps) unsharded or with a `Sharding`; the whole params and the last loss."""
     from fnlm.train import sharding
 
-    mesh = sharding.device_mesh() if mode != "unsharded" else None
-    opt, model_fn = adamw_transformation(hyper["lr"], hyper["weight_decay"]), fnlm.transformer_lm
+    step_config = fnlm.StepConfig(lr=hyper["lr"], min_lr=hyper["lr"] / 10, warmup_steps=2, cosine_steps=len(data),
+                                  weight_decay=hyper["weight_decay"])
+    plan = sharding.Sharding(mode, sharding.device_mesh()) if mode != "unsharded" else None
+    optimizer = fnlm.train.build_optimizer(step_config)
+    model_fn, sync = fnlm.transformer_lm, (lambda grads: grads)
     params = fnlm.init_transformer_lm(config, seed=0, device=device)
-    if mode == "ZeRO-1":
-        opt = sharding.shard_optimizer(opt, mesh)
-    elif mode == "FSDP":
-        params, model_fn = sharding.shard_tree(params, mesh), sharding.sharded_model_fn()
-    state = opt.init(params)
+    if plan is not None:
+        optimizer, model_fn, sync, params = (plan.optimizer(optimizer), plan.model_fn(), plan.sync_grads,
+                                             plan.shard_params(params))
+    state = fnlm.init_train_state(params, optimizer)
 
     def loss_fn(p, x, y):
         return fnlm.cross_entropy(model_fn(p, x, config), y)
 
     for x, y in data:
-        loss, grads = fnlm.value_and_grad(loss_fn)(params, x, y)
-        params, state = opt.apply(grads, state, params)
-    return sharding.full_tree(params), float(loss)
+        state, metrics = fnlm.train_step(state, x, y, loss_fn=loss_fn, config=step_config, optimizer=optimizer,
+                                         sync_grads=sync, donate=True)
+    return sharding.full_tree(state.params), float(metrics["loss"])
 
 
 def sharded_check(config, hyper, data, device) -> None:
-    """ZeRO-1 and FSDP-style against the unsharded step on a one-rank group: parameter differences and peak memory."""
+    """ZeRO-1 (`"optimizer"`) and FSDP-style (`"params"`) against the unsharded step on a one-rank group:
+    parameter differences and peak memory."""
     import socket
 
     import torch.distributed as dist
@@ -203,7 +207,7 @@ def sharded_check(config, hyper, data, device) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         baseline = None
-        for mode in ("unsharded", "ZeRO-1", "FSDP"):
+        for mode in ("unsharded", "optimizer", "params"):
             if on_cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -211,10 +215,11 @@ def sharded_check(config, hyper, data, device) -> None:
             peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if on_cuda else "n/a on CPU"
             baseline = params if baseline is None else baseline
             diff = max(float((a - b).abs().max()) for a, b in zip(fnlm.tree_leaves(params), fnlm.tree_leaves(baseline)))
-            print(f"  sharded, 1 rank ({dist.get_backend()}): {mode:<10} {len(data)} steps, loss {loss:.4f}, "
+            label = {"optimizer": "ZeRO-1", "params": "FSDP"}.get(mode, mode)
+            print(f"  sharded, 1 rank ({dist.get_backend()}): {label:<10} {len(data)} steps, loss {loss:.4f}, "
                   f"max |param - unsharded| {diff:.2e}, peak memory {peak}")
             if diff > 1e-4:
-                raise SystemExit(f"sharded check failed: {mode} params differ from the unsharded run by {diff:.2e}")
+                raise SystemExit(f"sharded check failed: {label} params differ from the unsharded run by {diff:.2e}")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         dist.destroy_process_group()

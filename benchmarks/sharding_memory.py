@@ -4,8 +4,8 @@ state sharded, `fnlm.train.sharding.shard_optimizer`) and FSDP-style (params, gr
 state sharded, `sharded_model_fn` over `shard_tree` params), and the same figures projected to 8 ranks.
 
 Each configuration runs in fresh processes (`torch.multiprocessing.spawn`, one per rank, a gloo group
-even for one rank) that take `--steps` AdamW steps (today's `fnlm.adamw_step` as a gradient
-transformation) of the same model on the same global batch, split over the ranks. A rank's figures
+even for one rank) that take `--steps` AdamW steps (`fnlm.optim.adamw_cs336`, state donated as the
+training loop does) of the same model on the same global batch, split over the ranks. A rank's figures
 are measured by summing the bytes of the tensors it holds after its last step: the params as stored,
 the gradients as its optimizer receives them (ZeRO-1: the whole local gradients autograd produced,
 which it then reduce-scatters; FSDP: the reduce-scattered shards), and the optimizer state (the AdamW
@@ -60,21 +60,6 @@ def _held(tree) -> int:
     return total
 
 
-def adamw_transformation(lr: float = 1e-3, weight_decay: float = 0.1):
-    """Today's `fnlm.adamw_step` (CS336 Algorithm 2) as a gradient transformation with a fused `apply`."""
-    import fnlm
-    from fnlm.train.sharding import GradientTransformation
-
-    def apply(grads, state, params, *, donate=False, **extra):
-        return fnlm.adamw_step(params, state, grads, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, donate=donate)
-
-    def update(grads, state, params=None, **extra):
-        new, state = apply(grads, state, params)
-        return fnlm.tree_map(lambda a, b: a - b, new, params), state
-
-    return GradientTransformation(fnlm.adamw_init, update, apply)
-
-
 def _config(args):
     import fnlm
 
@@ -91,7 +76,7 @@ def _steps(mode, params, args, rank, world, mesh):
     from fnlm.train.parallel import all_reduce_grads
 
     config = _config(args)
-    opt, model_fn = adamw_transformation(), fnlm.transformer_lm
+    opt, model_fn = fnlm.optim.adamw_cs336(1e-3, 0.9, 0.95, weight_decay=0.1), fnlm.transformer_lm
     if mode == "ZeRO-1":
         opt = sharding.shard_optimizer(opt, mesh)
     elif mode == "FSDP":
@@ -110,7 +95,7 @@ def _steps(mode, params, args, rank, world, mesh):
         held = grads
         if mode == "data-parallel":
             grads = held = all_reduce_grads(grads)
-        params, state = opt.apply(grads, state, params, donate=False)
+        params, state = fnlm.optim.optimizer_step(opt, params, state, grads, donate=True)
     return params, held, state
 
 
