@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import add_model_args, machine_name  # noqa: E402
+from harness import add_model_args, machine_name
 
 MODES = ("data-parallel", "ZeRO-1", "FSDP")
 RANKS = (1, 2)

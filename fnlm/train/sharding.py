@@ -3,15 +3,26 @@ optimizer state (FSDP-style), split over the ranks of a process group, with fnlm
 pure functions.
 
 ```python
-mesh = device_mesh()                                        # a 1-D DeviceMesh over the world group
-opt = shard_optimizer(adamw(3e-4), mesh)                    # ZeRO-1: any gradient transformation
-state = opt.init(params)                                    # only this rank's 1/N of the moments
-params, state = optimizer_step(opt, params, state, local_grads)   # reduce-scatter, update, all-gather
-
-sharded = shard_tree(params, mesh)                          # FSDP: params stored as DTensor shards
-loss_fn = lambda p, x, y: fnlm.cross_entropy(sharded_model_fn()(p, x, config), y)
-loss, grads = fnlm.value_and_grad(loss_fn)(sharded, x, y)  # gathered per block, grads reduce-scattered
+plan = Sharding("optimizer", device_mesh())    # ZeRO-1; Sharding("params", ...) for FSDP-style
+optimizer = plan.optimizer(fnlm.optim.adamw(3e-4))                  # shard_optimizer(...) for ZeRO-1
+state = fnlm.init_train_state(plan.shard_params(params), optimizer)  # 1/N of the moments per rank
+loss_fn = lambda p, x, y: fnlm.cross_entropy(plan.model_fn()(p, x, config), y)
+state, metrics = fnlm.train_step(state, x, y, loss_fn=loss_fn, optimizer=optimizer,
+                                 sync_grads=plan.sync_grads, donate=True)
 ```
+
+- **ZeRO-1** (`shard_optimizer`): the params stay whole on every rank; `sync_grads` reduce-scatters
+  each rank's gradients into shards (their mean over ranks), `train_step` clips them by their global
+  norm, the optimizer steps this rank's shard of every leaf with its shard of the state, and the new
+  params are all-gathered. The same transformation also takes each rank's whole gradients directly
+  (`fnlm.optim.optimizer_step(optimizer, params, state, local_grads)`) and reduce-scatters them itself.
+- **FSDP-style** (`shard_tree`, `sharded_model_fn`): the params are stored as shards; the forward
+  all-gathers each layer's params inside its block (the rest of the tree once), and the backward
+  reduce-scatters the gradients into shards, so the gradients of the sharded tree come straight out
+  of `fnlm.value_and_grad`; the optimizer steps the shards.
+- **Checkpoints** (`Sharding.gather_state`): rank 0 gathers the whole params and optimizer state into
+  the usual single-file checkpoint; `Sharding.shard_state` cuts a loaded one (from any number of
+  processes, including 1) for this rank.
 
 **Layout.** Every tensor leaf of one dimension or more is split along dim 0 into chunks of
 `ceil(rows / N)` rows, the last ranks' chunks shorter or empty: exactly `torch.distributed.tensor`'s
@@ -26,8 +37,9 @@ over the ranks by DTensor; an op that needs whole matrices (`muon`'s Newton-Schu
 DTensor redistribute (all-gather) its operands. So a transformation either computes what it computes
 on one process (tested: AdamW, clipping by the global norm, a Newton-Schulz orthogonalisation) or
 raises a `ShardingError` naming the operation DTensor has no rule for. The one way to get a wrong
-answer is to leave DTensor on purpose (`.to_local()`). Plain 0-d tensors (hyper-parameters) mix with
-shards as replicated values (`implicit_replication`).
+answer is to leave DTensor on purpose (`.to_local()`). Inside the optimizers `Sharding.optimizer`
+returns, plain tensors a transformation makes itself (hyper-parameters, constants) count as
+replicated, the same on every rank (`implicit_replication`).
 
 **Why not `fully_shard`.** FSDP2's `fully_shard` takes an `nn.Module`, gathers on the module's
 `__call__` hooks and writes the reduce-scattered gradients into the sharded parameters' `.grad` from
@@ -59,10 +71,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
+from fnlm.optim import GradientTransformation, GradientTransformationExtraArgs
 from fnlm.train.parallel import DEFAULT_BUCKET_MB, Parallel, _buckets, _reduce_op
 from fnlm.tree import Tree
-
-from fnlm.optim import GradientTransformation, GradientTransformationExtraArgs
 
 __all__ = [
     "ShardingError",
@@ -563,6 +574,22 @@ def _add_to_shards(params: Tree, updates: Tree) -> Tree:
     return pytree.tree_unflatten(p_leaves, spec)
 
 
+def _on_shards(inner: GradientTransformation) -> GradientTransformationExtraArgs:
+    """`inner` for params that are already DTensor shards (FSDP-style): the same steps, run as
+    `shard_optimizer` runs its inner transformation (plain tensors replicated; `ShardingError`)."""
+
+    def init(params: Tree) -> Tree:
+        return _inner_call("init", inner.init, params)
+
+    def update(grads: Tree, state: Tree, params: Tree | None = None, **extra: Any) -> tuple[Tree, Tree]:
+        return _inner_update(inner, grads, state, params, extra)
+
+    def apply(grads: Tree, state: Tree, params: Tree, *, donate: bool = False, **extra: Any) -> tuple[Tree, Tree]:
+        return _inner_call("apply", inner.apply, grads, state, params, donate=donate, **extra)
+
+    return GradientTransformationExtraArgs(init, update, apply if inner.apply is not None else None)
+
+
 def _reduced(grads: Tree) -> bool:
     """Whether `grads` already holds DTensor shards (reduce-scattered by `Sharding.sync_grads`)."""
     leaves = [x for x in pytree.tree_leaves(grads) if isinstance(x, Tensor)]
@@ -717,13 +744,13 @@ def sharded_model_fn(
     from fnlm.model import block_from_config, transformer_lm
 
     model_fn = transformer_lm if model_fn is None else model_fn
-    gather = dict(bucket_mb=bucket_mb, reduce_scatter=reduce_scatter)
+    gather = {"bucket_mb": bucket_mb, "reduce_scatter": reduce_scatter}
 
     def fn(params: Tree, token_ids: Tensor, config: Any, **kwargs: Any) -> Tensor:
         if not per_layer:
             return model_fn(gather_params(params, **gather), token_ids, config, **kwargs)
         if not isinstance(params, dict) or not isinstance(params.get("layers"), (list, tuple)):
-            raise ValueError("sharded_model_fn(per_layer=True) needs params with a 'layers' list; "
+            raise TypeError("sharded_model_fn(per_layer=True) needs params with a 'layers' list; "
                              "pass per_layer=False to gather the whole tree")
         inner = kwargs.pop("block", None) or block_from_config(config)
 
@@ -757,7 +784,8 @@ class Sharding:
       gradients into DTensor shards (the step then clips them by their true global norm, and the
       optimizer steps its shard); `"params"`: the identity (the backward already reduce-scattered).
     - `model_fn(fn)`: the model function to train and evaluate with (`"params"`: `sharded_model_fn`).
-    - `optimizer(inner)`: the transformation to step with (`"optimizer"`: `shard_optimizer(inner)`).
+    - `optimizer(inner)`: the transformation to step with (`"optimizer"`: `shard_optimizer(inner)`;
+      `"params"`: `inner` on the shards, with `shard_optimizer`'s replication rule and errors).
     - `shard_state(state, init)`: a `TrainState` of whole tensors (loaded from a checkpoint and/or
       broadcast) as this rank holds it; `init` is the init of the transformation `optimizer`
       returned (it says which optimizer-state leaves are sharded). A fresh run can instead build
@@ -797,7 +825,7 @@ class Sharding:
 
     def optimizer(self, inner: GradientTransformation) -> GradientTransformation:
         if self.mode != "optimizer":
-            return inner
+            return _on_shards(inner)
         return shard_optimizer(inner, self.mesh, bucket_mb=self.bucket_mb, reduce_scatter=self.reduce_scatter)
 
     def shard_params(self, params: Tree) -> Tree:

@@ -8,11 +8,12 @@ tolerance, with 1 (and a one-process checkpoint resumes sharded).
 
 Tolerances: the sharded runs are also compared with the unsharded data-parallel run of the same
 ranks (gradients all-reduced, every rank stepping everything), from which they differ only in
-rounding (measured: at most 3.6e-7 after 4 steps): rtol 1e-5, atol 1e-6. Against one process the
-data-parallel run itself differs by up to 6.8e-6 (measured) in one `lm_head` coordinate whose
-gradient is tiny (the loss is a mean of two 4-row means instead of one 8-row mean; the gradients are
-clipped to norm 0.05, so Adam's eps weighs on that coordinate and amplifies a 1-ulp difference):
-rtol 1e-5, atol 1e-5 there.
+rounding (measured: at most 4.8e-7 after 4 steps): rtol 1e-5, atol 1e-6. Against one process the
+data-parallel run itself differs by up to 3.3e-6 (measured, optax-form AdamW): the loss is a mean of
+two 4-row means instead of one 8-row mean, and Adam turns a 1-ulp gradient difference in a
+coordinate whose gradient is near zero into a difference of order `lr` times its relative size:
+rtol 1e-5, atol 1e-5 there (the learning rate is 1e-3; at 1e-2 that difference measured 3.3e-5).
+The vocabulary has 47 entries, so the embedding and the LM head shard unevenly (24 and 23 rows).
 
 The optimizers are `fnlm.optim`'s: a chain with global-norm clipping, Adam, name-masked weight decay
 and a schedule; `adamw` and `adamw_cs336` (fused `apply` links); and a Newton-Schulz orthogonalisation
@@ -35,18 +36,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnlm
-from fnlm.train import TrainConfig, draw_batch
-from fnlm.train import sharding
 from fnlm import optim
 from fnlm.optim import GradientTransformation, optimizer_step
+from fnlm.train import TrainConfig, draw_batch, sharding
 
-ONE_PROCESS = dict(rtol=1e-5, atol=1e-5)
-DATA_PARALLEL = dict(rtol=1e-5, atol=1e-6)
+ONE_PROCESS = {"rtol": 1e-5, "atol": 1e-5}
+DATA_PARALLEL = {"rtol": 1e-5, "atol": 1e-6}
 K = 4
-CFG = fnlm.TransformerConfig(vocab_size=48, context_length=16, d_model=32, num_layers=2, num_heads=2, d_ff=64)
+CFG = fnlm.TransformerConfig(vocab_size=47, context_length=16, d_model=32, num_layers=2, num_heads=2, d_ff=64)
 TC = TrainConfig(batch_size=8, data_shards=2, seed=0, device="cpu")
 MAX_NORM = 0.05
-STEP_CONFIG = fnlm.StepConfig(lr=1e-2, min_lr=1e-3, warmup_steps=1, cosine_steps=K, weight_decay=0.1, grad_clip=MAX_NORM)
+STEP_CONFIG = fnlm.StepConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1, cosine_steps=K, weight_decay=0.1, grad_clip=MAX_NORM)
 
 
 # --- optimizers --------------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ def newton_schulz(steps=5):
 
 
 def _schedule(count):
-    return fnlm.cosine_schedule(count + 1, 1e-2, 1e-3, 1, K)
+    return fnlm.cosine_schedule(count + 1, 1e-3, 1e-4, 1, K)
 
 
 OPTIMIZERS = {
@@ -79,7 +79,7 @@ OPTIMIZERS = {
                                  optim.add_decayed_weights(0.1, optim.default_decay_mask),
                                  optim.scale_by_learning_rate(_schedule)),
     "adamw": lambda: optim.adamw(_schedule, 0.9, 0.95, weight_decay=0.1, mask=optim.default_decay_mask),
-    "cs336": lambda: optim.adamw_cs336(1e-2, 0.9, 0.95, weight_decay=0.1, mask=optim.default_decay_mask),
+    "cs336": lambda: optim.adamw_cs336(1e-3, 0.9, 0.95, weight_decay=0.1, mask=optim.default_decay_mask),
     "muon": lambda: optim.chain(newton_schulz(), optim.scale_by_learning_rate(0.02)),
 }
 
@@ -458,20 +458,23 @@ def test_train_step_as_the_loop_calls_it_matches_one_process(two_ranks, mode):
     norm = ours["grad_norm"]
     assert type(norm) is torch.Tensor and float(norm) == float(r1["train_step"][mode]["grad_norm"]) > MAX_NORM
     whole_moments = 2 * _local_bytes(fnlm.init_transformer_lm(CFG, seed=0))
-    assert ours["opt_bytes"] == r1["train_step"][mode]["opt_bytes"] == whole_moments // 2
+    assert ours["opt_bytes"] + r1["train_step"][mode]["opt_bytes"] == whole_moments
 
 
 @pytest.mark.slow
-def test_each_rank_holds_about_half_the_optimizer_state(two_ranks):
-    _, refs, (r0, r1) = two_ranks
+def test_each_rank_holds_its_half_of_the_optimizer_state(two_ranks):
+    _, _, (r0, r1) = two_ranks
     params = fnlm.init_transformer_lm(CFG, seed=0)
     whole_params = _local_bytes(params)
     whole_state = _local_bytes(OPTIMIZERS["chain"]().init(params))
     assert whole_state == 2 * whole_params  # Adam's two moments; the counts are ints
-    for r in (r0, r1):  # every leaf of the smoke model has an even number of rows: exact halves
-        for name in ("chain", "adamw", "cs336"):
-            assert r["state_bytes"][name] == whole_state // 2
-        assert r["state_bytes"]["fsdp_chain"] == (whole_params // 2, whole_state // 2)
+    uneven = 2 * CFG.d_model * 4  # 47 vocabulary rows: rank 0 holds 24 of the embedding's and the head's, rank 1 23
+    for name in ("chain", "adamw", "cs336"):
+        assert r0["state_bytes"][name] + r1["state_bytes"][name] == whole_state
+        assert r0["state_bytes"][name] - r1["state_bytes"][name] == 2 * uneven  # two moments
+    p0, s0 = r0["state_bytes"]["fsdp_chain"]
+    p1, s1 = r1["state_bytes"]["fsdp_chain"]
+    assert (p0 + p1, s0 + s1) == (whole_params, whole_state) and (p0 - p1, s0 - s1) == (uneven, 2 * uneven)
 
 
 # --- tests: checkpoints --------------------------------------------------------------------------------
@@ -489,7 +492,7 @@ def test_resume_from_the_gathered_checkpoint_is_exact(two_ranks, mode):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["optimizer", "params"])
 def test_checkpoint_is_the_single_file_format_and_resumes_in_one_process(two_ranks, mode):
-    root, refs, (r0, _) = two_ranks
+    root, _, (r0, _) = two_ranks
     ck = fnlm.load_checkpoint(root / f"{mode}_chain.pt")
     assert ck["step"] == 2
     ref_params, ref_state, _ = reference("chain", 2)
