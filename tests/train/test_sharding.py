@@ -198,11 +198,29 @@ def _collectives(mesh, rank):
     out["norm"] = sharding.global_grad_norm(shards)
     out["gathered"] = sharding.gather_tree(shards, mesh)
     out["native_supported"] = sharding.reduce_scatter_supported(mesh)
+    out["without"] = _without_reduce_scatter(grads)
     full = torch.arange(30.0).reshape(5, 6).T.contiguous().T
     target = torch.zeros_like(full)
     out["into"] = sharding.all_gather_tree({"w": sharding.shard_tensor(full, mesh)}, mesh, out={"w": target})["w"]
     out["into_is_target"] = out["into"] is target
     return out
+
+
+def _without_reduce_scatter(grads):
+    """A backend without reduce-scatter, simulated on a fresh group: the probe says so, and `"auto"`
+    falls back to all-reduce and slice."""
+    mesh = sharding.device_mesh(torch.distributed.new_group(backend="gloo"))
+    real = sharding._collective
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("ProcessGroupGloo does not support reduce_scatter")
+
+    sharding._collective = lambda name, old: refuse if "reduce_scatter" in name else real(name, old)
+    try:
+        supported = sharding.reduce_scatter_supported(mesh)
+        return supported, sharding.full_tree(sharding.reduce_scatter_tree(grads, mesh))
+    finally:
+        sharding._collective = real
 
 
 def _checkpoint_roundtrip(name, mesh, rank, root, mode):
@@ -405,6 +423,16 @@ def test_reduce_scatter_then_all_gather_is_the_mean_over_ranks(two_ranks):
     expect = math.sqrt(sum(float(v.square().sum()) for v in whole.values()))
     assert float(results[0]["collectives"]["norm"]) == pytest.approx(expect, rel=1e-2)
     assert float(results[0]["collectives"]["norm"]) == float(results[1]["collectives"]["norm"])
+
+
+@pytest.mark.slow
+def test_a_backend_without_reduce_scatter_is_detected_and_all_reduced(two_ranks):
+    _, _, results = two_ranks
+    for r in results:
+        supported, out = r["collectives"]["without"]
+        assert supported is False
+        for key in ("odd", "one", "t", "s", "d", "h"):
+            torch.testing.assert_close(out[key], r["collectives"]["native"][key], rtol=0, atol=0)
 
 
 @pytest.mark.slow
