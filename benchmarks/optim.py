@@ -1,5 +1,7 @@
 """Time one AdamW update: fnlm.adamw_step (pure, new tensors; and with donate=True, in place) vs
-torch.optim.AdamW (in place).
+torch.optim.AdamW (in place); and one `fnlm.optim.optimizer_step` (donated, as the training loop
+takes it) of the gradient transformations `adamw` (torch's fused kernel), `adamw_cs336` (the
+default of `train_step`), `lion` and `muon` (Muon for the hidden matrices, AdamW for the rest).
 
 Parameters are a TinyStories-sized tree (~17M non-embedding + embeddings by default: 4 layers,
 d_model 512, d_ff 1344, vocab 10000). Baseline: `torch.optim.AdamW(foreach=True)`, the multi-tensor
@@ -7,6 +9,7 @@ path torch uses by default on CUDA; also `fused=True` when the device supports i
 median time per step of each and the ratio fnlm / torch.
 
     python benchmarks/optim.py [--device cuda] [--iters 20] [--compile]
+    python benchmarks/optim.py --iters 2 --vocab 64 --d-model 32 --d-ff 64 --layers 1   # a quick run
 """
 
 from __future__ import annotations
@@ -61,6 +64,31 @@ def median_time(fn, iters: int, device: str) -> float:
     return statistics.median(times)
 
 
+TRANSFORMATIONS = {
+    "optim.adamw (fused)": lambda: fnlm.optim.adamw(1e-3, weight_decay=0.01),
+    "optim.adamw_cs336": lambda: fnlm.optim.adamw_cs336(1e-3, weight_decay=0.01),
+    "optim.lion": lambda: fnlm.optim.lion(1e-4, weight_decay=0.1),
+    "optim.muon": lambda: fnlm.optim.muon(0.02, adam_learning_rate=1e-3, weight_decay=0.01),
+}
+
+
+def transformation_times(params: dict, grads: dict, iters: int, device: str) -> dict[str, float]:
+    """Median seconds of one donated `optimizer_step` of each of `TRANSFORMATIONS`, each on its own
+    copy of the params (the grads are not donated: they are reused every step)."""
+    out = {}
+    for label, make in TRANSFORMATIONS.items():
+        tx = make()
+        box = {"params": fnlm.tree_map(torch.clone, params)}
+        box["state"] = tx.init(box["params"])
+
+        def step(tx=tx, box=box) -> None:
+            box["params"], box["state"] = fnlm.optim.optimizer_step(tx, box["params"], box["state"], grads,
+                                                                    donate=True, donate_grads=False)
+
+        out[label + " donate"] = median_time(step, iters, device)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -87,6 +115,8 @@ def main() -> None:
         compiled = torch.compile(fnlm.adamw_step)
         results["compiled fnlm.adamw_step"] = median_time(lambda: fnlm_step(compiled), args.iters, args.device)
 
+    results.update(transformation_times(params, grads, args.iters, args.device))
+
     variants = {"torch AdamW foreach": {"foreach": True}}
     if args.device.startswith("cuda"):
         variants["torch AdamW fused"] = {"fused": True}
@@ -98,7 +128,7 @@ def main() -> None:
         results[label] = median_time(opt.step, args.iters, args.device)
     base = results["torch AdamW foreach"]
     for label, t in results.items():
-        print(f"{label:>26}: {t * 1e3:9.2f} ms / step (median)   ratio to torch foreach = {t / base:.3f}")
+        print(f"{label:>32}: {t * 1e3:9.2f} ms / step (median)   ratio to torch foreach = {t / base:.3f}")
 
 
 if __name__ == "__main__":

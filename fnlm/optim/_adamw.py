@@ -35,7 +35,9 @@ def _can_fuse(
     """Whether torch's fused AdamW kernel applies. It reads the four tensors of a parameter as if
     they had one layout: a gradient with other strides than its parameter (a transposed one) is
     mis-read silently, so such trees take the multi-tensor path."""
-    if isinstance(lr, Tensor) or isinstance(weight_decay, Tensor) or lr * weight_decay >= 1.0 or tracing():
+    if not params or isinstance(lr, Tensor) or isinstance(weight_decay, Tensor) or callable(weight_decay):
+        return False
+    if lr * weight_decay >= 1.0 or tracing():
         return False
     device, dtype = params[0].device, params[0].dtype
     if device.type not in _FUSED_DEVICES or not dtype.is_floating_point:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
+from typing import Any, Union
 
 import torch
 
@@ -13,7 +13,12 @@ from fnlm.tree import Tree, tree_flatten, tree_unflatten
 from fnlm.types import Tensor, tracing
 
 DecayMask = Any
-"""`None` (decay every leaf), a tree of bools mirroring params, or `fn(name, leaf) -> bool`."""
+"""`None` (every leaf), a tree of bools mirroring the params (or a prefix of them, optax's form: a
+bool at `layers` covers every leaf under it), a predicate `fn(name, leaf) -> bool`, or optax's
+`fn(params) -> tree of bools`."""
+
+Scalar = Union[float, int, Tensor]
+"""A hyper-parameter: a Python number or a 0-d floating tensor (one per model under `vmap`)."""
 
 
 def _flat_like(params_flat: dict[str, Any], tree: Tree, what: str) -> list[Any]:
@@ -61,21 +66,60 @@ def _mask_takes_params(mask: Any) -> bool:
     return len(positional) == 1 and not any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
-def _decay_flags(params_flat: dict[str, Any], decay_mask: DecayMask) -> list[bool]:
-    """The mask as one bool per leaf: `None` (all), a tree of bools mirroring the params, a
-    predicate `fn(name, leaf) -> bool`, or optax's `fn(params) -> tree of bools`."""
+def _covering(name: str, spec_flat: dict[str, Any]) -> str | None:
+    """The key of `spec_flat` that is `name` or its longest dotted prefix ("" is the root), if any."""
+    parts = name.split(".")
+    for i in range(len(parts), -1, -1):
+        key = ".".join(parts[:i])
+        if key in spec_flat:
+            return key
+    return None
+
+
+def _prefix_values(params_flat: dict[str, Any], spec: Any, what: str) -> list[Any]:
+    """One value per leaf of `params_flat` from `spec`, a tree mirroring the params or a prefix of
+    them (optax's masks and labels: a value at `layers` covers every leaf under `layers`)."""
+    spec_flat = tree_flatten(spec)
+    if spec_flat.keys() == params_flat.keys():
+        return list(spec_flat.values())
+    keys = [_covering(name, spec_flat) for name in params_flat]
+    missing = sorted(n for n, k in zip(params_flat, keys) if k is None)
+    extra = sorted(spec_flat.keys() - set(keys) - {""})
+    if missing or extra:
+        raise ValueError(f"{what} does not mirror params (nor is a prefix of them): no value for {missing[:8]}, "
+                         f"unexpected {extra[:8]}")
+    return [spec_flat[k] for k in keys]
+
+
+def _per_leaf(params_flat: dict[str, Any], spec: Any, what: str) -> list[Any]:
+    """`spec` as one value per leaf: a tree (or prefix tree) of values, a per-leaf function
+    `fn(name, leaf)`, or optax's `fn(params) -> tree`."""
+    if callable(spec) and _mask_takes_params(spec):
+        return _prefix_values(params_flat, spec(tree_unflatten(dict(params_flat))), f"{what}(params)")
+    if callable(spec):
+        return [spec(name, leaf) for name, leaf in params_flat.items()]
+    return _prefix_values(params_flat, spec, what)
+
+
+def _decay_flags(params_flat: dict[str, Any], decay_mask: DecayMask, what: str = "decay_mask") -> list[bool]:
+    """The mask as one bool per leaf: `None` (all), a tree of bools mirroring the params (or a prefix
+    of them), a predicate `fn(name, leaf) -> bool`, or optax's `fn(params) -> tree of bools`."""
     if decay_mask is None:
         return [True] * len(params_flat)
-    if callable(decay_mask) and _mask_takes_params(decay_mask):
-        flags = _flat_like(params_flat, decay_mask(tree_unflatten(dict(params_flat))), "mask(params)")
-    elif callable(decay_mask):
-        flags = [decay_mask(name, leaf) for name, leaf in params_flat.items()]
-    else:
-        flags = _flat_like(params_flat, decay_mask, "decay_mask")
+    flags = _per_leaf(params_flat, decay_mask, what)
     for name, flag in zip(params_flat, flags):
         if not isinstance(flag, bool):
-            raise TypeError(f"decay_mask must give a bool for {name!r}, got {flag!r}")
+            raise TypeError(f"{what} must give a bool for {name!r}, got {flag!r}")
     return flags
+
+
+def _check_state(state: Any, keys: tuple[str, ...], who: str) -> None:
+    """Raise `ValueError` unless `state` is a dict with exactly `keys` (a state made by another
+    transformation, or by another optimizer, is caught here rather than half-used)."""
+    if not isinstance(state, dict) or set(state) != set(keys):
+        got = f"keys {sorted(state)}" if isinstance(state, dict) else f"{type(state).__name__} {state!r:.120}"
+        raise ValueError(f"{who}'s state must be a dict with keys {list(keys)}, got {got} (a state made by another "
+                         "transformation or optimizer?)")
 
 
 _UNIT_INTERVAL = ("decay", "momentum")
@@ -128,6 +172,21 @@ def _distinct(tensors: list[Tensor]) -> bool:
     ptrs = [(t.to_local() if hasattr(t, "device_mesh") else t).untyped_storage().data_ptr()
             for t in tensors if isinstance(t, Tensor)]
     return len(set(ptrs)) == len(ptrs)
+
+
+def _decay_state(decay: float | Tensor, state: Tensor, like: Tensor) -> Tensor:
+    """`decay * state`, as optax computes it under `jax.jit` when `state` is float16 or bfloat16 (a
+    `mu_dtype` or `accumulator_dtype`): `decay`, a weakly typed constant, is rounded to the state's
+    dtype (bfloat16(0.9) = 0.8984375), and the product is taken in the dtype of `state` and `like`
+    (the gradient) promoted together, with no rounding in between. For other dtypes it is the plain
+    product."""
+    if state.dtype not in (torch.float16, torch.bfloat16):
+        return decay * state
+    if isinstance(decay, Tensor):
+        decay = decay.to(state.dtype).to(like.dtype)
+    else:
+        decay = torch.tensor(decay, dtype=state.dtype).item()
+    return decay * state.to(torch.promote_types(state.dtype, like.dtype))
 
 
 def _has_decay(weight_decay: float | Tensor) -> bool:

@@ -1,5 +1,6 @@
 """Optimizers by name, each a `GradientTransformation`: `adamw` (optax's and `torch.optim.AdamW`'s),
-`adamw_cs336` (CS336's Algorithm 2, `train_step`'s default) and `sgd`.
+`adamw_cs336` (CS336's Algorithm 2, `train_step`'s default), `sgd` and `lion` (optax's). Muon is
+`fnlm.optim.muon` (in `fnlm.optim.orthogonal`).
 
 The two AdamW forms differ at second order. With `t` the update count, `m_hat = m / (1 - b1^t)`
 and `v_hat = v / (1 - b2^t)`:
@@ -21,12 +22,13 @@ from __future__ import annotations
 from typing import Any
 
 from fnlm.optim._adamw import _Adam, _can_fuse, _torch_adamw_fused
-from fnlm.optim._common import _decay_flags, _distinct, check_hyper
+from fnlm.optim._common import Scalar, _check_state, _decay_flags, _distinct, check_hyper
 from fnlm.optim.schedules import Schedule
 from fnlm.optim.steps import adamw_init, adamw_step
 from fnlm.optim.transform import (
     GradientTransformationExtraArgs,
     OptState,
+    _check_chain_state,
     _leaves_of,
     _mirror,
     add_decayed_weights,
@@ -35,11 +37,12 @@ from fnlm.optim.transform import (
     identity,
     scale_by_adam,
     scale_by_learning_rate,
+    scale_by_lion,
     trace,
 )
 from fnlm.tree import Tree, tree_unflatten
 
-__all__ = ["adamw", "adamw_cs336", "sgd"]
+__all__ = ["adamw", "adamw_cs336", "sgd", "lion"]
 
 
 def _rate(learning_rate: float | Any | Schedule, count: Any) -> Any:
@@ -48,10 +51,10 @@ def _rate(learning_rate: float | Any | Schedule, count: Any) -> Any:
 
 def adamw(
     learning_rate: float | Any | Schedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-8,
+    eps_root: Scalar = 0.0,
     mu_dtype: Any = None,
     weight_decay: float | Any = 1e-4,
     mask: Any = None,
@@ -78,20 +81,22 @@ def adamw(
     """
     inner = chain(scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
                   add_decayed_weights(weight_decay, mask), scale_by_learning_rate(learning_rate))
-    plain = eps_root == 0.0 and mu_dtype is None and not nesterov
+    plain = eps_root == 0.0 and mu_dtype is None and not nesterov and not callable(weight_decay)
 
     def apply(updates: Tree, state: OptState, params: Tree, *, donate: bool = False,
               **extra: Any) -> tuple[Tree, OptState]:
+        _check_chain_state(state, 3)
         adam, decayed, lr_state = state
+        _check_state(adam, ("count", "mu", "nu"), "adamw's scale_by_adam")
         lr = _rate(learning_rate, lr_state["count"]) if isinstance(lr_state, dict) else learning_rate
         names, p_list = _leaves_of(params)
         g_list = _mirror(names, updates, "updates")
         m_list, v_list = _mirror(names, adam["mu"], "state['mu']"), _mirror(names, adam["nu"], "state['nu']")
-        if not (plain and _can_fuse(p_list, g_list, m_list, v_list, lr, weight_decay)):
+        if not (plain and p_list and _can_fuse(p_list, g_list, m_list, v_list, lr, weight_decay)):
             new_updates, new_state = inner.update(updates, state, params)
             return apply_updates(params, new_updates, donate=donate), new_state
         count = adam["count"] + 1
-        flags = _decay_flags(dict(zip(names, p_list)), mask)
+        flags = _decay_flags(dict(zip(names, g_list)), mask, "mask")
         donate = donate and _distinct(p_list + m_list + v_list)
         new_p, new_m, new_v = _torch_adamw_fused(p_list, g_list, m_list, v_list, flags,
                                                  _Adam(count, lr, b1, b2, eps, weight_decay), donate)
@@ -105,9 +110,9 @@ def adamw(
 
 def adamw_cs336(
     learning_rate: float | Any | Schedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-8,
     weight_decay: float | Any = 0.01,
     mask: Any = None,
 ) -> GradientTransformationExtraArgs:
@@ -159,8 +164,8 @@ def sgd(
     nesterov: bool = False,
     accumulator_dtype: Any = None,
 ) -> GradientTransformationExtraArgs:
-    """Stochastic gradient descent, with optional (Nesterov) momentum: optax's `sgd`,
-    `chain(trace(momentum, nesterov) or identity(), scale_by_learning_rate(learning_rate))`.
+    """Stochastic gradient descent, with optional (Nesterov) momentum: optax's `sgd` (same arguments
+    and semantics), `chain(trace(momentum, nesterov) or identity(), scale_by_learning_rate(learning_rate))`.
 
     For `torch.optim.SGD`'s L2 weight decay, put `add_decayed_weights(wd)` in front:
     `chain(add_decayed_weights(wd), sgd(lr, momentum))`.
@@ -179,3 +184,34 @@ def sgd(
     first = trace(momentum, nesterov, accumulator_dtype) if momentum is not None else identity()
     return chain(first, scale_by_learning_rate(learning_rate))
 
+
+
+def lion(
+    learning_rate: Scalar | Schedule,
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.99,
+    mu_dtype: Any = None,
+    weight_decay: Scalar | Schedule = 1e-3,
+    mask: Any = None,
+) -> GradientTransformationExtraArgs:
+    """The Lion optimizer (Chen et al. 2023), as optax builds it (optax's `lion`, same arguments,
+    state and updates): `chain(scale_by_lion(b1, b2, mu_dtype), add_decayed_weights(weight_decay,
+    mask), scale_by_learning_rate(learning_rate))`, that is
+    `p <- p - lr (sign((1 - b1) g + b1 mu) + wd p)`, `mu <- (1 - b2) g + b2 mu`.
+
+    Lion's update has unit size per entry, so its rate is typically 3-10x smaller than AdamW's and
+    its decay 3-10x larger (for the same `lr * wd`).
+
+    **Arguments:**
+
+    - `learning_rate`: a number, a 0-d tensor, or a schedule `count -> lr`.
+    - `b1`, `b2`, `mu_dtype`: as `scale_by_lion`.
+    - `weight_decay`: the decoupled decay rate, multiplied by the learning rate (optax's default 1e-3).
+    - `mask`: which leaves decay (as `add_decayed_weights`).
+
+    **Returns:**
+
+    A `GradientTransformationExtraArgs` with state `(lion state, (), lr state)`.
+    """
+    return chain(scale_by_lion(b1, b2, mu_dtype), add_decayed_weights(weight_decay, mask),
+                 scale_by_learning_rate(learning_rate))

@@ -40,7 +40,15 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fnlm.optim._common import _decay_flags, _distinct, _under_functorch, check_hyper
+from fnlm.optim._common import (
+    Scalar,
+    _check_state,
+    _decay_flags,
+    _distinct,
+    _decay_state,
+    _under_functorch,
+    check_hyper,
+)
 from fnlm.optim.clipping import global_norm
 from fnlm.optim.schedules import Schedule
 from fnlm.tree import Tree, tree_flatten, tree_map, tree_unflatten
@@ -60,6 +68,8 @@ __all__ = [
     "add_decayed_weights",
     "trace",
     "scale_by_adam",
+    "scale_by_lion",
+    "set_to_zero",
 ]
 
 OptState = Any
@@ -181,7 +191,8 @@ def _check_chain_state(state: OptState, n: int) -> None:
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformationExtraArgs:
-    """Apply transformations one after the other (optax's `chain`); the state is a tuple of theirs.
+    """Apply transformations one after the other (optax's `chain`, same semantics); the state is a
+    tuple of theirs. `chain()` of nothing is the identity, with state `()` (optax's fails to build).
 
     Extra arguments reach every link that takes them, except `grad_norm` and `donate_updates`, which
     describe the chain's incoming gradients and go to the first link only. The chain has a fused
@@ -227,19 +238,44 @@ def chain(*transforms: GradientTransformation) -> GradientTransformationExtraArg
     return GradientTransformationExtraArgs(init, update, apply if fused else None)
 
 
-def _stateless(fn: Callable[[Tree, Tree | None, dict[str, Any]], Tree]) -> GradientTransformationExtraArgs:
+def _check_empty_state(state: OptState, who: str) -> None:
+    if not (isinstance(state, tuple) and len(state) == 0):
+        got = f"keys {sorted(state)}" if isinstance(state, dict) else f"{type(state).__name__} {state!r:.120}"
+        raise ValueError(f"{who} keeps no state, so its state must be (), got {got} (a state made by another "
+                         "transformation or optimizer?)")
+
+
+def _stateless(fn: Callable[[Tree, Tree | None, dict[str, Any]], Tree], who: str) -> GradientTransformationExtraArgs:
     def init(params: Tree) -> OptState:
         return ()
 
     def update(updates: Tree, state: OptState, params: Tree | None = None, **extra: Any) -> tuple[Tree, OptState]:
+        _check_empty_state(state, who)
         return fn(updates, params, extra), state
 
     return GradientTransformationExtraArgs(init, update)
 
 
 def identity() -> GradientTransformationExtraArgs:
-    """The transformation that changes nothing (optax's `identity`); state `()`."""
-    return _stateless(lambda updates, params, extra: updates)
+    """The transformation that changes nothing (optax's `identity`, same semantics); state `()`.
+
+    **Returns:**
+
+    A `GradientTransformationExtraArgs`.
+    """
+    return _stateless(lambda updates, params, extra: updates, "identity")
+
+
+def set_to_zero() -> GradientTransformationExtraArgs:
+    """Map the updates to zeros (optax's `set_to_zero`, same semantics); state `()`. With
+    `multi_transform` (or `masked`) it freezes a group of leaves:
+    `multi_transform({"train": adamw(1e-3), "frozen": set_to_zero()}, labels)`.
+
+    **Returns:**
+
+    A `GradientTransformationExtraArgs`.
+    """
+    return _stateless(lambda updates, params, extra: tree_map(torch.zeros_like, updates), "set_to_zero")
 
 
 def _scaled(updates: Tree, factor: float | Tensor) -> Tree:
@@ -247,15 +283,25 @@ def _scaled(updates: Tree, factor: float | Tensor) -> Tree:
         return tree_map(lambda u: u * factor, updates)
 
 
-def scale(step_size: float | Tensor) -> GradientTransformationExtraArgs:
-    """Multiply the updates by `step_size` (optax's `scale`); state `()`."""
-    return _stateless(lambda updates, params, extra: _scaled(updates, step_size))
+def scale(step_size: Scalar) -> GradientTransformationExtraArgs:
+    """Multiply the updates by `step_size` (optax's `scale`, same semantics); state `()`.
+
+    **Arguments:**
+
+    - `step_size`: the factor (a number, or a 0-d tensor such as a per-model value under `vmap`).
+
+    **Returns:**
+
+    A `GradientTransformationExtraArgs`.
+    """
+    return _stateless(lambda updates, params, extra: _scaled(updates, step_size), "scale")
 
 
 def scale_by_learning_rate(
-    learning_rate: float | Tensor | Schedule, *, flip_sign: bool = True
+    learning_rate: Scalar | Schedule, *, flip_sign: bool = True
 ) -> GradientTransformationExtraArgs:
-    """Multiply the updates by `-learning_rate` (optax's `scale_by_learning_rate`).
+    """Multiply the updates by `-learning_rate` (optax's `scale_by_learning_rate`, same arguments and
+    semantics).
 
     **Arguments:**
 
@@ -271,23 +317,26 @@ def scale_by_learning_rate(
     sign = -1.0 if flip_sign else 1.0
     if not callable(learning_rate):
         check_hyper(learning_rate=learning_rate)
-        return _stateless(lambda updates, params, extra: _scaled(updates, sign * learning_rate))
+        return _stateless(lambda updates, params, extra: _scaled(updates, sign * learning_rate),
+                          "scale_by_learning_rate")
 
     def init(params: Tree) -> OptState:
         return {"count": 0}
 
     def update(updates: Tree, state: OptState, params: Tree | None = None, **extra: Any) -> tuple[Tree, OptState]:
+        _check_state(state, ("count",), "scale_by_learning_rate (with a schedule)")
         count = state["count"]
         return _scaled(updates, sign * learning_rate(count)), {"count": count + 1}
 
     return GradientTransformationExtraArgs(init, update)
 
 
-def clip_by_global_norm(max_norm: float, *, eps: float = 0.0) -> GradientTransformationExtraArgs:
+def clip_by_global_norm(max_norm: float | int, *, eps: float = 0.0) -> GradientTransformationExtraArgs:
     """Scale the updates so that their global l2 norm is at most `max_norm` (optax's
-    `clip_by_global_norm`); state `()`.
+    `clip_by_global_norm`, same semantics); state `()`.
 
-    Every leaf is multiplied by `min(1, max_norm / (norm + eps))`, with no data-dependent branch.
+    Every leaf is multiplied by `min(1, max_norm / (norm + eps))`, with no data-dependent branch
+    (an all-zero tree stays zero, also with `max_norm = 0`; an empty tree stays empty).
     With `eps=0` (the default) this is optax's rule (`g * max_norm / norm` where the norm exceeds
     `max_norm`); `eps=1e-6` is CS336's `clip_grad_norm` and `torch.nn.utils.clip_grad_norm_`.
     Takes the extra arguments `grad_norm` (the norm, already computed by the caller) and
@@ -305,10 +354,12 @@ def clip_by_global_norm(max_norm: float, *, eps: float = 0.0) -> GradientTransfo
     check_hyper(max_norm=max_norm, eps=eps)
 
     def clip(updates: Tree, params: Tree | None, extra: dict[str, Any]) -> Tree:
+        names, leaves = _leaves_of(updates)
+        if not leaves:
+            return updates
         norm = extra.get("grad_norm")
         norm = global_norm(updates) if norm is None else norm
-        coef = (max_norm / (norm + eps)).clamp(max=1.0)
-        names, leaves = _leaves_of(updates)
+        coef = (max_norm / (norm + eps)).nan_to_num(nan=1.0).clamp(max=1.0)
         with torch.no_grad():
             if _under_functorch():
                 scaled = [u * coef for u in leaves]
@@ -319,48 +370,65 @@ def clip_by_global_norm(max_norm: float, *, eps: float = 0.0) -> GradientTransfo
                 scaled = list(torch._foreach_mul(leaves, coef))
         return tree_unflatten(dict(zip(names, scaled)))
 
-    return _stateless(clip)
+    return _stateless(clip, "clip_by_global_norm")
 
 
-def add_decayed_weights(weight_decay: float | Tensor = 0.0, mask: Any = None) -> GradientTransformationExtraArgs:
+def _decayed(updates: Tree, params: Tree | None, rate: Scalar, mask: Any) -> Tree:
+    if params is None:
+        raise ValueError("add_decayed_weights needs the params: call update(updates, state, params)")
+    names, u_list = _leaves_of(updates)
+    p_list = _mirror(names, params, "params")
+    flags = _decay_flags(dict(zip(names, u_list)), mask, "mask")
+    if not isinstance(rate, Tensor) and rate == 0:
+        return updates
+    with torch.no_grad():
+        new = [u + rate * p if f else u for u, p, f in zip(u_list, p_list, flags)]
+    return tree_unflatten(dict(zip(names, new)))
+
+
+def add_decayed_weights(weight_decay: Scalar | Schedule = 0.0, mask: Any = None) -> GradientTransformationExtraArgs:
     """Add `weight_decay * params` to the updates of the masked-in leaves (optax's
-    `add_decayed_weights`); state `()`.
+    `add_decayed_weights`, same arguments and semantics).
 
     **Arguments:**
 
-    - `weight_decay`: the rate (a float, or a 0-d tensor).
-    - `mask`: which leaves decay: None (all), a tree of bools mirroring the params, a predicate
-      `fn(name, leaf) -> bool` (e.g. `fnlm.default_decay_mask`), or optax's `fn(params) -> tree`.
+    - `weight_decay`: the rate (a number, a 0-d tensor, or a schedule `count -> rate`, evaluated at
+      the number of updates done so far: state `{"count": n}`; otherwise the state is `()`).
+    - `mask`: which leaves decay: None (all), a tree of bools mirroring the params (or a prefix of
+      them), a predicate `fn(name, leaf) -> bool` (e.g. `fnlm.default_decay_mask`), or optax's
+      `fn(params) -> tree of bools`. As in optax, a callable mask is called on the updates.
 
     **Returns:**
 
     A `GradientTransformationExtraArgs`.
     """
-    check_hyper(weight_decay=weight_decay)
+    if not callable(weight_decay):
+        check_hyper(weight_decay=weight_decay)
+        return _stateless(lambda updates, params, extra: _decayed(updates, params, weight_decay, mask),
+                          "add_decayed_weights")
 
-    def decay(updates: Tree, params: Tree | None, extra: dict[str, Any]) -> Tree:
-        if params is None:
-            raise ValueError("add_decayed_weights needs the params: call update(updates, state, params)")
-        names, u_list = _leaves_of(updates)
-        p_list = _mirror(names, params, "params")
-        flags = _decay_flags(dict(zip(names, p_list)), mask)
-        with torch.no_grad():
-            new = [u + weight_decay * p if f else u for u, p, f in zip(u_list, p_list, flags)]
-        return tree_unflatten(dict(zip(names, new)))
+    def init(params: Tree) -> OptState:
+        return {"count": 0}
 
-    return _stateless(decay)
+    def update(updates: Tree, state: OptState, params: Tree | None = None, **extra: Any) -> tuple[Tree, OptState]:
+        _check_state(state, ("count",), "add_decayed_weights (with a schedule)")
+        count = state["count"]
+        return _decayed(updates, params, weight_decay(count), mask), {"count": count + 1}
+
+    return GradientTransformationExtraArgs(init, update)
 
 
-def trace(decay: float, nesterov: bool = False, accumulator_dtype: torch.dtype | None = None
+def trace(decay: Scalar, nesterov: bool = False, accumulator_dtype: torch.dtype | None = None
           ) -> GradientTransformationExtraArgs:
-    """Momentum (optax's `trace`): `t <- g + decay t`; the updates are `t`, or with `nesterov`
-    `g + decay t`. State `{"trace": tree}`.
+    """Momentum (optax's `trace`, same arguments and semantics): `t <- g + decay t`; the updates are
+    `t`, or with `nesterov` `g + decay t`. State `{"trace": tree}`.
 
     **Arguments:**
 
     - `decay`: the momentum coefficient, in `[0, 1)`.
     - `nesterov`: Nesterov momentum.
-    - `accumulator_dtype`: the dtype of the trace (default: the params').
+    - `accumulator_dtype`: the dtype the trace is stored in (default: the params'); the updates are
+      computed before that cast, as in optax.
 
     **Returns:**
 
@@ -372,12 +440,14 @@ def trace(decay: float, nesterov: bool = False, accumulator_dtype: torch.dtype |
         return {"trace": tree_map(lambda p: torch.zeros_like(p, dtype=accumulator_dtype or p.dtype), params)}
 
     def update(updates: Tree, state: OptState, params: Tree | None = None, **extra: Any) -> tuple[Tree, OptState]:
+        _check_state(state, ("trace",), "trace")
         names, u_list = _leaves_of(updates)
         t_list = _mirror(names, state["trace"], "state['trace']")
         with torch.no_grad():
-            new_t = [(g + decay * t).to(t.dtype) for g, t in zip(u_list, t_list)]
+            new_t = [g + _decay_state(decay, t, g) for g, t in zip(u_list, t_list)]
             out = [g + decay * t for g, t in zip(u_list, new_t)] if nesterov else new_t
-        return tree_unflatten(dict(zip(names, out))), {"trace": tree_unflatten(dict(zip(names, new_t)))}
+            kept = [t if accumulator_dtype is None else t.to(accumulator_dtype) for t in new_t]
+        return tree_unflatten(dict(zip(names, out))), {"trace": tree_unflatten(dict(zip(names, kept)))}
 
     return GradientTransformationExtraArgs(init, update)
 
@@ -387,15 +457,16 @@ def _bias_correction(decay: float, count: int | Tensor) -> float | Tensor:
 
 
 def scale_by_adam(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-8,
+    eps_root: Scalar = 0.0,
     mu_dtype: torch.dtype | None = None,
     *,
     nesterov: bool = False,
 ) -> GradientTransformationExtraArgs:
-    """Rescale the updates by Adam's moment estimates (optax's `scale_by_adam`).
+    """Rescale the updates by Adam's moment estimates (optax's `scale_by_adam`, same arguments and
+    semantics).
 
     With `t` the count after this update: `mu <- b1 mu + (1 - b1) g`, `nu <- b2 nu + (1 - b2) g^2`,
     `updates = mu_hat / (sqrt(nu_hat + eps_root) + eps)` where `mu_hat = mu / (1 - b1^t)` and
@@ -407,7 +478,9 @@ def scale_by_adam(
     - `b1`, `b2`: the moment decays, in `[0, 1)`.
     - `eps`: added to the root of the second moment.
     - `eps_root`: added under the root.
-    - `mu_dtype`: the dtype of the first moment (default: the params').
+    - `mu_dtype`: the dtype the first moment is stored in (default: the params'); the updates are
+      computed before that cast, and a float16/bfloat16 moment is multiplied by `b1` rounded to
+      its dtype, both as in optax (under `jax.jit`).
     - `nesterov`: Nesterov's momentum (NAdam).
 
     **Returns:**
@@ -421,22 +494,59 @@ def scale_by_adam(
                 "nu": tree_map(torch.zeros_like, params)}
 
     def update(updates: Tree, state: OptState, params: Tree | None = None, **extra: Any) -> tuple[Tree, OptState]:
+        _check_state(state, ("count", "mu", "nu"), "scale_by_adam")
         names, g_list = _leaves_of(updates)
         mu = _mirror(names, state["mu"], "state['mu']")
         nu = _mirror(names, state["nu"], "state['nu']")
         count = state["count"] + 1
         bc1, bc2 = _bias_correction(b1, count), _bias_correction(b2, count)
         with torch.no_grad():
-            new_mu = [((1.0 - b1) * g + b1 * m).to(m.dtype) for m, g in zip(mu, g_list)]
-            new_nu = [(1.0 - b2) * (g * g) + b2 * v for v, g in zip(nu, g_list)]
+            new_mu = [(1.0 - b1) * g + _decay_state(b1, m, g) for m, g in zip(mu, g_list)]
+            new_nu = [((1.0 - b2) * (g * g) + b2 * v).to(v.dtype) for v, g in zip(nu, g_list)]
             if nesterov:
                 bc1_next = _bias_correction(b1, count + 1)
                 mu_hat = [b1 * (m / bc1_next) + (1.0 - b1) * (g / bc1) for m, g in zip(new_mu, g_list)]
             else:
                 mu_hat = [m / bc1 for m in new_mu]
             out = [(m / ((v / bc2 + eps_root).sqrt() + eps)).to(g.dtype) for m, v, g in zip(mu_hat, new_nu, g_list)]
+            new_mu = [m if mu_dtype is None else m.to(mu_dtype) for m in new_mu]
         new_state = {"count": count, "mu": tree_unflatten(dict(zip(names, new_mu))),
                      "nu": tree_unflatten(dict(zip(names, new_nu)))}
+        return tree_unflatten(dict(zip(names, out))), new_state
+
+    return GradientTransformationExtraArgs(init, update)
+
+
+def scale_by_lion(b1: Scalar = 0.9, b2: Scalar = 0.99, mu_dtype: torch.dtype | None = None
+                  ) -> GradientTransformationExtraArgs:
+    """Rescale the updates by Lion's rule (optax's `scale_by_lion`, same arguments and semantics):
+    `updates = sign((1 - b1) g + b1 mu)`, then `mu <- (1 - b2) g + b2 mu`. State
+    `{"count": n, "mu": tree}`.
+
+    **Arguments:**
+
+    - `b1`: the rate that combines the momentum and the current gradient, in `[0, 1)`.
+    - `b2`: the decay of the momentum, in `[0, 1)`.
+    - `mu_dtype`: the dtype the momentum is stored in (default: the params').
+
+    **Returns:**
+
+    A `GradientTransformationExtraArgs`.
+    """
+    check_hyper(beta1=b1, beta2=b2)
+
+    def init(params: Tree) -> OptState:
+        return {"count": 0, "mu": tree_map(lambda p: torch.zeros_like(p, dtype=mu_dtype or p.dtype), params)}
+
+    def update(updates: Tree, state: OptState, params: Tree | None = None, **extra: Any) -> tuple[Tree, OptState]:
+        _check_state(state, ("count", "mu"), "scale_by_lion")
+        names, g_list = _leaves_of(updates)
+        mu = _mirror(names, state["mu"], "state['mu']")
+        with torch.no_grad():
+            out = [torch.sign((1.0 - b1) * g + _decay_state(b1, m, g)) for g, m in zip(g_list, mu)]
+            new_mu = [(1.0 - b2) * g + _decay_state(b2, m, g) for g, m in zip(g_list, mu)]
+            new_mu = [m if mu_dtype is None else m.to(mu_dtype) for m in new_mu]
+        new_state = {"count": state["count"] + 1, "mu": tree_unflatten(dict(zip(names, new_mu)))}
         return tree_unflatten(dict(zip(names, out))), new_state
 
     return GradientTransformationExtraArgs(init, update)

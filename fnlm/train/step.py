@@ -117,8 +117,9 @@ def build_optimizer(config: StepConfig) -> GradientTransformation:
     - `sgd`: `chain(add_decayed_weights(weight_decay), sgd(schedule, momentum))` (L2 decay, as
       `torch.optim.SGD`), momentum 0.9 unless given;
     - `lion`: `fnlm.optim.lion(schedule, *betas, weight_decay=weight_decay)`;
-    - `muon`: `fnlm.optim.muon(schedule, momentum, weight_decay=...)` for 2-D hidden matrices, with
-      AdamW (`betas`, `eps`) for embeddings, the LM head and gains.
+    - `muon`: `fnlm.optim.muon(schedule, beta=momentum, weight_decay=weight_decay, adam_b1=b1,
+      adam_b2=b2, adam_eps=eps)`: Muon for the 2-D hidden matrices, AdamW (same schedule and decay)
+      for the embeddings, the LM head and gains; momentum 0.95 unless given.
 
     **Arguments:**
 
@@ -147,7 +148,7 @@ def build_optimizer(config: StepConfig) -> GradientTransformation:
         from fnlm.optim import muon
 
         momentum = 0.95 if config.momentum is None else config.momentum
-        return muon(schedule, beta=momentum, weight_decay=wd, adam_b1=b1, adam_b2=b2, eps=config.eps)
+        return muon(schedule, beta=momentum, weight_decay=wd, adam_b1=b1, adam_b2=b2, adam_eps=config.eps)
     raise ValueError(f"StepConfig.optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
