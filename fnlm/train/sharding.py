@@ -203,10 +203,11 @@ def shard_tree(tree: Tree, mesh: DeviceMesh) -> Tree:
 def _like_placement(full: Any, template: Any, mesh: DeviceMesh, where: str) -> Any:
     if not isinstance(template, DTensor):
         return full
-    if not isinstance(full, Tensor) or tuple(full.shape) != tuple(template.shape):
-        got = tuple(full.shape) if isinstance(full, Tensor) else type(full).__name__
-        raise ValueError(f"{where}: expected a tensor of shape {tuple(template.shape)} to shard, got {got}")
-    full = full.detach().to(device=template.device, dtype=template.dtype)
+    if not isinstance(full, Tensor) or tuple(full.shape) != tuple(template.shape) or full.dtype != template.dtype:
+        got = f"{full.dtype} {tuple(full.shape)}" if isinstance(full, Tensor) else type(full).__name__
+        raise ValueError(f"{where}: expected a {template.dtype} tensor of shape {tuple(template.shape)} to shard, "
+                         f"got {got}")
+    full = full.detach().to(template.device)
     if _is_shard(template):
         return shard_tensor(full, mesh)
     return DTensor.from_local(full.clone(), mesh, template.placements, run_check=False)
@@ -223,7 +224,7 @@ def shard_like(tree: Tree, template: Tree, mesh: DeviceMesh) -> Tree:
     - `mesh`: the mesh of the template's DTensors.
 
     **Returns:** `tree` with each leaf where `template` holds a DTensor replaced by this rank's part.
-    Raises `ValueError` when the structures or a shape differ.
+    Raises `ValueError` when the structures, a shape or a dtype differ (no silent cast).
     """
     leaves, spec = pytree.tree_flatten_with_path(tree)
     marks, template_spec = pytree.tree_flatten(template)

@@ -314,6 +314,15 @@ def _wiring(par):
         sharding.make_sharded_parallel(plain, "gradients")
     except ValueError as e:
         out["bad_mode"] = str(e)
+    template = {"m": sharding.shard_tensor(torch.zeros(4, 2), par.sharding.mesh), "step": 0}
+    for name, state in (("shape", {"m": torch.zeros(2, 4), "step": 3}), ("dtype", {"m": torch.zeros(4, 2).double(), "step": 3}),
+                        ("structure", {"m": torch.zeros(4, 2)})):
+        try:
+            sharding.shard_like(state, template, par.sharding.mesh)
+        except ValueError as e:
+            out[f"shard_like_{name}"] = str(e)
+    ok = sharding.shard_like({"m": torch.ones(4, 2), "step": 3}, template, par.sharding.mesh)
+    out["shard_like_ok"] = {"step": ok["step"], "m": ok["m"].to_local(), "type": type(ok["m"]).__name__}
     return out
 
 
@@ -601,6 +610,11 @@ def test_make_sharded_parallel_wires_the_hooks(two_ranks):
     assert w["params"] == {"synced": "Tensor", "mode": "params", "bucket_mb": 1.0, "model_fn_is_lm": False,
                            "optimizer_wrapped": False, "params_sharded": "DTensor"}
     assert "'gradients'" in w["bad_mode"] and "optimizer" in w["bad_mode"]
+    assert "['m']" in w["shard_like_shape"] and "(2, 4)" in w["shard_like_shape"]
+    assert "torch.float64" in w["shard_like_dtype"] and "torch.float32" in w["shard_like_dtype"]
+    assert "structure differs" in w["shard_like_structure"]
+    ok = w["shard_like_ok"]
+    assert ok["step"] == 3 and ok["type"] == "DTensor" and torch.equal(ok["m"], torch.ones(2, 2))
 
 
 # --- tests without a process group ------------------------------------------------------------------
