@@ -13,6 +13,15 @@
 For each it prints tokens/s, MFU against the device's dense bf16 peak, peak memory and the projected
 time for 327,680,000 tokens (the h100 preset's budget), then fnlm/baseline as ratios.
 
+4. Sharded training (`fnlm.train.sharding`) on a one-rank process group (NCCL on CUDA, gloo on CPU):
+   `--sharded-steps` eager float32 `fnlm.train_step`s (TF32 off; donated state and clipping, as the
+   training loop steps) of the same model unsharded, with ZeRO-1 (`Sharding("optimizer")`) and
+   FSDP-style (`Sharding("params")`); it prints each one's final loss, largest parameter
+   difference from the unsharded run and peak memory, and fails
+   when a difference exceeds 1e-4 (one rank: the same sums, so only the kernels' rounding can
+   differ; under bf16 autocast Adam amplifies that rounding to ~1e-2, hence float32). It checks DTensor, the collectives and the fused AdamW on DTensor shards on
+   the device; the memory saving itself needs several GPUs (`benchmarks/sharding_memory.py`).
+
 Without CUDA it runs a tiny version of the same (a small model, a few steps, the graph captured with
 the `aot_eager` backend instead of inductor's code generation), which proves the script works.
 
@@ -155,16 +164,79 @@ def measure(name, run, data, args, config, batch, peak_flops) -> dict:
     return {"tps": tps, "peak": peak, "mfu": util}
 
 
+def _sharded_run(mode, config, hyper, data, device):
+    """Eager float32 `fnlm.train_step`s over `data` (CS336 AdamW, clipping at 1.0, donated state, as
+    the training loop steps) unsharded or with a `Sharding`; the whole params and the last loss."""
+    from fnlm.train import sharding
+
+    step_config = fnlm.StepConfig(lr=hyper["lr"], min_lr=hyper["lr"] / 10, warmup_steps=2, cosine_steps=len(data),
+                                  weight_decay=hyper["weight_decay"])
+    plan = sharding.Sharding(mode, sharding.device_mesh()) if mode != "unsharded" else None
+    optimizer = fnlm.train.build_optimizer(step_config)
+    model_fn, sync = fnlm.transformer_lm, (lambda grads: grads)
+    params = fnlm.init_transformer_lm(config, seed=0, device=device)
+    if plan is not None:
+        optimizer, model_fn, sync, params = (plan.optimizer(optimizer), plan.model_fn(), plan.sync_grads,
+                                             plan.shard_params(params))
+    state = fnlm.init_train_state(params, optimizer)
+
+    def loss_fn(p, x, y):
+        return fnlm.cross_entropy(model_fn(p, x, config), y)
+
+    for x, y in data:
+        state, metrics = fnlm.train_step(state, x, y, loss_fn=loss_fn, config=step_config, optimizer=optimizer,
+                                         sync_grads=sync, donate=True)
+    return sharding.full_tree(state.params), float(metrics["loss"])
+
+
+def sharded_check(config, hyper, data, device) -> None:
+    """ZeRO-1 (`"optimizer"`) and FSDP-style (`"params"`) against the unsharded step on a one-rank group:
+    parameter differences and peak memory."""
+    import socket
+
+    import torch.distributed as dist
+
+    on_cuda = device.startswith("cuda")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    extra = {"device_id": torch.device(device)} if on_cuda else {}
+    dist.init_process_group("nccl" if on_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            **extra)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        baseline = None
+        for mode in ("unsharded", "optimizer", "params"):
+            if on_cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            params, loss = _sharded_run(mode, config, hyper, data, device)
+            peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if on_cuda else "n/a on CPU"
+            baseline = params if baseline is None else baseline
+            diff = max(float((a - b).abs().max()) for a, b in zip(fnlm.tree_leaves(params), fnlm.tree_leaves(baseline)))
+            label = {"optimizer": "ZeRO-1", "params": "FSDP"}.get(mode, mode)
+            print(f"  sharded, 1 rank ({dist.get_backend()}): {label:<10} {len(data)} steps, loss {loss:.4f}, "
+                  f"max |param - unsharded| {diff:.2e}, peak memory {peak}")
+            if diff > 1e-4:
+                raise SystemExit(f"sharded check failed: {label} params differ from the unsharded run by {diff:.2e}")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 300 on CUDA, 6 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first, compile included (default 20 / 2)")
     p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--sharded-steps", type=int, default=None, help="eager steps per sharded mode (default 10 / 3)")
     args = p.parse_args(argv)
     on_cuda = args.device.startswith("cuda")
     args.steps = args.steps if args.steps is not None else (300 if on_cuda else 6)
     args.warmup = args.warmup if args.warmup is not None else (20 if on_cuda else 2)
+    args.sharded_steps = args.sharded_steps if args.sharded_steps is not None else (10 if on_cuda else 3)
     backend = "inductor" if on_cuda else "aot_eager"
     if on_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -188,6 +260,8 @@ def main(argv=None) -> None:
     memory = f"{ours['peak'] / base['peak']:.3f}" if on_cuda else "n/a (the CPU figure is the process's peak RSS so far)"
     print(f"  fnlm / baseline: tokens/s {ours['tps'] / base['tps']:.3f}, step time {base['tps'] / ours['tps']:.3f}, "
           f"peak memory {memory}")
+    if args.sharded_steps > 0:
+        sharded_check(config, hyper, data[: args.sharded_steps], args.device)
     print(f"done in {time.perf_counter() - started:.0f} s; {load_average()}")
 
 

@@ -167,8 +167,10 @@ def _under_functorch() -> bool:
 
 
 def _distinct(tensors: list[Tensor]) -> bool:
-    """No two leaves share memory (tied weights would be updated twice in place); then donation is safe."""
-    ptrs = [t.untyped_storage().data_ptr() for t in tensors if isinstance(t, Tensor)]
+    """No two leaves share memory (tied weights would be updated twice in place); then donation is safe.
+    A DTensor (a shard, `fnlm.train.sharding`) has no storage of its own: its local tensor's counts."""
+    ptrs = [(t.to_local() if hasattr(t, "device_mesh") else t).untyped_storage().data_ptr()
+            for t in tensors if isinstance(t, Tensor)]
     return len(set(ptrs)) == len(ptrs)
 
 

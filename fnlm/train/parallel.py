@@ -79,6 +79,9 @@ class Parallel:
     - `broadcast(tree) -> tree`: rank 0's tensors on every rank (params and optimizer state at start).
     - `all_gather_object(obj) -> list`: every rank's `obj`, by rank (RNG states for checkpoints).
     - `device`: this process's device (e.g. `cuda:LOCAL_RANK`); `None` uses `TrainConfig.device`.
+    - `sharding`: `None` (every rank holds everything), or a `fnlm.train.sharding.Sharding` saying how
+      the optimizer state (ZeRO-1) or the params too (FSDP-style) are split over the ranks
+      (`fnlm.train.sharding.make_sharded_parallel`).
 
     Only rank 0 (`is_main`) writes metrics, plots and checkpoints; every rank computes.
     """
@@ -91,6 +94,7 @@ class Parallel:
     broadcast: Callable[[Tree], Tree] = _identity
     all_gather_object: Callable[[Any], list] = _gather_one
     device: str | None = None
+    sharding: Any = None
 
     @property
     def is_main(self) -> bool:
