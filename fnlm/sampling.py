@@ -8,6 +8,7 @@ new_ids = generate(params, config, tokenizer.encode("Once upon a time"), max_new
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 
@@ -112,7 +113,8 @@ def generate(
     - `use_cache`: `False` recomputes the whole window each step (the reference behaviour).
     - `block`, `final_norm`: passed to `transformer_lm`, for models built from other blocks.
 
-    **Returns:** the newly generated ids only, as a list of ints.
+    **Returns:** the newly generated ids only, as a list of ints. ValueError when a step's logits
+    are not finite (NaN or inf weights), instead of a token picked from them.
     """
     ids = _checked_arguments(prompt_ids, config, max_new_tokens, eos_id, temperature, top_p)
     check_params(params, config, layers=block is None, final_norm=final_norm is None)
@@ -144,6 +146,7 @@ def generate(
     with torch.inference_mode():
         logits = prefill(ids[-window:])
         while True:
+            _check_finite(logits, len(new))
             token = int(sample_next_token(logits, temperature=temperature, top_p=top_p, generator=generator))
             if token == eos_id:
                 break
@@ -156,6 +159,19 @@ def generate(
             else:
                 logits = prefill(ids[-window:])
     return new
+
+
+def _check_finite(logits: Tensor, step: int) -> None:
+    """ValueError when the logits of a step hold NaN or inf (greedy decoding would pick id 0, or
+    the first NaN, and sampling would fail deep inside `torch.multinomial`)."""
+    finite = torch.isfinite(logits)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        kinds = sorted({"nan" if math.isnan(v) else "inf" for v in logits[~finite][:64].tolist()})
+        raise ValueError(
+            f"generate: the model's logits for new token {step} hold {bad} non-finite values ({', '.join(kinds)}) "
+            f"of {logits.numel()}; the params are probably not finite (check them with torch.isfinite)"
+        )
 
 
 def _checked_arguments(prompt_ids: Sequence[int] | Tensor, config: TransformerConfig, max_new_tokens: int,
