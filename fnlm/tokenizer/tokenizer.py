@@ -33,7 +33,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from fnlm.tokenizer import gpt2
-from fnlm.tokenizer.bpe import MergeTable, bpe_long, bpe_word, bpe_words
+from fnlm.tokenizer.bpe import MAX_TOKEN_ID, MergeTable, bpe_long, bpe_word, bpe_words
 from fnlm.tokenizer.pretokenize import ASCII_GPT2_REGEX, GPT2_REGEX, special_tokens_regex
 
 __all__ = ["Tokenizer", "SupportsToList"]
@@ -133,7 +133,7 @@ class Tokenizer:
 
     **Arguments:**
 
-    - `vocab`: ``{id: token bytes}``; must hold all 256 single bytes.
+    - `vocab`: ``{id: token bytes}``; must hold all 256 single bytes; ids lie in ``[0, 2**31 - 1]``.
     - `merges`: ``[(left bytes, right bytes), ...]`` in rank order (first = applied first);
       both parts and their concatenation must be in `vocab`.
     - `special_tokens`: strings that are always encoded as one token each and never merged
@@ -170,6 +170,8 @@ class Tokenizer:
         for idx, token in vocab.items():
             if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
                 raise TypeError(f"vocab ids must be ints >= 0, got {idx!r} for {token!r}")
+            if idx > MAX_TOKEN_ID:
+                raise ValueError(f"vocab id {idx} (for {token!r:.40}) is above the largest id {MAX_TOKEN_ID} a tokenizer holds")
             if not isinstance(token, bytes):
                 raise TypeError(f"vocab values must be bytes, got {type(token).__name__} {token!r} for id {idx}")
             self.vocab[idx] = token
@@ -194,6 +196,8 @@ class Tokenizer:
                 continue
             raw = token.encode("utf-8")
             if raw not in self._token_ids:
+                if next_id > MAX_TOKEN_ID:
+                    raise ValueError(f"special token {token!r} would get id {next_id}, above the largest id {MAX_TOKEN_ID}")
                 self.vocab[next_id] = raw
                 self._token_ids[raw] = next_id
                 next_id += 1
