@@ -54,11 +54,22 @@ def _cuttable_at(split_token: str, special_tokens: Sequence[str]) -> bool:
     for other in special_tokens:
         if other == split_token:
             continue
-        for k in range(1, len(other)):
-            tail = other[k:]
-            if tail.startswith(split_token) or split_token.startswith(tail) or split_token in tail:
-                return False
+        if other.find(split_token, 1) != -1 or _suffix_is_prefix(other, split_token):
+            return False
     return True
+
+
+def _suffix_is_prefix(other: str, token: str) -> bool:
+    """True when a proper suffix of `other` (not all of it) is a prefix of `token`. Only the
+    prefixes that end in `other`'s last character are compared (C-speed `find` and `endswith`),
+    so long special tokens cost about their length, not its square."""
+    limit = min(len(other) - 1, len(token))
+    end = token.find(other[-1], 0, limit)
+    while end != -1:
+        if other.endswith(token[: end + 1]):
+            return True
+        end = token.find(other[-1], end + 1, limit)
+    return False
 
 
 _worker_state: dict = {}

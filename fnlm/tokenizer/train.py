@@ -32,6 +32,7 @@ a byte sequence that is not UTF-8 raises `ValueError` naming the file and the by
 
 from __future__ import annotations
 
+import functools
 import gc
 import heapq
 import multiprocessing
@@ -44,8 +45,8 @@ from fnlm._progress import progress_bar
 from fnlm.tokenizer.pretokenize import (
     ASCII_GPT2_REGEX,
     GPT2_REGEX,
+    SpecialMatcher,
     find_chunk_boundaries,
-    special_tokens_regex,
 )
 
 __all__ = ["train_bpe", "count_pretokens", "bpe_merges_from_counts"]
@@ -57,13 +58,18 @@ _INVERT = bytes(range(255, -1, -1))
 _END = "\u0100"
 
 
+@functools.lru_cache(maxsize=4)
+def _matcher(specials: tuple[str, ...]) -> SpecialMatcher:
+    return SpecialMatcher(specials)
+
+
 def _count_text(text: str, specials: tuple[str, ...], counts: Counter) -> None:
     if not specials:
         pieces = [text]
     elif len(specials) == 1:
         pieces = text.split(specials[0])
     else:
-        pieces = special_tokens_regex(specials).split(text)
+        pieces = _matcher(specials).split(text)
     ascii_findall = ASCII_GPT2_REGEX.findall
     unicode_findall = GPT2_REGEX.findall
     update = counts.update
