@@ -58,6 +58,7 @@ from fnlm._interop_tokenizers import (
 )
 from fnlm.model import TransformerConfig, check_params
 from fnlm.tokenizer import Tokenizer
+from fnlm.tokenizer.files import current_umask
 from fnlm.tree import Tree, tree_flatten, tree_unflatten
 
 __all__ = [
@@ -136,21 +137,7 @@ def _check_shapes(flat: dict[str, Any], config: TransformerConfig, where: str) -
 
 def _umask_mode(path: str | os.PathLike) -> None:
     """Give a file the mode `open()` would have: `safetensors.torch.save_file` writes 0600."""
-    os.chmod(path, 0o666 & ~_current_umask())
-
-
-def _current_umask() -> int:
-    """The process's umask, read from /proc (setting it to read it back would race other threads)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def _interleaved_to_half_split(w: torch.Tensor, num_heads: int) -> torch.Tensor:

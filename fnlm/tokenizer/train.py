@@ -37,6 +37,7 @@ import gc
 import heapq
 import multiprocessing
 import os
+import signal
 from array import array
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -111,6 +112,12 @@ def _split_token(special_tokens: Sequence[str]) -> bytes | None:
     return None
 
 
+def _ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C reaches the whole process group; the parent alone answers it (its
+    `with Pool` terminates the workers), so no worker prints a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _pool_context():
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
@@ -175,7 +182,7 @@ def count_pretokens(
                     group = []
             if group:
                 tasks.append((path, group, specials))
-            with _pool_context().Pool(min(workers, len(tasks))) as pool:
+            with _pool_context().Pool(min(workers, len(tasks)), initializer=_ignore_sigint) as pool:
                 for counts, done in pool.imap_unordered(_count_task, tasks):
                     total.update(counts)
                     bar.update(done)
