@@ -254,8 +254,9 @@ def find_chunk_boundaries(
     Cuts are first placed evenly (about ``target_chunk_bytes`` apart, and at least
     ``min_chunks`` chunks), then each is moved forward to the next occurrence of
     ``split_token``, so no chunk splits a document, a special token or a pre-token. Cuts that
-    collapse onto each other are merged. With ``split_token=None`` the file is one chunk.
-    The file is scanned in small windows, never read whole.
+    collapse onto each other are merged (and not searched for again: a tiny ``target_chunk_bytes``
+    costs one search per separator, not one per planned cut). With ``split_token=None`` the file
+    is one chunk. The file is scanned in small windows, never read whole.
 
     **Arguments:**
 
@@ -278,7 +279,15 @@ def find_chunk_boundaries(
     step = size / n
     window = max(4096, 2 * len(split_token))
     cuts = [0]
-    for i in range(1, n):
+    i = 0
+    while True:
+        i += 1
+        if i * step < cuts[-1]:  # the last search ran past these cuts: they would all land on it again
+            i = max(i, int(cuts[-1] / step))
+            while int(i * step) < cuts[-1]:
+                i += 1
+        if i >= n:
+            break
         pos = max(int(i * step), cuts[-1])
         file.seek(pos)
         carry = b""

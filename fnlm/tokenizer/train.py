@@ -156,8 +156,10 @@ def count_pretokens(
         raise FileNotFoundError(f"BPE training input not found: {path!r}")
     specials = tuple(sorted({s for s in special_tokens if s}, key=len, reverse=True))
     workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-    if workers < 1:
-        raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+    for name, value, low in (("num_workers", workers, 1), ("chunk_bytes", chunk_bytes, 1),
+                             ("min_parallel_bytes", min_parallel_bytes, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     size = os.path.getsize(path)
     split_token = _split_token([s for s in special_tokens if s])
     parallel = workers > 1 and size >= min_parallel_bytes

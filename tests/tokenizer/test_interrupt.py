@@ -115,3 +115,15 @@ def test_encode_file_output_follows_the_umask(tmp_path, umask, mode):
     assert oct((tmp_path / "ids.bin").stat().st_mode & 0o777) == oct(mode)
     assert np.fromfile(tmp_path / "ids.bin", dtype="<u2").tolist() == tok.encode(DOC * 10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.bin", "in.txt"]
+
+
+@pytest.mark.parametrize("kw, name", [({"num_workers": 2.5}, "num_workers"), ({"num_workers": 0}, "num_workers"),
+                                      ({"chunk_bytes": 0}, "chunk_bytes"), ({"chunk_bytes": True}, "chunk_bytes"),
+                                      ({"min_parallel_bytes": -1}, "min_parallel_bytes")])
+def test_bpe_training_options_are_checked(tmp_path, kw, name):
+    """Before: `num_workers=2.5` reached `multiprocessing.Pool` (a TypeError from deep inside)."""
+    from fnlm.tokenizer import train_bpe
+
+    (tmp_path / "t.txt").write_text(DOC * 5, encoding="utf-8")
+    with pytest.raises((ValueError, TypeError), match=name):  # TypeError: the suite's type-check hook, first
+        train_bpe(tmp_path / "t.txt", 260, [], progress=False, **kw)
