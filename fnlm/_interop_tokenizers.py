@@ -14,6 +14,7 @@ from string to id). The larger id is not in the file: HF cannot decode it.
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import struct
@@ -244,6 +245,8 @@ class Llama2cTokenizer:
     def __init__(self, pieces: list[bytes], scores: list[float]):
         if len(pieces) != len(scores):
             raise ValueError(f"pieces and scores differ in length: {len(pieces)} vs {len(scores)}")
+        if len(pieces) < 259:
+            raise ValueError(f"{len(pieces)} pieces; llama2.c needs <unk>, BOS, EOS and 256 byte pieces (259)")
         self.pieces = list(pieces)
         self.scores = list(scores)
         self._ids: dict[bytes, int] = {}
@@ -277,9 +280,17 @@ class Llama2cTokenizer:
         return data.decode("utf-8", errors="replace")
 
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
-        """Token ids of `text` as run.c's `encode` computes them (see the class docstring)."""
+        """Token ids of `text` as run.c's `encode` computes them (see the class docstring).
+
+        run.c rescans every adjacent pair after each merge (quadratic: minutes for a prompt of
+        10,000 characters); here candidate pairs wait in a heap keyed by (score, position), so the
+        highest score, leftmost on ties, is merged first as in run.c, in O(n log n)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
         tokens = [self.bos_id] if bos else []
         if text:
+            if b" " not in self._ids:
+                raise ValueError("encode: the vocabulary has no ' ' piece (sentencepiece's dummy prefix)")
             tokens.append(self._ids[b" "])
         for char in text:
             raw = char.encode("utf-8")
@@ -287,16 +298,39 @@ class Llama2cTokenizer:
                 tokens.append(self._ids[raw])
             else:
                 tokens.extend(3 + b for b in raw)
-        while True:
-            best, best_score, best_id = -1, -1e10, -1
-            for i in range(len(tokens) - 1):
-                idx = self._ids.get(self.pieces[tokens[i]] + self.pieces[tokens[i + 1]])
-                if idx is not None and self.scores[idx] > best_score:
-                    best, best_score, best_id = i, self.scores[idx], idx
-            if best < 0:
-                break
-            tokens[best : best + 2] = [best_id]
-        return tokens + ([self.eos_id] if eos else [])
+        return self._merge(tokens) + ([self.eos_id] if eos else [])
+
+    def _pair(self, left: int, right: int) -> tuple[float, int] | None:
+        """(score, id) of the piece that joins two tokens, if it is one run.c would merge."""
+        idx = self._ids.get(self.pieces[left] + self.pieces[right])
+        if idx is None or not self.scores[idx] > -1e10:  # run.c starts its best score at -1e10
+            return None
+        return self.scores[idx], idx
+
+    def _merge(self, ids: list[int]) -> list[int]:
+        n = len(ids)
+        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+        heap: list[tuple[float, int, int, int, int]] = []
+
+        def push(i: int) -> None:
+            j = nxt[i]
+            if 0 <= i and j < n and (found := self._pair(ids[i], ids[j])) is not None:
+                heapq.heappush(heap, (-found[0], i, ids[i], ids[j], found[1]))
+
+        for i in range(n - 1):
+            push(i)
+        while heap:
+            _, i, left, right, idx = heapq.heappop(heap)
+            j = nxt[i]
+            if ids[i] != left or j >= n or ids[j] != right:
+                continue  # stale: one of the two was merged since
+            ids[i], ids[j] = idx, -1
+            nxt[i] = nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            push(i)
+            push(prv[i])
+        return [t for t in ids if t >= 0]
 
 
 def load_llama2c_tokenizer(path: str | os.PathLike) -> Llama2cTokenizer:

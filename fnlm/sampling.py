@@ -117,6 +117,8 @@ def generate(
     are not finite (NaN or inf weights), instead of a token picked from them.
     """
     ids = _checked_arguments(prompt_ids, config, max_new_tokens, eos_id, temperature, top_p)
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed must be an int in [-2**63, 2**64) (torch.Generator.manual_seed's range) or None, got {seed!r}")
     check_params(params, config, layers=block is None, final_norm=final_norm is None)
     weight = params["token_embeddings"]["weight"]
     device, dtype = weight.device, weight.dtype

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -276,3 +278,66 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     files = [tmp_path / "p.safetensors", *sorted((tmp_path / "hf").iterdir()), *sorted((tmp_path / "tok").iterdir())]
     assert len(files) == 8
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(mode) for f in files}
+
+
+# ---- llama2.c's tokenizer
+
+
+def run_c_encode(tok: interop.Llama2cTokenizer, text: str, bos: bool = True) -> list[int]:
+    """run.c's `encode`, transcribed: rescan every pair after each merge (quadratic)."""
+    tokens = [tok.bos_id] if bos else []
+    if text:
+        tokens.append(tok._ids[b" "])
+    for char in text:
+        raw = char.encode("utf-8")
+        tokens += [tok._ids[raw]] if raw in tok._ids else [3 + b for b in raw]
+    while True:
+        best, best_score, best_id = -1, -1e10, -1
+        for i in range(len(tokens) - 1):
+            idx = tok._ids.get(tok.pieces[tokens[i]] + tok.pieces[tokens[i + 1]])
+            if idx is not None and tok.scores[idx] > best_score:
+                best, best_score, best_id = i, tok.scores[idx], idx
+        if best < 0:
+            return tokens
+        tokens[best : best + 2] = [best_id]
+
+
+def random_llama2c_tokenizer(seed: int) -> interop.Llama2cTokenizer:
+    rng = random.Random(seed)
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % b for b in range(256)] + [b" ", b"a", b"b", b"c"]
+    while len(pieces) < 300:
+        piece = b"".join(rng.choice([b"a", b"b", b"c", b" ", b"ab", "é".encode()]) for _ in range(rng.randint(2, 4)))
+        if piece not in pieces:
+            pieces.append(piece)
+    scores = [0.0] * 259 + [float(rng.choice([-5, -3, -1, -1e11, float("nan")]) if rng.random() < 0.2 else rng.randint(-20, 0))
+                            for _ in pieces[259:]]
+    return interop.Llama2cTokenizer(pieces, scores)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_llama2c_encode_equals_run_c_with_ties_and_unmergeable_scores(seed):
+    tok = random_llama2c_tokenizer(seed)
+    rng = random.Random(seed + 100)
+    for _ in range(40):
+        text = "".join(rng.choice(["a", "b", "c", " ", "é", "ab", "x", "\n"]) for _ in range(rng.randint(0, 40)))
+        for bos in (True, False):
+            assert tok.encode(text, bos=bos) == run_c_encode(tok, text, bos), (seed, text)
+
+
+def test_llama2c_encode_of_a_long_prompt_is_not_quadratic():
+    """Before: run.c's rescan after every merge, ~10**8 lookups for 20,000 characters."""
+    tok = random_llama2c_tokenizer(0)
+    text = "ab c" * 5000
+    t0 = time.perf_counter()
+    ids = tok.encode(text)
+    assert time.perf_counter() - t0 < 10
+    assert tok.decode(ids) == text and ids[0] == tok.bos_id
+
+
+def test_llama2c_tokenizer_without_a_space_piece_is_a_value_error():
+    tok = random_llama2c_tokenizer(1)
+    pieces = [p if p != b" " else b"  x" for p in tok.pieces]
+    with pytest.raises(ValueError, match="no ' ' piece"):
+        interop.Llama2cTokenizer(pieces, tok.scores).encode("abc")
+    with pytest.raises(ValueError, match="259"):
+        interop.Llama2cTokenizer([b"a"] * 10, [0.0] * 10)

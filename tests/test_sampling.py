@@ -187,3 +187,12 @@ def test_logits_that_turn_non_finite_later_name_the_step(params):
     broken["token_embeddings"]["weight"][first[1]] = float("nan")
     with pytest.raises(ValueError, match=r"logits for new token 2 hold"):
         fnlm.generate(broken, CONFIG, [1, 2], max_new_tokens=3, temperature=0)
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 1.5, True, "0"])
+def test_a_seed_torch_cannot_take_is_a_value_error(params, seed):
+    """Before: `manual_seed` failed with a RuntimeError (overflow) or TypeError from inside torch."""
+    with pytest.raises((ValueError, TypeError), match="seed"):
+        fnlm.generate(params, CONFIG, [1], max_new_tokens=1, seed=seed)
+    assert fnlm.generate(params, CONFIG, [1], max_new_tokens=2, temperature=0, seed=2**64 - 1) == \
+        fnlm.generate(params, CONFIG, [1], max_new_tokens=2, temperature=0, seed=0)
