@@ -14,6 +14,7 @@ from string to id). The larger id is not in the file: HF cannot decode it.
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import struct
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fnlm.tokenizer import Tokenizer
+from fnlm.tokenizer.bpe import MAX_TOKEN_ID
 from fnlm.tokenizer.gpt2 import str_to_token, token_to_str
 from fnlm.tokenizer.pretokenize import GPT2_PATTERN
 
@@ -43,6 +45,8 @@ def hf_tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
     vocab: dict[str, int] = {}
     for idx in sorted(tokenizer.vocab):
         vocab.setdefault(token_to_str(tokenizer.vocab[idx]), idx)
+    for s in tokenizer.special_tokens:  # HF gives an added token the id of its text in the vocab, else a new one
+        vocab.setdefault(s, tokenizer.special_ids[s])
     added = [
         {"id": tokenizer.special_ids[s], "content": s, "single_word": False, "lstrip": False, "rstrip": False,
          "normalized": False, "special": True}
@@ -86,7 +90,9 @@ def write_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, mode
 
 
 def _check_hf_pipeline(doc: dict[str, Any], where: str) -> None:
-    model = doc.get("model") or {}
+    model = doc.get("model")
+    if not isinstance(model, dict):
+        raise ValueError(f"{where}: 'model' must be an object (the BPE model), got {type(model).__name__}")
     if model.get("type") != "BPE":
         raise ValueError(f"{where}: model.type is {model.get('type')!r}; fnlm's tokenizer is 'BPE'")
     neutral = {"byte_fallback": False, "ignore_merges": False, "continuing_subword_prefix": None,
@@ -97,8 +103,11 @@ def _check_hf_pipeline(doc: dict[str, Any], where: str) -> None:
     if doc.get("normalizer") is not None:
         raise ValueError(f"{where}: normalizer is {json.dumps(doc['normalizer'])[:200]}; fnlm's tokenizer has none")
     pre = doc.get("pre_tokenizer") or {}
-    if pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 2:
-        split, byte_level = pre["pretokenizers"]
+    if not isinstance(pre, dict):
+        raise ValueError(f"{where}: pre_tokenizer must be an object, got {type(pre).__name__}")
+    steps = pre.get("pretokenizers")
+    if pre.get("type") == "Sequence" and isinstance(steps, list) and len(steps) == 2 and all(isinstance(x, dict) for x in steps):
+        split, byte_level = steps
         ours = split == _GPT2_SPLIT and byte_level.get("type") == "ByteLevel" and byte_level.get("use_regex") is False
     else:
         split, byte_level, ours = None, pre, False
@@ -107,6 +116,69 @@ def _check_hf_pipeline(doc: dict[str, Any], where: str) -> None:
         raise ValueError(
             f"{where}: pre_tokenizer {json.dumps(pre)[:200]} is not the GPT-2 byte-level pre-tokenizer fnlm uses"
         )
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_ID
+
+
+def _hf_added(doc: dict[str, Any], where: str) -> list[tuple[int, str]]:
+    """The special added tokens, ``(id, content)`` in id order; ValueError naming the entry."""
+    added = doc.get("added_tokens", [])
+    if not isinstance(added, list):
+        raise ValueError(f"{where}: added_tokens must be a list, got {type(added).__name__}")
+    out = []
+    for i, token in enumerate(added):
+        if not isinstance(token, dict):
+            raise ValueError(f"{where}: added_tokens[{i}] must be an object, got {token!r:.80}")
+        if not token.get("special"):
+            continue
+        if not _is_id(token.get("id")):
+            raise ValueError(f"{where}: added_tokens[{i}].id must be an int in [0, {MAX_TOKEN_ID}], got {token.get('id')!r:.80}")
+        if not isinstance(token.get("content"), str) or not token["content"]:
+            raise ValueError(f"{where}: added_tokens[{i}].content must be a non-empty string, got {token.get('content')!r:.80}")
+        out.append((token["id"], token["content"]))
+    ids = [i for i, _ in out]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{where}: added_tokens give id {next(i for i in ids if ids.count(i) > 1)} to two special tokens")
+    return sorted(out)
+
+
+def _hf_vocab(model: dict[str, Any], specials: dict[str, int], where: str) -> dict[int, bytes]:
+    """``{id: bytes}`` from model.vocab (GPT-2 byte-level strings; a special token's own text, as
+    `hf_tokenizer_json` writes it beside, is skipped); ValueError naming the entry."""
+    raw = model.get("vocab")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: model.vocab must be an object of token -> id, got {type(raw).__name__}")
+    vocab: dict[int, bytes] = {}
+    for text, idx in raw.items():
+        if not _is_id(idx):
+            raise ValueError(f"{where}: model.vocab[{text!r:.60}] must be an int id in [0, {MAX_TOKEN_ID}], got {idx!r:.60}")
+        if specials.get(text) == idx:
+            continue
+        try:
+            token = str_to_token(text)
+        except ValueError as e:
+            raise ValueError(f"{where}: model.vocab[{text!r:.60}]: {e}") from None
+        if vocab.setdefault(idx, token) != token:
+            raise ValueError(f"{where}: model.vocab gives id {idx} to two tokens, {token_to_str(vocab[idx])!r:.60} and {text!r:.60}")
+    return vocab
+
+
+def _hf_merges(model: dict[str, Any], where: str) -> list[tuple[bytes, bytes]]:
+    raw = model.get("merges")
+    if not isinstance(raw, list):
+        raise ValueError(f"{where}: model.merges must be a list, got {type(raw).__name__}")
+    merges = []
+    for i, m in enumerate(raw):
+        pair = m.split(" ") if isinstance(m, str) else m
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(x, str) and x for x in pair):
+            raise ValueError(f"{where}: model.merges[{i}] must be 'left right' or [left, right], got {m!r:.80}")
+        try:
+            merges.append((str_to_token(pair[0]), str_to_token(pair[1])))
+        except ValueError as e:
+            raise ValueError(f"{where}: model.merges[{i}]: {e}") from None
+    return merges
 
 
 def load_hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -118,28 +190,37 @@ def load_hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
     - `path`: the ``tokenizer.json`` file, or the directory holding it.
 
     **Returns:** the `Tokenizer`; its special tokens are the file's special added tokens.
-    A ValueError names the setting fnlm cannot represent (a normalizer, byte fallback, another
-    pre-tokenizer, ...); FileNotFoundError when there is no file.
+    A ValueError names the file and the setting fnlm cannot represent (a normalizer, byte fallback,
+    another pre-tokenizer, ...) or the malformed entry (not JSON, a missing or mistyped key, an id
+    out of range or given twice, a merge of unknown tokens); FileNotFoundError when there is no file.
     """
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
-    with open(path, encoding="utf-8") as f:
-        doc = json.load(f)
-    _check_hf_pipeline(doc, os.fspath(path))
-    vocab = {idx: str_to_token(text) for text, idx in doc["model"]["vocab"].items()}
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in doc["model"]["merges"]]
-    merges = [(str_to_token(left), str_to_token(right)) for left, right in merges]
-    added = sorted((t for t in doc.get("added_tokens", []) if t.get("special")), key=lambda t: t["id"])
-    for token in added:
-        raw = token["content"].encode("utf-8")
-        if vocab.get(token["id"], raw) != raw:
-            raise ValueError(f"{path}: added token {token['content']!r} has id {token['id']}, which the vocab gives to another token")
-        vocab[token["id"]] = raw
-    tokenizer = Tokenizer(vocab, merges, [t["content"] for t in added])
-    wrong = {t["content"]: (t["id"], tokenizer.special_ids[t["content"]]) for t in added if tokenizer.special_ids[t["content"]] != t["id"]}
+    where = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: not a valid JSON tokenizer file ({e})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    _check_hf_pipeline(doc, where)
+    added = _hf_added(doc, where)
+    vocab = _hf_vocab(doc["model"], {text: idx for idx, text in added}, where)
+    merges = _hf_merges(doc["model"], where)
+    for idx, text in added:
+        raw = text.encode("utf-8", "surrogatepass")
+        if vocab.get(idx, raw) != raw:
+            raise ValueError(f"{where}: added token {text!r} has id {idx}, which the vocab gives to another token")
+        vocab[idx] = raw
+    try:
+        tokenizer = Tokenizer(vocab, merges, [text for _, text in added])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    wrong = {t: (i, tokenizer.special_ids[t]) for i, t in added if tokenizer.special_ids[t] != i}
     if wrong:
-        raise ValueError(f"{path}: special tokens whose bytes are also an ordinary token get another id (file, fnlm): {wrong}")
+        raise ValueError(f"{where}: special tokens whose bytes are also an ordinary token get another id (file, fnlm): {wrong}")
     return tokenizer
 
 
@@ -164,6 +245,8 @@ class Llama2cTokenizer:
     def __init__(self, pieces: list[bytes], scores: list[float]):
         if len(pieces) != len(scores):
             raise ValueError(f"pieces and scores differ in length: {len(pieces)} vs {len(scores)}")
+        if len(pieces) < 259:
+            raise ValueError(f"{len(pieces)} pieces; llama2.c needs <unk>, BOS, EOS and 256 byte pieces (259)")
         self.pieces = list(pieces)
         self.scores = list(scores)
         self._ids: dict[bytes, int] = {}
@@ -197,9 +280,17 @@ class Llama2cTokenizer:
         return data.decode("utf-8", errors="replace")
 
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
-        """Token ids of `text` as run.c's `encode` computes them (see the class docstring)."""
+        """Token ids of `text` as run.c's `encode` computes them (see the class docstring).
+
+        run.c rescans every adjacent pair after each merge (quadratic: minutes for a prompt of
+        10,000 characters); here candidate pairs wait in a heap keyed by (score, position), so the
+        highest score, leftmost on ties, is merged first as in run.c, in O(n log n)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
         tokens = [self.bos_id] if bos else []
         if text:
+            if b" " not in self._ids:
+                raise ValueError("encode: the vocabulary has no ' ' piece (sentencepiece's dummy prefix)")
             tokens.append(self._ids[b" "])
         for char in text:
             raw = char.encode("utf-8")
@@ -207,16 +298,39 @@ class Llama2cTokenizer:
                 tokens.append(self._ids[raw])
             else:
                 tokens.extend(3 + b for b in raw)
-        while True:
-            best, best_score, best_id = -1, -1e10, -1
-            for i in range(len(tokens) - 1):
-                idx = self._ids.get(self.pieces[tokens[i]] + self.pieces[tokens[i + 1]])
-                if idx is not None and self.scores[idx] > best_score:
-                    best, best_score, best_id = i, self.scores[idx], idx
-            if best < 0:
-                break
-            tokens[best : best + 2] = [best_id]
-        return tokens + ([self.eos_id] if eos else [])
+        return self._merge(tokens) + ([self.eos_id] if eos else [])
+
+    def _pair(self, left: int, right: int) -> tuple[float, int] | None:
+        """(score, id) of the piece that joins two tokens, if it is one run.c would merge."""
+        idx = self._ids.get(self.pieces[left] + self.pieces[right])
+        if idx is None or not self.scores[idx] > -1e10:  # run.c starts its best score at -1e10
+            return None
+        return self.scores[idx], idx
+
+    def _merge(self, ids: list[int]) -> list[int]:
+        n = len(ids)
+        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+        heap: list[tuple[float, int, int, int, int]] = []
+
+        def push(i: int) -> None:
+            j = nxt[i]
+            if 0 <= i and j < n and (found := self._pair(ids[i], ids[j])) is not None:
+                heapq.heappush(heap, (-found[0], i, ids[i], ids[j], found[1]))
+
+        for i in range(n - 1):
+            push(i)
+        while heap:
+            _, i, left, right, idx = heapq.heappop(heap)
+            j = nxt[i]
+            if ids[i] != left or j >= n or ids[j] != right:
+                continue  # stale: one of the two was merged since
+            ids[i], ids[j] = idx, -1
+            nxt[i] = nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            push(i)
+            push(prv[i])
+        return [t for t in ids if t >= 0]
 
 
 def load_llama2c_tokenizer(path: str | os.PathLike) -> Llama2cTokenizer:

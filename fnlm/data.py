@@ -21,7 +21,13 @@ __all__ = ["get_batch", "load_tokens", "mix_seed", "batch_generator"]
 DEFAULT_BIN_DTYPE = np.uint16
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+
 def _check_batch_args(n: int, batch_size: int, context_length: int) -> None:
+    for name, value in (("batch_size", batch_size), ("context_length", context_length)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if batch_size < 1 or context_length < 1:
         raise ValueError(f"batch_size and context_length must be >= 1, got {batch_size}, {context_length}")
     if n < context_length + 1:
@@ -37,6 +43,7 @@ def get_batch(
     device: str | torch.device,
     *,
     generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
     """Sample `batch_size` windows uniformly from `tokens`: inputs and next-token targets.
 
@@ -46,6 +53,12 @@ def get_batch(
     `y[b] = tokens[s_b + 1 : s_b + context_length + 1]`. Only the sampled windows are read from a
     memmap. On a CUDA device the batch goes through pinned memory with a non-blocking copy.
 
+    The drawn windows (only they, so a call costs the same for any file size) are checked: a
+    negative id, an id that does not fit int64 (a `uint64` id of 2**63 or more, which a cast
+    would wrap to a negative one) or, with `vocab_size`, an id not below it raises ValueError.
+    Tensors on an accelerator are not checked (it would cost a device sync); check the file once
+    with :func:`load_tokens` (`vocab_size=`).
+
     **Arguments:**
 
     - `tokens`: a 1-D integer array: `np.ndarray`, `np.memmap` (see :func:`load_tokens`) or tensor.
@@ -53,6 +66,7 @@ def get_batch(
     - `context_length`: tokens per window.
     - `device`: where to put the batch, e.g. `"cpu"` or `"cuda:0"`.
     - `generator`: a CPU `torch.Generator` for the start positions.
+    - `vocab_size`: when given, every drawn id must be below it (the model's embedding rows).
 
     **Returns:**
 
@@ -71,15 +85,31 @@ def get_batch(
     offsets = torch.arange(context_length + 1)
     if isinstance(tokens, np.ndarray):
         rows = starts.numpy()[:, None] + offsets.numpy()[None, :]
-        windows = torch.from_numpy(np.asarray(tokens[rows], dtype=np.int64))
+        drawn = np.asarray(tokens[rows])
+        _check_drawn_ids(int(drawn.min()), int(drawn.max()), vocab_size)
+        windows = torch.from_numpy(drawn.astype(np.int64))
     else:
-        windows = tokens[(starts[:, None] + offsets[None, :]).to(tokens.device)].to(torch.int64)
+        drawn = tokens[(starts[:, None] + offsets[None, :]).to(tokens.device)]
+        if drawn.device.type == "cpu":
+            _check_drawn_ids(int(drawn.min()), int(drawn.max()), vocab_size)
+        windows = drawn.to(torch.int64)
     x = windows[:, :-1].contiguous()
     y = windows[:, 1:].contiguous()
     device = torch.device(device)
     if device.type == "cuda" and x.device.type == "cpu" and torch.cuda.is_available():
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+def _check_drawn_ids(low: int, high: int, vocab_size: int | None) -> None:
+    """The drawn windows' ids must be >= 0, fit int64 (a uint64 id >= 2**63 would wrap to a negative
+    one), and lie below `vocab_size` when it is given."""
+    if low < 0:
+        raise ValueError(f"tokens hold a negative id ({low}) in the drawn windows; token ids are >= 0")
+    if high > _INT64_MAX:
+        raise ValueError(f"tokens hold id {high} in the drawn windows, which does not fit int64 (max {_INT64_MAX})")
+    if vocab_size is not None and high >= vocab_size:
+        raise ValueError(f"tokens hold id {high} in the drawn windows, not below vocab_size={vocab_size}")
 
 
 def load_tokens(

@@ -37,14 +37,16 @@ This module imports `safetensors` but never `transformers`.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fnlm._interop_tokenizers import (
@@ -54,8 +56,9 @@ from fnlm._interop_tokenizers import (
     load_llama2c_tokenizer,
     write_hf_tokenizer,
 )
-from fnlm.model import TransformerConfig
+from fnlm.model import TransformerConfig, check_params
 from fnlm.tokenizer import Tokenizer
+from fnlm.tokenizer.files import current_umask
 from fnlm.tree import Tree, tree_flatten, tree_unflatten
 
 __all__ = [
@@ -130,6 +133,11 @@ def _check_shapes(flat: dict[str, Any], config: TransformerConfig, where: str) -
             raise TypeError(f"{where}: {name!r} is a {type(leaf).__name__}, expected a tensor")
         if tuple(leaf.shape) != want[name]:
             raise ValueError(f"{where}: {name!r} has shape {tuple(leaf.shape)}, expected {want[name]} for this config")
+
+
+def _umask_mode(path: str | os.PathLike) -> None:
+    """Give a file the mode `open()` would have: `safetensors.torch.save_file` writes 0600."""
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def _interleaved_to_half_split(w: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -232,6 +240,7 @@ def export_hf(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    _umask_mode(out / "model.safetensors")
     eos = tokenizer.special_ids[tokenizer.special_tokens[0]] if tokenizer is not None and tokenizer.special_tokens else None
     with open(out / "config.json", "w", encoding="utf-8") as f:
         json.dump(_hf_config(config, flat["token_embeddings.weight"].dtype, eos), f, indent=2)
@@ -247,6 +256,33 @@ def _refuse(where: str, key: str, value: Any, why: str) -> ValueError:
     return ValueError(f"{where}: {key}={value!r}: {why}")
 
 
+_HF_SIZES = (("vocab_size", 32000), ("max_position_embeddings", 2048), ("hidden_size", 4096),
+             ("num_hidden_layers", 32), ("num_attention_heads", 32), ("intermediate_size", 11008))
+"""The size fields of a Llama `config.json`, with `transformers.LlamaConfig`'s defaults."""
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_LAYER_NAME = re.compile(r"model\.layers\.(\d{1,9})\.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _hf_size(hf: dict[str, Any], key: str, default: int | None, where: str) -> int:
+    """A positive int field (`null` or absent takes `default`)."""
+    value = hf.get(key)
+    if value is None and default is not None:
+        return default
+    if not _is_int(value) or value < 1:
+        raise _refuse(where, key, value, "must be a positive int")
+    return value
+
+
+def _hf_number(value: Any, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise _refuse(where, key, value, "must be a finite number > 0")
+    return float(value)
+
+
 def _hf_rope_theta(hf: dict[str, Any], where: str) -> float:
     scaling = hf.get("rope_scaling")
     if scaling is not None and (not isinstance(scaling, dict) or scaling.get("rope_type", scaling.get("type")) != "default"):
@@ -255,82 +291,186 @@ def _hf_rope_theta(hf: dict[str, Any], where: str) -> float:
     if rope is not None:
         if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
             raise _refuse(where, "rope_parameters", rope, "fnlm's RoPE has no scaling (rope_type must be 'default')")
-        return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    return float(hf.get("rope_theta", 10000.0))
+        if "rope_theta" in rope:
+            return _hf_number(rope["rope_theta"], "rope_parameters.rope_theta", where)
+    return _hf_number(hf.get("rope_theta", 10000.0), "rope_theta", where)
 
 
-def _config_from_hf(hf: dict[str, Any], where: str) -> tuple[TransformerConfig, bool]:
-    """(fnlm config, tied head) from a Llama `config.json`; ValueError for what fnlm cannot represent.
-    Absent keys take `transformers.LlamaConfig`'s defaults."""
+def _hf_heads(hf: dict[str, Any], sizes: dict[str, int], where: str) -> None:
+    """The head fields: `hidden_size` splits into `num_attention_heads`, which the key/value heads
+    divide; fnlm represents only one key/value head per query head and the default head size."""
+    heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
+    if hidden % heads:
+        raise _refuse(where, "hidden_size", hidden, f"is not divisible by num_attention_heads={heads}")
+    kv = _hf_size(hf, "num_key_value_heads", heads, where)
+    if heads % kv:
+        raise _refuse(where, "num_key_value_heads", kv, f"does not divide num_attention_heads={heads}")
+    if kv != heads:
+        raise _refuse(where, "num_key_value_heads", kv,
+                      f"fnlm's attention has one key/value head per query head (num_attention_heads={heads})")
+    head_dim = _hf_size(hf, "head_dim", hidden // heads, where)
+    if head_dim != hidden // heads:
+        raise _refuse(where, "head_dim", head_dim,
+                      f"fnlm's head size is hidden_size / num_attention_heads = {hidden // heads}")
+
+
+def _config_from_hf(hf: Any, where: str) -> tuple[TransformerConfig, bool]:
+    """(fnlm config, tied head) from a Llama `config.json`; ValueError naming the field for a value of
+    the wrong type or range, or for what fnlm cannot represent. Absent keys take
+    `transformers.LlamaConfig`'s defaults. Nothing is allocated from these sizes before
+    `_check_hf_tensors` has compared them with the weights on disk."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(hf).__name__}")
     if hf.get("model_type") != "llama":
         raise _refuse(where, "model_type", hf.get("model_type"), "only Llama checkpoints ('llama') are read")
-    heads, hidden = hf.get("num_attention_heads", 32), hf.get("hidden_size", 4096)
+    sizes = {key: _hf_size(hf, key, default, where) for key, default in _HF_SIZES}
+    _hf_heads(hf, sizes, where)
     checks = [
-        ("num_key_value_heads", hf.get("num_key_value_heads") or heads, heads,
-         f"fnlm's attention has one key/value head per query head (num_attention_heads={heads})"),
         ("hidden_act", hf.get("hidden_act", "silu"), "silu", "fnlm's SwiGLU gates with SiLU"),
         ("rms_norm_eps", hf.get("rms_norm_eps", 1e-6), RMS_NORM_EPS, f"fnlm's RMSNorm eps is fixed at {RMS_NORM_EPS}"),
         ("attention_bias", hf.get("attention_bias", False), False, "fnlm's projections have no biases"),
         ("mlp_bias", hf.get("mlp_bias", False), False, "fnlm's projections have no biases"),
-        ("head_dim", hf.get("head_dim") or hidden // heads, hidden // heads,
-         f"fnlm's head size is hidden_size / num_attention_heads = {hidden // heads}"),
     ]
     for key, value, wanted, why in checks:
-        if value != wanted:
+        if type(value) is not type(wanted) or value != wanted:
             raise _refuse(where, key, value, why)
+    tied = hf.get("tie_word_embeddings", False)
+    if not isinstance(tied, bool):
+        raise _refuse(where, "tie_word_embeddings", tied, "must be true or false")
     theta = _hf_rope_theta(hf, where)
-    config = TransformerConfig(
-        vocab_size=hf.get("vocab_size", 32000),
-        context_length=hf.get("max_position_embeddings", 2048),
-        d_model=hidden,
-        num_layers=hf.get("num_hidden_layers", 32),
-        num_heads=heads,
-        d_ff=hf.get("intermediate_size", 11008),
-        rope_theta=theta,
-    )
-    return config, bool(hf.get("tie_word_embeddings", False))
+    try:
+        config = TransformerConfig(
+            vocab_size=sizes["vocab_size"], context_length=sizes["max_position_embeddings"], d_model=sizes["hidden_size"],
+            num_layers=sizes["num_hidden_layers"], num_heads=sizes["num_attention_heads"],
+            d_ff=sizes["intermediate_size"], rope_theta=theta,
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return config, tied
 
 
-def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Where the files of a model folder may resolve to: the folder itself and, for a snapshot of the
+    Hugging Face hub cache (`models--org--name/snapshots/<rev>`, whose files link to `../../blobs/`),
+    that repository's `blobs` folder."""
+    real = folder.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
+        roots.append((real.parent.parent / "blobs").resolve())
+    return roots
+
+
+def _inside(folder: Path, name: Any, where: str) -> Path:
+    """`folder / name` for a file name that stays inside the folder: ValueError for an absolute path,
+    a `..` part, or a symbolic link that resolves outside it (see `_allowed_roots`)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: file name {name!r} is not a non-empty string")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+        raise ValueError(f"{where}: file name {name!r} points outside the model folder {os.fspath(folder)!r}")
+    full = folder / name
+    real = full.resolve()
+    if not any(real == root or real.is_relative_to(root) for root in _allowed_roots(folder)):
+        raise ValueError(f"{where}: {name!r} resolves to {os.fspath(real)!r}, outside the model folder {os.fspath(folder)!r}")
+    return full
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{os.fspath(path)}: not a valid JSON {what} ({e})") from None
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model folder: the shards its index names (each checked to stay
+    inside the folder), or `model.safetensors`."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        where = os.fspath(index)
+        doc = _read_json(_inside(path, index.name, where), "index")
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{where}: no 'weight_map' object of tensor name -> shard file, got {weight_map!r:.80}")
+        bad = next((v for v in weight_map.values() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise ValueError(f"{where}: weight_map values must be file names, got {bad!r:.80}")
+        files = [_inside(path, name, where) for name in sorted(set(weight_map.values()))]
     elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+        files = [_inside(path, "model.safetensors", os.fspath(path))]
     else:
         present = sorted(p.name for p in path.iterdir())
         raise FileNotFoundError(
             f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors weights are read); "
             f"the directory has {present[:12]}"
         )
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path}: shard {name} named by model.safetensors.index.json is missing")
-        state.update(load_file(path / name))
-    return state
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}: shard {file.name} named by model.safetensors.index.json is missing")
+    return files
 
 
-def _params_from_hf(state: dict[str, torch.Tensor], config: TransformerConfig, tied: bool, where: str) -> Tree:
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    biases = sorted(k for k in state if k.endswith(".bias"))
+def _hf_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """Tensor name -> (file, shape, safetensors dtype), read from the files' headers only."""
+    headers: dict[str, tuple[Path, tuple[int, ...], str]] = {}
+    for file in files:
+        try:
+            with safe_open(os.fspath(file), framework="pt") as f:
+                for name in f.keys():
+                    if name in headers:
+                        raise ValueError(f"{os.fspath(file)}: tensor {name!r} is also in {os.fspath(headers[name][0])}")
+                    sl = f.get_slice(name)
+                    headers[name] = (file, tuple(sl.get_shape()), sl.get_dtype())
+        except SafetensorError as e:
+            raise ValueError(f"{os.fspath(file)}: not a readable safetensors file ({e})") from None
+    return headers
+
+
+def _check_hf_tensors(headers: dict[str, tuple[Path, tuple[int, ...], str]], config: TransformerConfig,
+                      tied: bool, where: str) -> dict[str, str]:
+    """Compare the tensors on disk with the config before any is read: the layers present, names,
+    dtypes, shapes. Returns fnlm name -> Hugging Face name of each tensor to read."""
+    names = [k for k in headers if not k.endswith("rotary_emb.inv_freq")]
+    biases = sorted(k for k in names if k.endswith(".bias"))
     if biases:
         raise ValueError(f"{where}: bias tensors {biases[:4]} present; fnlm's layers have no biases")
-    flat: dict[str, torch.Tensor] = {}
-    for name in _expected_shapes(config):
-        hf_name = _hf_name("token_embeddings.weight" if tied and name == "lm_head.weight" else name)
-        if hf_name not in state:
+    layers = sorted({int(m.group(1)) for m in map(_LAYER_NAME.match, names) if m})
+    if layers != list(range(len(layers))) or len(layers) != config.num_layers:
+        shown = f"{len(layers)} layers (indices {layers[:4]}{' ...' if len(layers) > 4 else ''})"
+        raise ValueError(f"{where}: config.json has num_hidden_layers={config.num_layers}, but the weights hold {shown}")
+    wanted = {name: _hf_name("token_embeddings.weight" if tied and name == "lm_head.weight" else name)
+              for name in _expected_shapes(config)}
+    shapes = _expected_shapes(config)
+    for name, hf_name in wanted.items():
+        if hf_name not in headers:
             raise ValueError(f"{where}: tensor {hf_name!r} is missing")
+        file, shape, dtype = headers[hf_name]
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{os.fspath(file)}: tensor {hf_name!r} has dtype {dtype}; fnlm reads floating "
+                             f"weights only ({', '.join(_FLOAT_DTYPES)}), not quantized ones")
+        if shape != shapes[name]:
+            raise ValueError(f"{os.fspath(file)}: tensor {hf_name!r} has shape {shape}, but config.json means "
+                             f"{shapes[name]} (vocab_size={config.vocab_size}, hidden_size={config.d_model}, "
+                             f"intermediate_size={config.d_ff})")
+    extra = sorted(set(names) - set(wanted.values()) - {"lm_head.weight"})
+    if extra:
+        raise ValueError(f"{where}: tensors fnlm's Llama has no place for: {extra[:8]}")
+    return wanted
+
+
+def _params_from_hf(headers: dict, wanted: dict[str, str], tied: bool, config: TransformerConfig) -> Tree:
+    """Read the checked tensors, shard by shard, into fnlm's layout."""
+    state: dict[str, torch.Tensor] = {}
+    needed = set(wanted.values())
+    for file in sorted({headers[hf_name][0] for hf_name in needed}):
+        state.update({k: v for k, v in load_file(file).items() if k in needed})
+    flat: dict[str, torch.Tensor] = {}
+    for name, hf_name in wanted.items():
         t = state[hf_name]
         if name.split(".", 2)[-1] in _ROPE_ROWS:
             t = _half_split_to_interleaved(t, config.num_heads)
         flat[name] = t.clone() if tied and name == "lm_head.weight" else t
-    used = {_hf_name(n) for n in flat} - ({"lm_head.weight"} if tied else set())
-    extra = sorted(state.keys() - used - {"lm_head.weight"})
-    if extra:
-        raise ValueError(f"{where}: tensors fnlm's Llama has no place for: {extra[:8]}")
-    _check_shapes(flat, config, where)
     return tree_unflatten(flat)
 
 
@@ -346,20 +486,24 @@ def import_hf(path: str | os.PathLike) -> tuple[Tree, TransformerConfig]:
       safetensors files listed in `model.safetensors.index.json`.
 
     **Returns:** `(params, config)`; the tensors keep their stored dtype, and a tied head becomes
-    its own copy of the embedding (`lm_head.weight`). ValueError, naming the key, for what fnlm
-    cannot represent: `num_key_value_heads` below `num_attention_heads`, `attention_bias` /
+    its own copy of the embedding (`lm_head.weight`). ValueError, naming the file and the key, for
+    what fnlm cannot represent: `num_key_value_heads` below `num_attention_heads`, `attention_bias` /
     `mlp_bias` or bias tensors, `rope_scaling`, a `hidden_act` other than `silu`, an
-    `rms_norm_eps` other than 1e-5, a `head_dim` other than `hidden_size / num_attention_heads`.
-    FileNotFoundError when the directory or its files are missing.
+    `rms_norm_eps` other than 1e-5, a `head_dim` other than `hidden_size / num_attention_heads`,
+    non-floating (quantized) weights; and for a malformed folder: a size that is not a positive int,
+    sizes or a layer count that differ from the tensors on disk (checked from the safetensors
+    headers before any tensor is read), a shard name that leads outside the folder (an absolute
+    path, `..`, or a link resolving elsewhere; the hub cache's `snapshots/<rev>` -> `blobs/` links
+    are allowed). FileNotFoundError when the directory or its files are missing.
     """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    with open(path / "config.json", encoding="utf-8") as f:
-        hf = json.load(f)
     where = os.fspath(path / "config.json")
-    config, tied = _config_from_hf(hf, where)
-    return _params_from_hf(_read_hf_tensors(path), config, tied, os.fspath(path)), config
+    config, tied = _config_from_hf(_read_json(_inside(path, "config.json", where), "config"), where)
+    headers = _hf_headers(_hf_weight_files(path))
+    wanted = _check_hf_tensors(headers, config, tied, os.fspath(path))
+    return _params_from_hf(headers, wanted, tied, config), config
 
 
 # --- llama2.c --------------------------------------------------------------------------------
@@ -519,26 +663,61 @@ def save_params(params: Tree, path: str | os.PathLike, *, metadata: dict[str, st
     if _NAMES_KEY in metadata:
         raise ValueError(f"metadata key {_NAMES_KEY!r} is reserved by fnlm (the order of the names)")
     save_file(tensors, os.fspath(path), metadata={**metadata, _NAMES_KEY: json.dumps(list(tensors))})
+    _umask_mode(path)
 
 
-def load_params(path: str | os.PathLike) -> Tree:
+def load_params(path: str | os.PathLike, *, config: TransformerConfig | None = None) -> Tree:
     """Read a safetensors file into a params tree (`fnlm.tree_unflatten` of its names).
 
     **Arguments:**
 
     - `path`: a file `save_params` wrote, or any safetensors file with dotted names.
+    - `config`: when given, the tree must hold every parameter of `config`'s model with its shape
+      and a floating dtype (`fnlm.model.check_params`).
 
     **Returns:** the tree, on the CPU, names in the order they were saved (sorted for files from
-    elsewhere). FileNotFoundError when the file is missing.
+    elsewhere). FileNotFoundError when the file is missing; ValueError naming the file for a file
+    that is not safetensors, a garbled fnlm name list (the `__fnlm_names__` metadata key), names
+    that do not form a tree, or tensors that do not fit `config`.
     """
+    name = os.fspath(path)
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no safetensors file at {os.fspath(path)!r}")
-    flat = load_file(os.fspath(path))
-    order = (_raw_metadata(path) or {}).get(_NAMES_KEY)
-    names = json.loads(order) if order is not None else sorted(flat)
+        raise FileNotFoundError(f"no safetensors file at {name!r}")
+    if config is not None and not isinstance(config, TransformerConfig):
+        raise TypeError(f"config must be a fnlm.TransformerConfig or None, got {type(config).__name__}")
+    try:
+        metadata = _raw_metadata(name) or {}
+        flat = load_file(name)
+    except SafetensorError as e:
+        raise ValueError(f"{name!r}: not a readable safetensors file ({e})") from None
+    names = _stored_names(metadata.get(_NAMES_KEY), flat, name)
+    try:
+        tree = tree_unflatten({n: flat[n] for n in names})
+    except ValueError as e:
+        raise ValueError(f"{name!r}: the tensor names do not form a params tree ({e})") from None
+    if config is not None:
+        try:
+            check_params(tree, config)
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            raise ValueError(f"{name!r}: the tensors do not fit the config: {e}") from None
+    return tree
+
+
+def _stored_names(order: str | None, flat: dict[str, torch.Tensor], where: str) -> list[str]:
+    """The saved order of the names (metadata `__fnlm_names__`, a JSON list), or sorted names."""
+    if order is None:
+        return sorted(flat)
+    try:
+        names = json.loads(order)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where!r}: metadata {_NAMES_KEY!r} is not valid JSON ({e.msg})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{where!r}: metadata {_NAMES_KEY!r} must be a JSON list of distinct names, got {order!r:.80}")
     if sorted(names) != sorted(flat):
-        raise ValueError(f"{os.fspath(path)!r}: the stored name order does not match the tensors")
-    return tree_unflatten({name: flat[name] for name in names})
+        missing, extra = sorted(set(flat) - set(names)), sorted(set(names) - set(flat))
+        raise ValueError(f"{where!r}: metadata {_NAMES_KEY!r} does not match the tensors: unlisted {missing[:4]}, "
+                         f"absent {extra[:4]}")
+    return names
 
 
 def _raw_metadata(path: str | os.PathLike) -> dict[str, str] | None:

@@ -8,6 +8,7 @@ new_ids = generate(params, config, tokenizer.encode("Once upon a time"), max_new
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 
@@ -112,9 +113,9 @@ def generate(
     - `use_cache`: `False` recomputes the whole window each step (the reference behaviour).
     - `block`, `final_norm`: passed to `transformer_lm`, for models built from other blocks.
 
-    **Returns:** the newly generated ids only, as a list of ints.
+    **Returns:** the newly generated ids only, as a list of ints; ValueError when a step's logits are not finite.
     """
-    ids = _checked_arguments(prompt_ids, config, max_new_tokens, eos_id, temperature, top_p)
+    ids = _checked_arguments(prompt_ids, config, max_new_tokens, eos_id, temperature, top_p, seed)
     check_params(params, config, layers=block is None, final_norm=final_norm is None)
     weight = params["token_embeddings"]["weight"]
     device, dtype = weight.device, weight.dtype
@@ -144,7 +145,7 @@ def generate(
     with torch.inference_mode():
         logits = prefill(ids[-window:])
         while True:
-            token = int(sample_next_token(logits, temperature=temperature, top_p=top_p, generator=generator))
+            token = _next_token(logits, len(new), temperature, top_p, generator)
             if token == eos_id:
                 break
             new.append(token)
@@ -158,10 +159,32 @@ def generate(
     return new
 
 
+def _next_token(logits: Tensor, step: int, temperature: float | int, top_p: float | int,
+                generator: torch.Generator) -> int:
+    """`generate`'s draw of new token `step`, after checking that its logits are finite."""
+    _check_finite(logits, step)
+    return int(sample_next_token(logits, temperature=temperature, top_p=top_p, generator=generator))
+
+
+def _check_finite(logits: Tensor, step: int) -> None:
+    """ValueError when the logits of a step hold NaN or inf (greedy decoding would pick id 0, or
+    the first NaN, and sampling would fail deep inside `torch.multinomial`)."""
+    finite = torch.isfinite(logits)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        kinds = sorted({"nan" if math.isnan(v) else "inf" for v in logits[~finite][:64].tolist()})
+        raise ValueError(
+            f"generate: the model's logits for new token {step} hold {bad} non-finite values ({', '.join(kinds)}) "
+            f"of {logits.numel()}; the params are probably not finite (check them with torch.isfinite)"
+        )
+
+
 def _checked_arguments(prompt_ids: Sequence[int] | Tensor, config: TransformerConfig, max_new_tokens: int,
-                       eos_id: int | None, temperature: float | int, top_p: float | int) -> list[int]:
+                       eos_id: int | None, temperature: float | int, top_p: float | int, seed: int | None) -> list[int]:
     """`generate`'s arguments checked (a `TypeError`/`ValueError` naming the bad one); the prompt as a list."""
     _check_sampling(temperature, top_p)
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed must be an int in [-2**63, 2**64) (torch.Generator.manual_seed's range) or None, got {seed!r}")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     ids = _prompt_list(prompt_ids, config.vocab_size)

@@ -130,3 +130,58 @@ def test_load_tokens_checks_every_chunk(tmp_path):
     with pytest.raises(ValueError, match="token id 700 at position 1000"):
         fnlm.load_tokens(tmp_path / "late.bin", vocab_size=512, chunk_size=100)
     assert fnlm.load_tokens(tmp_path / "late.bin", vocab_size=701, chunk_size=100).shape == (1001,)
+
+
+def test_get_batch_refuses_uint64_ids_that_do_not_fit_int64():
+    """Before: `np.asarray(..., dtype=np.int64)` wrapped 2**63 + 5 to -9223372036854775803."""
+    tokens = np.full(64, 2**63 + 5, dtype=np.uint64)
+    with pytest.raises(ValueError, match=r"id 9223372036854775813 .*does not fit int64"):
+        fnlm.get_batch(tokens, 2, 4, "cpu")
+    ok = np.arange(64, dtype=np.uint64)
+    ok[10] = 2**63 - 1
+    x, _ = fnlm.get_batch(ok, 200, 4, "cpu", generator=torch.Generator().manual_seed(0))
+    assert int(x.max()) == 2**63 - 1 and int(x.min()) >= 0
+
+
+def test_get_batch_checks_only_the_drawn_windows():
+    tokens = np.arange(1000, dtype=np.int64)
+    tokens[-1] = -7
+    starts = torch.randint(0, 1000 - 8, (3,), generator=torch.Generator().manual_seed(1))
+    clean = bool((starts + 8 < 999).all())
+    assert clean
+    x, y = fnlm.get_batch(tokens, 3, 8, "cpu", generator=torch.Generator().manual_seed(1))
+    assert int(y.min()) >= 0
+    with pytest.raises(ValueError, match=r"negative id \(-7\)"):
+        fnlm.get_batch(np.full(20, -7), 2, 4, "cpu")
+    with pytest.raises(ValueError, match=r"negative id \(-3\)"):
+        fnlm.get_batch(torch.full((20,), -3), 2, 4, "cpu")
+
+
+def test_get_batch_with_vocab_size_refuses_ids_the_model_cannot_embed():
+    tokens = np.arange(100, dtype=np.uint16)
+    x, y = fnlm.get_batch(tokens, 4, 8, "cpu", vocab_size=100)
+    assert int(y.max()) < 100
+    with pytest.raises(ValueError, match=r"id 95 in the drawn windows, not below vocab_size=90"):
+        fnlm.get_batch(np.full(100, 95, dtype=np.uint16), 4, 8, "cpu", vocab_size=90)
+    with pytest.raises(ValueError, match="vocab_size=90"):
+        fnlm.get_batch(torch.full((100,), 95), 4, 8, "cpu", vocab_size=90)
+
+
+def test_get_batch_refuses_sizes_that_are_not_ints():
+    """With type checking off (as users run it) a float size reached torch.randint / arange."""
+    from tests.fresh_process import run_python
+
+    out = run_python(
+        """
+        import json, numpy as np, fnlm
+        errors = []
+        for b, c in [(2.0, 4), (2, 4.5), (True, 4)]:
+            try:
+                fnlm.get_batch(np.arange(50), b, c, "cpu")
+                errors.append(None)
+            except TypeError as e:
+                errors.append(str(e))
+        print("RESULT " + json.dumps(errors))
+        """
+    )
+    assert [e and e.split(" must")[0] for e in out] == ["batch_size", "context_length", "batch_size"], out

@@ -173,3 +173,37 @@ def test_value_and_grad_errors():
         value_and_grad(lambda p: p["w"].sum().float())({"w": torch.ones(3, dtype=torch.long)})
     with pytest.raises(ValueError, match="backend"):
         value_and_grad(lambda p: p, backend="jax")
+
+
+def test_float_targets_are_a_type_error_not_truncated():
+    """Before: `targets.long()` truncated 3.7 to 3 and returned a loss (with type checking off, as
+    users run it). Now the dtype is refused, in plain calls, under `vmap` and under `torch.compile`."""
+    from tests.fresh_process import run_python
+
+    out = run_python(
+        """
+        import json, torch, fnlm
+        logits = torch.randn(2, 5)
+        errors = []
+        for targets in (torch.tensor([3.7, 1.0]), torch.tensor([True, False]), torch.tensor([1, 2], dtype=torch.complex64),
+                        [3, 1]):
+            try:
+                fnlm.cross_entropy(logits, targets)
+                errors.append(None)
+            except TypeError as e:
+                errors.append(str(e))
+        try:
+            torch.vmap(fnlm.cross_entropy)(torch.randn(3, 2, 5), torch.rand(3, 2) * 4)
+            errors.append(None)
+        except TypeError as e:
+            errors.append(str(e))
+        ints = torch.tensor([3, 1])
+        compiled = torch.compile(fnlm.cross_entropy, fullgraph=True)
+        same = torch.equal(compiled(logits, ints), fnlm.cross_entropy(logits, ints))
+        small = fnlm.cross_entropy(logits, ints.to(torch.uint8)).item() == fnlm.cross_entropy(logits, ints).item()
+        print("RESULT " + json.dumps({"errors": errors, "same": same, "small": small}))
+        """
+    )
+    assert out["same"] and out["small"]
+    assert all(e is not None and "targets must be an integer tensor" in e for e in out["errors"]), out["errors"]
+    assert "torch.float32" in out["errors"][0] and "torch.bool" in out["errors"][1] and "list" in out["errors"][3]

@@ -167,3 +167,32 @@ def test_top_p_frequencies_are_the_renormalised_nucleus():
     expected = torch.tensor([0.4, 0.3, 0.15, 0.0, 0.0], dtype=torch.float64) / 0.85
     assert (freq - expected).abs().max() < 0.015, freq
     assert fnlm.top_p_mask(torch.tensor([0.5, 0.2, 0.3]), 0.7).tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("temperature, use_cache", [(0, True), (0, False), (0.8, True)])
+def test_non_finite_logits_are_an_error_not_token_zero(params, bad, temperature, use_cache):
+    """Before: with NaN weights greedy decoding returned [0, 0, ...] (argmax of all-NaN logits)."""
+    broken = fnlm.tree_map(lambda t: t.clone(), params)
+    broken["lm_head"]["weight"][5, 0] = bad
+    broken["layers"][1]["ffn"]["w2"]["weight"].fill_(bad)
+    with pytest.raises(ValueError, match=r"logits for new token 0 hold \d+ non-finite values \((inf|nan)(, nan)?\) of 37"):
+        fnlm.generate(broken, CONFIG, [1, 2, 3], max_new_tokens=4, temperature=temperature, seed=0, use_cache=use_cache)
+
+
+def test_logits_that_turn_non_finite_later_name_the_step(params):
+    """A prompt token whose embedding is NaN poisons only the steps that read it."""
+    broken = fnlm.tree_map(lambda t: t.clone(), params)
+    first = fnlm.generate(params, CONFIG, [1, 2], max_new_tokens=3, temperature=0)
+    broken["token_embeddings"]["weight"][first[1]] = float("nan")
+    with pytest.raises(ValueError, match=r"logits for new token 2 hold"):
+        fnlm.generate(broken, CONFIG, [1, 2], max_new_tokens=3, temperature=0)
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 1.5, True, "0"])
+def test_a_seed_torch_cannot_take_is_a_value_error(params, seed):
+    """Before: `manual_seed` failed with a RuntimeError (overflow) or TypeError from inside torch."""
+    with pytest.raises((ValueError, TypeError), match="seed"):
+        fnlm.generate(params, CONFIG, [1], max_new_tokens=1, seed=seed)
+    assert fnlm.generate(params, CONFIG, [1], max_new_tokens=2, temperature=0, seed=2**64 - 1) == \
+        fnlm.generate(params, CONFIG, [1], max_new_tokens=2, temperature=0, seed=0)

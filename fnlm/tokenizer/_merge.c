@@ -79,7 +79,9 @@ static int add_count(PyObject *pair_counts, PyObject *key, long long delta, int 
     }
     PyObject *d = PyLong_FromLongLong(delta);
     if (d == NULL) return -1;
+    Py_XINCREF(old); /* borrowed from the dict: `+` may run Python code that removes it */
     PyObject *val = old == NULL ? (Py_INCREF(d), d) : PyNumber_Add(old, d);
+    Py_XDECREF(old);
     Py_DECREF(d);
     if (val == NULL) return -1;
     int rc = PyDict_SetItem(pair_counts, key, val);
@@ -151,6 +153,50 @@ static int move(Py_UCS4 c, int left, long long cw, PyObject *wi) {
     return append_new(&lists[c], wi);
 }
 
+/* A private tuple of a sequence's items. For a list, the tuple is allocated first and the list's
+ * size read again after: an allocation may run the garbage collector, whose finalizers may change
+ * the list (`PyList_AsTuple` would copy from the array it had before). */
+static PyObject *private_tuple(PyObject *seq, const char *what) {
+    if (!PyList_Check(seq)) return PySequence_Tuple(seq);
+    Py_ssize_t n = PyList_GET_SIZE(seq);
+    PyObject *copy = PyTuple_New(n);
+    if (copy == NULL) return NULL;
+    if (PyList_GET_SIZE(seq) != n) {
+        Py_DECREF(copy);
+        PyErr_Format(PyExc_RuntimeError, "%s changed while it was being read", what);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(seq, i);
+        Py_INCREF(item);
+        PyTuple_SET_ITEM(copy, i, item);
+    }
+    return copy;
+}
+
+/* The word indices as a private tuple of exact ints (a copy: Python code that runs later, e.g. a
+ * finalizer during an allocation, cannot change what is iterated, and reading an exact int runs
+ * no Python code, unlike `__index__`). */
+static PyObject *index_copy(PyObject *where_list) {
+    PyObject *todo = private_tuple(where_list, "where_list");
+    if (todo == NULL) return NULL;
+    for (Py_ssize_t e = 0; e < PyTuple_GET_SIZE(todo); e++) {
+        if (!PyLong_CheckExact(PyTuple_GET_ITEM(todo, e))) {
+            PyErr_Format(PyExc_TypeError, "where_list must hold ints, got %.80s", Py_TYPE(PyTuple_GET_ITEM(todo, e))->tp_name);
+            Py_DECREF(todo);
+            return NULL;
+        }
+    }
+    return todo;
+}
+
+/* The scratch is shared: a call from Python code that runs inside a call (a `+` on a count, a
+ * comparison in `heappush`, a finalizer) is refused instead of clearing it under the outer call. */
+static int busy = 0;
+
+static PyObject *merge_words_locked(PyObject *words, PyObject *counts, PyObject *todo, PyObject *pair_counts,
+                                    PyObject *k, PyObject *z, PyObject *where, PyObject *heap, PyObject *token_key);
+
 static PyObject *merge_words(PyObject *self, PyObject *args) {
     PyObject *words, *counts, *where_list, *pair_counts, *k, *z, *where, *heap, *token_key;
     if (!PyArg_ParseTuple(args, "O!O!O!O!UUO!O!O!:merge_words", &PyList_Type, &words, &PyList_Type, &counts,
@@ -161,25 +207,42 @@ static PyObject *merge_words(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "merge_words needs a two-character pair and a one-character token");
         return NULL;
     }
+    if (busy) {
+        PyErr_SetString(PyExc_RuntimeError, "merge_words is not re-entrant (called from code it ran)");
+        return NULL;
+    }
+    PyObject *todo = index_copy(where_list);
+    if (todo == NULL) return NULL;
+    busy = 1;
+    PyObject *out = merge_words_locked(words, counts, todo, pair_counts, k, z, where, heap, token_key);
+    busy = 0;
+    Py_DECREF(todo);
+    return out;
+}
+
+static PyObject *merge_words_locked(PyObject *words, PyObject *counts, PyObject *todo, PyObject *pair_counts,
+                                    PyObject *k, PyObject *z, PyObject *where, PyObject *heap, PyObject *token_key) {
     Py_UCS4 a = PyUnicode_READ_CHAR(k, 0), b = PyUnicode_READ_CHAR(k, 1), zc = PyUnicode_READ_CHAR(z, 0);
     if (grow((Py_ssize_t)zc + 1) < 0) return NULL;
-    PyObject *new_where = PyDict_New(), *zz_list = NULL;
+    PyObject *new_where = PyDict_New(), *zz_list = NULL, *w = NULL;
     if (new_where == NULL) return NULL;
     long long dec_ba = 0, inc_zz = 0;
     Py_ssize_t stack_pos[512];
     Py_ssize_t *pos = stack_pos, cap = 512;
-    Py_ssize_t nwhere = PyList_GET_SIZE(where_list);
+    Py_ssize_t nwhere = PyTuple_GET_SIZE(todo);
 
     for (Py_ssize_t e = 0; e < nwhere; e++) {
-        PyObject *wi = PyList_GET_ITEM(where_list, e);
+        PyObject *wi = PyTuple_GET_ITEM(todo, e);
         Py_ssize_t idx = PyLong_AsSsize_t(wi);
         if (idx == -1 && PyErr_Occurred()) goto fail;
         if (idx < 0 || idx >= PyList_GET_SIZE(words) || idx >= PyList_GET_SIZE(counts)) {
             PyErr_Format(PyExc_IndexError, "word index %zd out of range", idx);
             goto fail;
         }
-        PyObject *w = PyList_GET_ITEM(words, idx);
-        if (!PyUnicode_Check(w)) { PyErr_SetString(PyExc_TypeError, "words must be str"); goto fail; }
+        Py_CLEAR(w);
+        w = PyList_GET_ITEM(words, idx);
+        if (!PyUnicode_CheckExact(w)) { w = NULL; PyErr_SetString(PyExc_TypeError, "words must be str"); goto fail; }
+        Py_INCREF(w); /* held while its characters are read: Python code may replace it in `words` */
         Py_ssize_t n = PyUnicode_GET_LENGTH(w);
         int kind = PyUnicode_KIND(w);
         const void *data = PyUnicode_DATA(w);
@@ -204,7 +267,12 @@ static PyObject *merge_words(PyObject *self, PyObject *args) {
             }
         }
         if (m == 0) continue; /* stale */
-        long long cw = PyLong_AsLongLong(PyList_GET_ITEM(counts, idx));
+        PyObject *count = PyList_GET_ITEM(counts, idx);
+        if (!PyLong_CheckExact(count)) {
+            PyErr_Format(PyExc_TypeError, "counts must hold ints, got %.80s", Py_TYPE(count)->tp_name);
+            goto fail;
+        }
+        long long cw = PyLong_AsLongLong(count);
         if (cw == -1 && PyErr_Occurred()) goto fail;
 
         for (Py_ssize_t t = 0; t < m; t++) {
@@ -235,8 +303,9 @@ static PyObject *merge_words(PyObject *self, PyObject *args) {
             src += 2;
         }
         for (; src < n; src++) PyUnicode_WRITE(nkind, ndata, out++, PyUnicode_READ(kind, data, src));
-        if (PyList_SetItem(words, idx, nw) < 0) goto fail; /* steals nw, releases the old word */
+        if (PyList_SetItem(words, idx, nw) < 0) goto fail; /* steals nw (also on failure), releases the old word */
     }
+    Py_CLEAR(w);
 
     /* the count changes, one per distinct pair */
     for (Py_ssize_t t = 0; t < sc.n_left; t++) {
@@ -264,13 +333,16 @@ static PyObject *merge_words(PyObject *self, PyObject *args) {
     while (PyDict_Next(new_where, &it, &nk, &lst)) {
         PyObject *nc = PyDict_GetItemWithError(pair_counts, nk);
         if (nc == NULL) { if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, nk); goto fail; }
+        Py_INCREF(nc); /* borrowed from the dict: `-` may run Python code that removes it */
+        PyObject *neg = PyNumber_Negative(nc);
+        Py_DECREF(nc);
+        if (neg == NULL) goto fail;
         Py_ssize_t c0 = PyUnicode_READ_CHAR(nk, 0), c1 = PyUnicode_READ_CHAR(nk, 1);
         if (c0 >= PyList_GET_SIZE(token_key) || c1 >= PyList_GET_SIZE(token_key)) {
+            Py_DECREF(neg);
             PyErr_SetString(PyExc_IndexError, "token_key is shorter than the token ids");
             goto fail;
         }
-        PyObject *neg = PyNumber_Negative(nc);
-        if (neg == NULL) goto fail;
         PyObject *entry = PyTuple_Pack(4, neg, PyList_GET_ITEM(token_key, c0), PyList_GET_ITEM(token_key, c1), nk);
         Py_DECREF(neg);
         if (entry == NULL) goto fail;
@@ -278,10 +350,10 @@ static PyObject *merge_words(PyObject *self, PyObject *args) {
         Py_DECREF(entry);
         if (r == NULL) goto fail;
         Py_DECREF(r);
-        PyObject *old = PyDict_GetItemWithError(where, nk);
+        PyObject *old = PyDict_GetItemWithError(where, nk); /* borrowed; nothing below runs Python code */
         if (old == NULL) {
             if (PyErr_Occurred() || PyDict_SetItem(where, nk, lst) < 0) goto fail;
-        } else if (PyList_Check(old)) {
+        } else if (PyList_CheckExact(old)) {
             Py_ssize_t n = PyList_GET_SIZE(old);
             if (PyList_SetSlice(old, n, n, lst) < 0) goto fail;
         } else {
@@ -296,6 +368,7 @@ static PyObject *merge_words(PyObject *self, PyObject *args) {
 
 fail:
     if (pos != stack_pos) PyMem_Free(pos);
+    Py_XDECREF(w);
     Py_XDECREF(zz_list);
     reset();
     Py_DECREF(new_where);
@@ -343,49 +416,81 @@ static inline long rank_of(const Table *t, long left, long right) {
     }
 }
 
-static PyObject *make_table(PyObject *self, PyObject *args) {
-    PyObject *byte_ids, *ranks, *merged;
-    if (!PyArg_ParseTuple(args, "OO!O:make_table", &byte_ids, &PyDict_Type, &ranks, &merged)) return NULL;
-    PyObject *bseq = PySequence_Fast(byte_ids, "byte_ids must be a sequence");
-    if (bseq == NULL) return NULL;
-    PyObject *mseq = PySequence_Fast(merged, "merged must be a sequence");
-    if (mseq == NULL) { Py_DECREF(bseq); return NULL; }
-    Table *t = PyMem_Calloc(1, sizeof(Table));
-    if (t == NULL) { Py_DECREF(bseq); Py_DECREF(mseq); return PyErr_NoMemory(); }
-    if (PySequence_Fast_GET_SIZE(bseq) != 256) {
+/* Token ids in the table must fit the 32-bit halves of a pair key (and Python's check the same). */
+#define MAX_ID 0x7FFFFFFFL
+
+/* An id or rank from a Python int (or int subclass, whose value is read without running Python
+ * code: an object with only `__index__` is refused, since its code could change the inputs). */
+static int read_id(PyObject *obj, long hi, const char *what, long *out) {
+    if (!PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be ints, got %.80s", what, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    int overflow = 0;
+    long v = PyLong_AsLongAndOverflow(obj, &overflow);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (overflow || v < 0 || v > hi) {
+        PyErr_Format(PyExc_ValueError, "%s must lie in [0, %ld], got %R", what, hi, obj);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static void table_release(Table *t) {
+    PyMem_Free(t->merged);
+    PyMem_Free(t->keys);
+    PyMem_Free(t->ranks);
+    PyMem_Free(t);
+}
+
+/* The 256 byte ids and `merged[rank]` from private tuples (copies: nothing can change them while read). */
+static int fill_ids(Table *t, PyObject *bseq, PyObject *mseq) {
+    if (PyTuple_GET_SIZE(bseq) != 256) {
         PyErr_SetString(PyExc_ValueError, "byte_ids must hold 256 ids");
-        goto fail;
+        return -1;
     }
-    for (int b = 0; b < 256; b++) {
-        t->byte_ids[b] = PyLong_AsLong(PySequence_Fast_GET_ITEM(bseq, b));
-        if (t->byte_ids[b] == -1 && PyErr_Occurred()) goto fail;
-    }
-    t->n_merges = PySequence_Fast_GET_SIZE(mseq);
+    for (int b = 0; b < 256; b++)
+        if (read_id(PyTuple_GET_ITEM(bseq, b), MAX_ID, "byte ids", &t->byte_ids[b]) < 0) return -1;
+    t->n_merges = PyTuple_GET_SIZE(mseq);
     t->merged = PyMem_Malloc(sizeof(long) * (size_t)(t->n_merges + 1));
-    if (t->merged == NULL) { PyErr_NoMemory(); goto fail; }
-    for (Py_ssize_t r = 0; r < t->n_merges; r++) {
-        t->merged[r] = PyLong_AsLong(PySequence_Fast_GET_ITEM(mseq, r));
-        if (t->merged[r] == -1 && PyErr_Occurred()) goto fail;
-    }
+    if (t->merged == NULL) { PyErr_NoMemory(); return -1; }
+    for (Py_ssize_t r = 0; r < t->n_merges; r++)
+        if (read_id(PyTuple_GET_ITEM(mseq, r), MAX_ID, "merged ids", &t->merged[r]) < 0) return -1;
+    return 0;
+}
+
+/* The open-addressing hash of `ranks`; reading exact values runs no Python code, so the dict
+ * cannot change while it is walked. */
+static int fill_ranks(Table *t, PyObject *ranks) {
     size_t size = 16;
     while (size < 4 * (size_t)PyDict_GET_SIZE(ranks)) size *= 2;
     t->mask = size - 1;
     t->keys = PyMem_Calloc(size, sizeof(unsigned long long));
     t->ranks = PyMem_Malloc(sizeof(long) * size);
-    if (t->keys == NULL || t->ranks == NULL) { PyErr_NoMemory(); goto fail; }
+    if (t->keys == NULL || t->ranks == NULL) { PyErr_NoMemory(); return -1; }
     PyObject *pair, *rank;
     Py_ssize_t pos = 0;
     while (PyDict_Next(ranks, &pos, &pair, &rank)) {
         if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
             PyErr_SetString(PyExc_TypeError, "ranks must map (left, right) tuples to ranks");
-            goto fail;
+            return -1;
         }
-        long left = PyLong_AsLong(PyTuple_GET_ITEM(pair, 0)), right = PyLong_AsLong(PyTuple_GET_ITEM(pair, 1));
-        long r = PyLong_AsLong(rank);
-        if (PyErr_Occurred()) goto fail;
-        if (left < 0 || right < 0 || left > 0x7FFFFFFF || right > 0x7FFFFFFF || r < 0 || r >= t->n_merges) {
-            PyErr_SetString(PyExc_ValueError, "a pair id or rank is out of range");
-            goto fail;
+        long left, right, r;
+        if (read_id(PyTuple_GET_ITEM(pair, 0), MAX_ID, "pair ids", &left) < 0 ||
+            read_id(PyTuple_GET_ITEM(pair, 1), MAX_ID, "pair ids", &right) < 0) {
+            if (PyErr_ExceptionMatches(PyExc_ValueError)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_ValueError, "a pair id or rank is out of range");
+            }
+            return -1;
+        }
+        if (t->n_merges == 0 || read_id(rank, (long)(t->n_merges - 1), "ranks", &r) < 0) {
+            if (t->n_merges == 0 || PyErr_ExceptionMatches(PyExc_ValueError)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_ValueError, "a pair id or rank is out of range");
+            }
+            return -1;
         }
         unsigned long long key = (((unsigned long long)left << 32) | (unsigned long long)right) + 1;
         size_t i = slot_of(key, t->mask);
@@ -393,37 +498,50 @@ static PyObject *make_table(PyObject *self, PyObject *args) {
         t->keys[i] = key;
         t->ranks[i] = r;
     }
-    Py_DECREF(bseq);
-    Py_DECREF(mseq);
-    PyObject *capsule = PyCapsule_New(t, "fnlm.bpe_table", table_free);
-    if (capsule == NULL) {
-        PyMem_Free(t->merged); PyMem_Free(t->keys); PyMem_Free(t->ranks); PyMem_Free(t);
-    }
-    return capsule;
-
-fail:
-    Py_DECREF(bseq);
-    Py_DECREF(mseq);
-    PyMem_Free(t->merged);
-    PyMem_Free(t->keys);
-    PyMem_Free(t->ranks);
-    PyMem_Free(t);
-    return NULL;
+    return 0;
 }
+
+static PyObject *make_table(PyObject *self, PyObject *args) {
+    PyObject *byte_ids, *ranks, *merged;
+    if (!PyArg_ParseTuple(args, "OO!O:make_table", &byte_ids, &PyDict_Type, &ranks, &merged)) return NULL;
+    PyObject *bseq = private_tuple(byte_ids, "byte_ids");
+    if (bseq == NULL) return NULL;
+    PyObject *mseq = private_tuple(merged, "merged");
+    if (mseq == NULL) { Py_DECREF(bseq); return NULL; }
+    Table *t = PyMem_Calloc(1, sizeof(Table));
+    PyObject *capsule = NULL;
+    if (t == NULL) PyErr_NoMemory();
+    else if (fill_ids(t, bseq, mseq) < 0 || fill_ranks(t, ranks) < 0) table_release(t);
+    else if ((capsule = PyCapsule_New(t, "fnlm.bpe_table", table_free)) == NULL) table_release(t);
+    Py_DECREF(bseq);
+    Py_DECREF(mseq);
+    return capsule;
+}
+
+static PyObject *bpe_tuple(Table *t, PyObject *pieces);
 
 static PyObject *bpe_many(PyObject *self, PyObject *args) {
     PyObject *capsule, *pieces;
     if (!PyArg_ParseTuple(args, "OO!:bpe_many", &capsule, &PyList_Type, &pieces)) return NULL;
     Table *t = PyCapsule_GetPointer(capsule, "fnlm.bpe_table");
     if (t == NULL) return NULL;
-    Py_ssize_t n_pieces = PyList_GET_SIZE(pieces);
+    /* a private copy: a finalizer run by an allocation below cannot shrink what is iterated */
+    PyObject *items = private_tuple(pieces, "pieces");
+    if (items == NULL) return NULL;
+    PyObject *result = bpe_tuple(t, items);
+    Py_DECREF(items);
+    return result;
+}
+
+static PyObject *bpe_tuple(Table *t, PyObject *pieces) {
+    Py_ssize_t n_pieces = PyTuple_GET_SIZE(pieces);
     PyObject *out = PyList_New(n_pieces);
     if (out == NULL) return NULL;
     long stack_ids[512], stack_ranks[512];
     long *ids = stack_ids, *pr = stack_ranks;
     Py_ssize_t cap = 512;
     for (Py_ssize_t w = 0; w < n_pieces; w++) {
-        PyObject *piece = PyList_GET_ITEM(pieces, w);
+        PyObject *piece = PyTuple_GET_ITEM(pieces, w);
         if (!PyBytes_Check(piece)) {
             PyErr_SetString(PyExc_TypeError, "pieces must be bytes");
             goto fail;

@@ -27,11 +27,13 @@ from itertools import islice, repeat
 
 import numpy as np
 
-__all__ = ["MergeTable", "bpe_word", "bpe_words", "bpe_long"]
+__all__ = ["MergeTable", "MAX_TOKEN_ID", "bpe_word", "bpe_words", "bpe_long"]
 
 _HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
 BATCH_MIN_WORDS = 64
 """`bpe_words` stops its numpy rounds when fewer words than this are unfinished."""
+MAX_TOKEN_ID = 2**31 - 1
+"""The largest token id the merge tables hold (the C table packs a pair of ids into 64 bits)."""
 LEVEL_BULK = 16
 """`bpe_long` merges a rank with at least this many pending pairs by numpy gathers and scatters."""
 

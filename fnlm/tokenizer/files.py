@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import struct
+import tempfile
 import warnings
 from collections.abc import Sequence
 
@@ -54,11 +56,22 @@ def _cuttable_at(split_token: str, special_tokens: Sequence[str]) -> bool:
     for other in special_tokens:
         if other == split_token:
             continue
-        for k in range(1, len(other)):
-            tail = other[k:]
-            if tail.startswith(split_token) or split_token.startswith(tail) or split_token in tail:
-                return False
+        if other.find(split_token, 1) != -1 or _suffix_is_prefix(other, split_token):
+            return False
     return True
+
+
+def _suffix_is_prefix(other: str, token: str) -> bool:
+    """True when a proper suffix of `other` (not all of it) is a prefix of `token`. Only the
+    prefixes that end in `other`'s last character are compared (C-speed `find` and `endswith`),
+    so long special tokens cost about their length, not its square."""
+    limit = min(len(other) - 1, len(token))
+    end = token.find(other[-1], 0, limit)
+    while end != -1:
+        if other.endswith(token[: end + 1]):
+            return True
+        end = token.find(other[-1], end + 1, limit)
+    return False
 
 
 _worker_state: dict = {}
@@ -67,6 +80,27 @@ _worker_state: dict = {}
 def _init_worker(tokenizer: Tokenizer, input_path: str) -> None:
     _worker_state["tokenizer"] = tokenizer
     _worker_state["path"] = input_path
+
+
+def _init_pool_worker(tokenizer: Tokenizer, input_path: str) -> None:
+    """A pool worker ignores SIGINT: Ctrl-C reaches the whole process group, and the parent alone
+    answers it (its `with Pool` terminates the workers), so no worker prints a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(tokenizer, input_path)
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc (setting it to read it back would race other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _encode_chunk(bounds: tuple[int, int]) -> tuple[np.ndarray, int]:
@@ -123,7 +157,8 @@ def encode_file(
       `Tokenizer.from_files`. Its largest id must fit in uint16 (vocab of at most 65,536).
     - `input_path`: the text file, UTF-8.
     - `output_path`: where to write; a ``.npy`` suffix writes a NumPy array file, any other
-      suffix the raw ids. Written to ``output_path + ".tmp"`` and renamed when complete.
+      suffix the raw ids. Written to a new temporary file beside it (mode as the umask gives)
+      and renamed when complete.
     - `num_workers`: worker processes (default: the usable CPUs, at most one per chunk);
       ``1`` encodes in this process.
     - `split_token`: the document separator at which the file is cut into chunks. It must be
@@ -135,7 +170,9 @@ def encode_file(
     **Returns:** the number of tokens written. The ids equal ``tokenizer.encode(text)``.
 
     Errors: ValueError if the vocabulary is too large for uint16 or the file is not UTF-8
-    (naming the byte offset); FileNotFoundError for a missing input.
+    (naming the byte offset); FileNotFoundError for a missing input. Ctrl-C raises
+    KeyboardInterrupt in the caller only (the workers ignore SIGINT and are terminated) and
+    leaves no temporary file.
     """
     tok = _as_tokenizer(tokenizer)
     if tok.vocab_size > MAX_UINT16_VOCAB:
@@ -169,9 +206,11 @@ def _encode_chunks(tok: Tokenizer, input_path: str, output_path: str, chunks: li
                    progress: bool) -> int:
     """Encode `chunks` of the input with `workers` processes into `output_path` (atomically)."""
     is_npy = output_path.endswith(".npy")
-    tmp_path = output_path + ".tmp"
+    folder, name = os.path.split(os.path.abspath(output_path))
+    fd, tmp_path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     try:
-        with open(tmp_path, "wb") as out, progress_bar(total=size, desc="encode", disable=not progress, unit="B", unit_scale=True) as bar:
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb") as out, progress_bar(total=size, desc="encode", disable=not progress, unit="B", unit_scale=True) as bar:
             if is_npy:
                 out.write(_npy_header(0))
             if workers == 1:
@@ -179,7 +218,7 @@ def _encode_chunks(tok: Tokenizer, input_path: str, output_path: str, chunks: li
                 total = _write_all(map(_encode_chunk, chunks), out, bar)
             else:
                 with multiprocessing.get_context().Pool(
-                    workers, initializer=_init_worker, initargs=(tok, input_path)
+                    workers, initializer=_init_pool_worker, initargs=(tok, input_path)
                 ) as pool:
                     total = _write_all(pool.imap(_encode_chunk, chunks), out, bar)
             if is_npy:

@@ -24,6 +24,8 @@ import os
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
+from fnlm.tokenizer.bpe import MAX_TOKEN_ID
+
 __all__ = [
     "ENDOFTEXT",
     "bytes_to_unicode",
@@ -131,9 +133,9 @@ def read_vocab(path: str | os.PathLike) -> dict[int, bytes]:
         raise ValueError(f"{name!r}: expected a JSON object of token -> id, got {kind}")
     vocab: dict[int, bytes] = {}
     for text, idx in raw:
-        if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
-            shown = "a JSON object" if isinstance(idx, _Pairs) else repr(idx)
-            raise ValueError(f"{name!r}: token {text!r} has id {shown}, expected an int >= 0")
+        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx <= MAX_TOKEN_ID:
+            shown = "a JSON object" if isinstance(idx, _Pairs) else f"{idx!r:.40}"
+            raise ValueError(f"{name!r}: token {text!r:.60} has id {shown}, expected an int in [0, {MAX_TOKEN_ID}]")
         if idx in vocab:
             raise ValueError(f"{name!r}: id {idx} is given to both {token_to_str(vocab[idx])!r} and {text!r}")
         try:

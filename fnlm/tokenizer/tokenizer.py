@@ -2,8 +2,9 @@
 
 Encoding works in three stages, the same as GPT-2 and tiktoken:
 
-1. the text is cut on the special tokens (longest first, so ``<|endoftext|><|endoftext|>`` is
-   one token when it is in the list); each special token becomes its id;
+1. the text is cut on the special tokens (leftmost, then longest first, so
+   ``<|endoftext|><|endoftext|>`` is one token when it is in the list; `SpecialMatcher`, in time
+   linear in the text for any number of tokens); each special token becomes its id;
 2. the text between special tokens is cut into pre-tokens by the GPT-2 regex;
 3. each pre-token's UTF-8 bytes start as one token per byte and are merged by BPE: the adjacent
    pair with the lowest merge rank is merged (the leftmost on a tie), until no adjacent pair
@@ -33,8 +34,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from fnlm.tokenizer import gpt2
-from fnlm.tokenizer.bpe import MergeTable, bpe_long, bpe_word, bpe_words
-from fnlm.tokenizer.pretokenize import ASCII_GPT2_REGEX, GPT2_REGEX, special_tokens_regex
+from fnlm.tokenizer.bpe import MAX_TOKEN_ID, MergeTable, bpe_long, bpe_word, bpe_words
+from fnlm.tokenizer.pretokenize import ASCII_GPT2_REGEX, GPT2_REGEX, SpecialMatcher
 
 __all__ = ["Tokenizer", "SupportsToList"]
 
@@ -133,7 +134,7 @@ class Tokenizer:
 
     **Arguments:**
 
-    - `vocab`: ``{id: token bytes}``; must hold all 256 single bytes.
+    - `vocab`: ``{id: token bytes}``; must hold all 256 single bytes; ids lie in ``[0, 2**31 - 1]``.
     - `merges`: ``[(left bytes, right bytes), ...]`` in rank order (first = applied first);
       both parts and their concatenation must be in `vocab`.
     - `special_tokens`: strings that are always encoded as one token each and never merged
@@ -170,6 +171,8 @@ class Tokenizer:
         for idx, token in vocab.items():
             if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
                 raise TypeError(f"vocab ids must be ints >= 0, got {idx!r} for {token!r}")
+            if idx > MAX_TOKEN_ID:
+                raise ValueError(f"vocab id {idx} (for {token!r:.40}) is above the largest id {MAX_TOKEN_ID} a tokenizer holds")
             if not isinstance(token, bytes):
                 raise TypeError(f"vocab values must be bytes, got {type(token).__name__} {token!r} for id {idx}")
             self.vocab[idx] = token
@@ -194,6 +197,8 @@ class Tokenizer:
                 continue
             raw = token.encode("utf-8")
             if raw not in self._token_ids:
+                if next_id > MAX_TOKEN_ID:
+                    raise ValueError(f"special token {token!r} would get id {next_id}, above the largest id {MAX_TOKEN_ID}")
                 self.vocab[next_id] = raw
                 self._token_ids[raw] = next_id
                 next_id += 1
@@ -222,7 +227,7 @@ class Tokenizer:
             self._table.arrays()  # numpy forms for the short words; with the C loop only `bpe_long` reads them (lazily)
 
         self._cache_size = cache_size
-        self._special_re = special_tokens_regex(self.special_tokens)
+        self._specials = SpecialMatcher(self.special_tokens) if self.special_tokens else None
         self._max_special_len = max((len(s) for s in self.special_tokens), default=0)
         self._cache: defaultdict[str, tuple[int, ...] | list[int]] = defaultdict(list)
 
@@ -371,15 +376,15 @@ class Tokenizer:
     def _encode_whole(self, text: str) -> list[int]:
         out: list[int] = []
         findall = ASCII_GPT2_REGEX.findall if text.isascii() else GPT2_REGEX.findall
-        if self._special_re is None:
+        if self._specials is None:
             self._encode_ordinary(findall, text, out, 0, len(text))
             return out
         start = 0
-        for m in self._special_re.finditer(text):
-            if m.start() > start:
-                self._encode_ordinary(findall, text, out, start, m.start())
-            out.append(self.special_ids[m.group()])
-            start = m.end()
+        for a, b in self._specials.finditer(text):
+            if a > start:
+                self._encode_ordinary(findall, text, out, start, a)
+            out.append(self.special_ids[text[a:b]])
+            start = b
         if start < len(text):
             self._encode_ordinary(findall, text, out, start, len(text))
         return out
@@ -395,15 +400,15 @@ class Tokenizer:
         """
         start, end = 0, len(buf)
         findall = ASCII_GPT2_REGEX.findall if buf.isascii() else GPT2_REGEX.findall
-        if self._special_re is not None:
+        if self._specials is not None:
             limit = end - self._max_special_len
-            for m in self._special_re.finditer(buf):
-                if m.start() > limit:
+            for a, b in self._specials.finditer(buf):
+                if a > limit:
                     break
-                if m.start() > start:
-                    self._encode_ordinary(findall, buf, out, start, m.start())
-                out.append(self.special_ids[m.group()])
-                start = m.end()
+                if a > start:
+                    self._encode_ordinary(findall, buf, out, start, a)
+                out.append(self.special_ids[buf[a:b]])
+                start = b
             end = max(start, limit + 1)
         pieces = findall(buf, start, end)
         if len(pieces) < 2:
@@ -502,7 +507,8 @@ class Tokenizer:
         - `options`: passed to the constructor (``cache_size``).
 
         **Returns:** the tokenizer. A missing file raises FileNotFoundError naming it; a corrupt
-        one ValueError naming the file (and the line, for the merges).
+        one ValueError naming the file (and the line, for the merges), as do files that are each
+        well formed but do not fit together (a merge of tokens not in the vocabulary, a missing byte).
 
         Example: ``Tokenizer.from_files("tokenizer/")`` after ``tok.save("tokenizer/")``.
         """
@@ -511,7 +517,10 @@ class Tokenizer:
         merges, saved_specials = gpt2.read_merges(merges_path)
         if special_tokens is None:
             special_tokens = saved_specials
-        return cls(vocab, merges, special_tokens, **options)
+        try:
+            return cls(vocab, merges, special_tokens, **options)
+        except ValueError as e:
+            raise ValueError(f"{vocab_path!r} and {merges_path!r} do not make a tokenizer: {e}") from None
 
     def save(self, path: str | os.PathLike, merges_path: str | os.PathLike | None = None) -> None:
         """Write the tokenizer as GPT-2 style ``vocab.json`` and ``merges.txt``.

@@ -32,10 +32,12 @@ a byte sequence that is not UTF-8 raises `ValueError` naming the file and the by
 
 from __future__ import annotations
 
+import functools
 import gc
 import heapq
 import multiprocessing
 import os
+import signal
 from array import array
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,8 +46,8 @@ from fnlm._progress import progress_bar
 from fnlm.tokenizer.pretokenize import (
     ASCII_GPT2_REGEX,
     GPT2_REGEX,
+    SpecialMatcher,
     find_chunk_boundaries,
-    special_tokens_regex,
 )
 
 __all__ = ["train_bpe", "count_pretokens", "bpe_merges_from_counts"]
@@ -57,13 +59,18 @@ _INVERT = bytes(range(255, -1, -1))
 _END = "\u0100"
 
 
+@functools.lru_cache(maxsize=4)
+def _matcher(specials: tuple[str, ...]) -> SpecialMatcher:
+    return SpecialMatcher(specials)
+
+
 def _count_text(text: str, specials: tuple[str, ...], counts: Counter) -> None:
     if not specials:
         pieces = [text]
     elif len(specials) == 1:
         pieces = text.split(specials[0])
     else:
-        pieces = special_tokens_regex(specials).split(text)
+        pieces = _matcher(specials).split(text)
     ascii_findall = ASCII_GPT2_REGEX.findall
     unicode_findall = GPT2_REGEX.findall
     update = counts.update
@@ -105,6 +112,12 @@ def _split_token(special_tokens: Sequence[str]) -> bytes | None:
     return None
 
 
+def _ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C reaches the whole process group; the parent alone answers it (its
+    `with Pool` terminates the workers), so no worker prints a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _pool_context():
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
@@ -143,8 +156,10 @@ def count_pretokens(
         raise FileNotFoundError(f"BPE training input not found: {path!r}")
     specials = tuple(sorted({s for s in special_tokens if s}, key=len, reverse=True))
     workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-    if workers < 1:
-        raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+    for name, value, low in (("num_workers", workers, 1), ("chunk_bytes", chunk_bytes, 1),
+                             ("min_parallel_bytes", min_parallel_bytes, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     size = os.path.getsize(path)
     split_token = _split_token([s for s in special_tokens if s])
     parallel = workers > 1 and size >= min_parallel_bytes
@@ -169,7 +184,7 @@ def count_pretokens(
                     group = []
             if group:
                 tasks.append((path, group, specials))
-            with _pool_context().Pool(min(workers, len(tasks))) as pool:
+            with _pool_context().Pool(min(workers, len(tasks)), initializer=_ignore_sigint) as pool:
                 for counts, done in pool.imap_unordered(_count_task, tasks):
                     total.update(counts)
                     bar.update(done)

@@ -46,7 +46,7 @@ def test_parallel_chunks_equal_whole_encode(gpt2, corpus, tmp_path, suffix):
     ids = np.load(out, mmap_mode="r") if suffix == ".npy" else np.memmap(out, dtype=np.uint16, mode="r")
     assert ids.dtype == np.uint16 and n == len(expected)
     assert ids.tolist() == expected
-    assert not Path(str(out) + ".tmp").exists()
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_paths_tuple_and_serial(gpt2, corpus, tmp_path):
