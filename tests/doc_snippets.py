@@ -63,10 +63,14 @@ def env() -> dict[str, str]:
 
 RUNNER = """
 import json, sys
-page, blocks = json.load(open(sys.argv[1], encoding="utf-8"))
-namespace = {"__name__": "__main__"}
-for line, code in blocks:
-    exec(compile("\\n" * (line - 1) + code, page, "exec"), namespace)
+
+def _run_blocks(spec):
+    page, blocks = json.load(open(spec, encoding="utf-8"))
+    main = sys.modules["__main__"].__dict__     # the blocks' globals are __main__'s, as in a script
+    for line, code in blocks:
+        exec(compile("\\n" * (line - 1) + code, page, "exec"), main)
+
+_run_blocks(sys.argv[1])
 """
 
 

@@ -141,3 +141,24 @@ def test_mkdocs_build_strict(tmp_path):
                           timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "site" / "api" / "model" / "index.html").is_file()
+
+
+def test_every_benchmark_prints_the_machine_threads_and_load():
+    """benchmarks/README.md says every script prints the machine, its threads and the load average
+    at its start and end: each script calls the harness's `print_machine` and `print_done`, and
+    each is in the README's table."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import harness
+
+    shared = {"harness.py", "reference.py", "tokenizer_refs.py"}
+    scripts = sorted(p for p in (REPO / "benchmarks").glob("*.py") if p.name not in shared)
+    table = (REPO / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    for script in scripts:
+        text = script.read_text(encoding="utf-8")
+        assert "print_machine(" in text and "print_done(" in text, f"{script.name} does not print the machine"
+        assert f"`{script.name}`" in table, f"{script.name} is missing from benchmarks/README.md"
+    line = harness.machine_line(threads="one thread")
+    assert line.startswith("machine: CPU ") and "one thread" in line and "load average" in line
+    import torch
+
+    assert f"{torch.get_num_threads()} threads" in harness.machine_line()
