@@ -48,6 +48,7 @@ GCIDE_INDEX = Path("/usr/share/dictd/gcide.index")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from fnlm.tokenizer import ENDOFTEXT as EOT  # noqa: E402
+from harness import print_done, print_machine  # noqa: E402
 
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("--input", type=Path, default=None, help="text file (default: GCIDE, built on the fly)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each trainer; the best time is kept")
     args = parser.parse_args()
+    started = print_machine(threads=f"fnlm pre-tokenization workers: {args.workers}")
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.input is None:
@@ -181,6 +183,7 @@ def main() -> None:
         f, h = results["fnlm"], results["hf"]
         print(f"ratio fnlm/HF: time {f['seconds'] / h['seconds']:.2f}x   CPU time {f['cpu'] / h['cpu']:.2f}x   peak PSS {f['peak_mb'] / h['peak_mb']:.2f}x   "
               f"peak PSS above imports {(f['peak_mb'] - f['import_mb']) / (h['peak_mb'] - h['import_mb']):.2f}x")
+    print_done(started)
 
 if __name__ == "__main__":
     main()

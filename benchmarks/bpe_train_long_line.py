@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from bpe_train import run_child
+from harness import print_done, print_machine
 
 TARGET_S = 60.0
 ALPHABETS = {"letters": "abcdefghijklmnopqrstuvwxyz", "digits": "0123456789", "base64-letters": "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"}
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--alphabet", choices=sorted(ALPHABETS), default="letters")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
+    started = print_machine(threads="fnlm pre-tokenization workers: auto")
 
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,6 +52,7 @@ def main() -> None:
                 print(f"   hf: {hf['seconds']:7.2f} s (CPU {hf['cpu']:6.1f} s)   peak PSS {hf['peak_mb']:7.1f} MB   vocab {hf['vocab']}")
                 line += f"; fnlm/HF time {fnlm['seconds'] / hf['seconds']:.3f}x, peak PSS {fnlm['peak_mb'] / hf['peak_mb']:.2f}x"
         print(line)
+    print_done(started)
 
 
 if __name__ == "__main__":

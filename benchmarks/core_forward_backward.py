@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import einx  # noqa: E402
 
 import fnlm  # noqa: E402
-from harness import alternate, load_average, machine_name  # noqa: E402
+from harness import alternate, print_done, print_machine  # noqa: E402
 from reference import ReferenceLM, load_fnlm_params  # noqa: E402
 
 CASES = [
@@ -106,7 +106,7 @@ def main() -> None:
         print("warning: FNLM_TYPECHECK is on; fnlm timings include shape checks")
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"machine: {machine_name(args.device)}; {load_average()}")
+    started = print_machine(args.device)
     print(f"forward + backward (value_and_grad of the cross-entropy), median of {args.repeats} alternated runs:")
     for name, config, batch, seq in CASES:
         t, diff = forward_backward(config, batch, seq, device, args.repeats, sync)
@@ -115,7 +115,7 @@ def main() -> None:
         print(f"    {t.line('fnlm', '(a) module')}")
         print(f"    {t.line('fnlm', '(b) fused')}")
     check_costs(device)
-    print(f"done; {load_average()}")
+    print_done(started)
 
 
 if __name__ == "__main__":

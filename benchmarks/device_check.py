@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 
 import fnlm  # noqa: E402
 from fnlm import accounting  # noqa: E402
-from harness import load_average, machine_name, peak_rss_mib  # noqa: E402
+from harness import peak_rss_mib, print_done, print_machine  # noqa: E402
 from reference import ReferenceLM, load_fnlm_params  # noqa: E402
 
 TARGET_TOKENS = 327_680_000
@@ -240,8 +240,7 @@ def main(argv=None) -> None:
     backend = "inductor" if on_cuda else "aot_eager"
     if on_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    started = time.perf_counter()
-    print(f"machine: {machine_name(args.device)}; {load_average()}")
+    started = print_machine(args.device)
     if not args.skip_tests:
         print(f"CUDA tests: {cuda_tests(timeout=300)}  [{time.perf_counter() - started:.0f} s]")
     config, batch, hyper, tokens = setup(args)
@@ -262,7 +261,7 @@ def main(argv=None) -> None:
           f"peak memory {memory}")
     if args.sharded_steps > 0:
         sharded_check(config, hyper, data[: args.sharded_steps], args.device)
-    print(f"done in {time.perf_counter() - started:.0f} s; {load_average()}")
+    print_done(started)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fnlm  # noqa: E402
-from harness import add_model_args, model_argv  # noqa: E402
+from harness import add_model_args, model_argv, print_done, print_machine  # noqa: E402
 from fnlm import train as trainer  # noqa: E402
 from fnlm.train import parallel as distributed  # noqa: E402
 
@@ -139,6 +139,7 @@ def main() -> None:
             _worker(a)
         return
     cores = _cores()
+    started = print_machine(a.device, threads=f"{cores} cores shared by the processes of each configuration")
     model, tc = _configs(a)
     n_params = fnlm.tree_size(fnlm.init_transformer_lm(model, seed=0))
     print(f"fnlm data-parallel throughput: {n_params / 1e6:.2f}M params, global batch {a.batch} x {a.context} tokens, "
@@ -163,6 +164,7 @@ def main() -> None:
         for b in runs[:i]:
             print(f"  ratio {r['procs']} proc x {r['threads']} / {b['procs']} proc x {b['threads']}: "
                   f"{r['tokens_per_sec'] / b['tokens_per_sec']:.2f}")
+    print_done(started)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from fnlm.tokenizer import ENDOFTEXT as EOT  # noqa: E402
 from fnlm.tokenizer import Tokenizer  # noqa: E402
+from harness import print_done, print_machine  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the generated file")
     ap.add_argument("--reports", type=int, default=12, help="RSS lines to print")
     args = ap.parse_args()
+    started = print_machine(threads="one thread")
 
     tok = Tokenizer.from_files(FIXTURES / "gpt2_vocab.json", FIXTURES / "gpt2_merges.txt", [EOT])
     tmpdir = None
@@ -105,6 +107,7 @@ def main() -> None:
     if tmpdir is not None and not args.keep:
         os.remove(path)
         os.rmdir(tmpdir)
+    print_done(started)
 
 
 if __name__ == "__main__":

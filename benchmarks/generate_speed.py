@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fnlm  # noqa: E402
-from harness import load_average, machine_name  # noqa: E402
+from harness import print_done, print_machine  # noqa: E402
 
 
 def generate_recompute(params, config, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     if args.prompt + args.new_tokens > config.context_length:
         raise ValueError(f"prompt {args.prompt} + new tokens {args.new_tokens} exceed the context {config.context_length}")
 
-    print(f"machine: {machine_name(args.device)}; {load_average()}")
+    started = print_machine(args.device)
     print(f"17M model, greedy, prompt {args.prompt} tokens, {args.new_tokens} new tokens, {args.device}")
     variants = {
         "kv cache (fnlm.generate)": lambda: generate_cached(params, config, prompt, args.new_tokens),
@@ -124,7 +124,7 @@ def main(argv=None) -> None:
     if args.compile:
         print(f"  speed-up compiled step / recompute: {recompute / medians['kv cache, compiled step']:.2f}x; "
               f"compiled / eager cached: {medians['kv cache (fnlm.generate)'] / medians['kv cache, compiled step']:.2f}x")
-    print(f"done; {load_average()}")
+    print_done(started)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
 """What every benchmark script shares: the machine's description, wall and CPU timers, peak memory.
 
+Every script starts by printing `machine_line()` (`print_machine`: the CPU and its cores, Python,
+torch's version and thread count, the GPU on CUDA, the load average) and ends with `print_done`
+(the load average again), so a figure always comes with the machine, threads and load it was
+taken under.
+
 Scripts import it as a sibling (`from harness import machine_name`): Python puts the script's own
 folder first on `sys.path`, so `python benchmarks/<script>.py` finds it from any directory. Torch
 is imported only by the functions that need it, so tokenizer benchmarks can stay torch-free.
@@ -12,13 +17,14 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "machine_name", "cpu_name", "cpu_seconds", "peak_rss_mib", "median_time", "ratio", "alternate", "load_average",
+    "machine_line", "print_machine", "print_done", "machine_name", "cpu_name", "cpu_seconds", "peak_rss_mib", "median_time", "ratio", "alternate", "load_average",
     "Timings", "tune_malloc", "add_model_args", "model_argv", "MODEL_17M", "PeakMemory",
 ]
 
@@ -59,6 +65,53 @@ def machine_name(device: str = "cpu") -> str:
     if device.startswith("cuda"):
         parts.insert(1, f"GPU {torch.cuda.get_device_name()}")
     return ", ".join(parts)
+
+
+def usable_cores() -> int:
+    """The logical cores this process may run on (its CPU affinity), else `os.cpu_count()`."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def machine_line(device: str = "cpu", *, threads: str | None = None, torch: bool | None = None) -> str:
+    """One line naming what a figure was measured on.
+
+    **Arguments:**
+
+    - `device`: the device benchmarked; a CUDA device adds the GPU's name.
+    - `threads`: how the script uses the cores, when torch's intra-op thread count does not say
+      it (e.g. `"one thread"`, `"4 pre-tokenization workers"`).
+    - `torch`: describe torch (version, intra-op threads): `None` when it is already imported
+      (a torch-free tokenizer benchmark stays torch-free), `True` imports it, `False` never.
+
+    **Returns:** `"machine: CPU <model> (<n> logical cores), Python <v>, torch <v>, <t> threads;
+    load average <1 min> <5 min> <15 min>"`.
+    """
+    parts = [f"CPU {cpu_name()}", f"Python {platform.python_version()}"]
+    if torch or (torch is None and "torch" in sys.modules):
+        import torch as _torch
+
+        if device.startswith("cuda"):
+            parts.insert(1, f"GPU {_torch.cuda.get_device_name()}")
+        parts.append(f"torch {_torch.__version__}")
+        parts.append(threads or f"{_torch.get_num_threads()} threads")
+    else:
+        parts.append(threads or f"{usable_cores()} usable cores (no torch loaded)")
+    return f"machine: {', '.join(parts)}; {load_average()}"
+
+
+def print_machine(device: str = "cpu", *, threads: str | None = None, torch: bool | None = None) -> float:
+    """Print `machine_line(...)` (see there) and return `time.perf_counter()`, for `print_done`."""
+    print(machine_line(device, threads=threads, torch=torch), flush=True)
+    return time.perf_counter()
+
+
+def print_done(started: float | None = None) -> None:
+    """Print the closing line: the seconds since `started` (from `print_machine`) and the load
+    average, so a reader sees whether other processes shared the cores during the run."""
+    took = f" in {time.perf_counter() - started:.0f} s" if started is not None else ""
+    print(f"done{took}; {load_average()}", flush=True)
 
 
 def cpu_seconds() -> float:

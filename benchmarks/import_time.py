@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from harness import cpu_name
+from harness import print_done, print_machine
 
 STATEMENTS = {
     "bare interpreter": "pass",
@@ -41,7 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    print(f"machine: CPU {cpu_name()}, Python {sys.version.split()[0]}")
+    started = print_machine(torch=False, threads="one fresh interpreter at a time")
     results = {}
     for name, code in STATEMENTS.items():
         run(code)
@@ -56,6 +56,7 @@ def main() -> None:
     for name, (seconds, loaded) in results.items():
         above = seconds - bare
         print(f"{name:42s} {seconds * 1e3:8.0f}ms {above * 1e3:10.0f}ms {above / torch_s:15.3f}  {', '.join(loaded) or '-'}")
+    print_done(started)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fnlm  # noqa: E402
+from harness import print_done, print_machine  # noqa: E402
 
 
 def make_params(vocab: int, d_model: int, d_ff: int, layers: int, device: str) -> dict:
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(fnlm.adamw_step)")
     args = ap.parse_args()
+    started = print_machine(args.device)
     params = make_params(args.vocab, args.d_model, args.d_ff, args.layers, args.device)
     grads = fnlm.tree_map(torch.randn_like, params)
     print(f"device={args.device} params={fnlm.tree_size(params) / 1e6:.2f}M leaves={len(fnlm.tree_leaves(params))} "
@@ -129,6 +131,7 @@ def main() -> None:
     base = results["torch AdamW foreach"]
     for label, t in results.items():
         print(f"{label:>32}: {t * 1e3:9.2f} ms / step (median)   ratio to torch foreach = {t / base:.3f}")
+    print_done(started)
 
 
 if __name__ == "__main__":

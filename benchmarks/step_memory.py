@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import add_model_args, machine_name, model_argv  # noqa: E402  (torch-free: this parent process stays light)
+from harness import add_model_args, model_argv, print_done, print_machine  # noqa: E402
 
 MODES = ("fnlm pure", "fnlm donate", "torch AdamW", "torch AdamW foreach", "fnlm model + torch AdamW")
 BASELINE = "torch AdamW"
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         child(args)
         return
 
-    print(f"machine: {machine_name()}; load average {os.getloadavg()[0]:.2f}")
+    started = print_machine(torch=True)
     print(f"model: d_model {args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {args.d_ff}, vocab "
           f"{args.vocab}; batch {args.batch} x context {args.context}, float32, CPU; {args.steps} steps per process, "
           f"{args.rounds} processes per mode")
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     donate = statistics.median(r["peak_above_imports"] for r in results["fnlm donate"])
     same = statistics.median(r["peak_above_imports"] for r in results["fnlm model + torch AdamW"])
     print(f"\nfnlm donate / {BASELINE}: {donate / base:.3f}; fnlm donate / fnlm model + torch AdamW: "
-          f"{donate / same:.3f} (target <= 1.02); load average now {os.getloadavg()[0]:.2f}")
+          f"{donate / same:.3f} (target <= 1.02)")
+    print_done(started)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import machine_name
+from harness import print_done, print_machine
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "run_ablations.py"
@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.no_mmap:
         print("glibc mmap off in both runs: " + " ".join(f"{k}={v}" for k, v in NO_MMAP.items()))
-    print(f"machine: {machine_name()}; load average {os.getloadavg()[0]:.2f} (1 min), "
-          f"{os.getloadavg()[1]:.2f} (5 min)")
+    started = print_machine(torch=True, threads=f"{args.threads or 'torch default'} threads in the runs")
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fnlm-sweep-bench-"))
     try:
         data = prepare(work, args.preset)
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"load average now {os.getloadavg()[0]:.2f} (1 min), {os.getloadavg()[1]:.2f} (5 min)")
+    print_done(started)
 
 
 if __name__ == "__main__":

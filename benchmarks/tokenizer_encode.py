@@ -28,6 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from harness import print_done, print_machine
 from tokenizer_refs import FIXTURES, GCIDE, ROOT, gcide_text, seed_tiktoken
 
 CHILD = r"""
@@ -89,6 +90,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="fresh processes per tokenizer and text")
     ap.add_argument("--text", type=Path, default=None, help="benchmark this file instead")
     args = ap.parse_args()
+    started = print_machine(threads="one thread per tokenizer (RAYON_NUM_THREADS=1 for tiktoken)")
     sys.path.insert(0, str(ROOT))
     seed_tiktoken()
 
@@ -121,6 +123,7 @@ def main() -> None:
                   f"{rate['warm']:>10.2f} {rate['tt']:>9.2f} {rate['tt_cpu']:>7.2f} {rate['cold'] / rate['tt']:>7.2f}x "
                   f"{rate['cpu'] / rate['tt_cpu']:>7.2f}x {rate['warm'] / rate['tt']:>7.2f}x")
     print("(MB/s of UTF-8 input; load s = fnlm/tiktoken; ratios > 1 mean fnlm is faster; ids identical to tiktoken)")
+    print_done(started)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import argparse
 import sys
 import time
 
+from harness import print_done, print_machine
 from tokenizer_refs import gpt2_tokenizer, hostile_texts, tiktoken_gpt2
 
 TARGET = 5.0
@@ -37,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    started = print_machine(threads="one thread")
 
     tok = gpt2_tokenizer()
     enc = tiktoken_gpt2()
@@ -54,6 +56,7 @@ def main() -> None:
             sys.exit(f"{name}: ids differ from tiktoken")
     verdict = "within" if worst <= TARGET else "NOT within"
     print(f"worst ratio {worst:.2f}x: {verdict} the {TARGET:.0f}x target; ids equal to tiktoken on every text")
+    print_done(started)
 
 
 if __name__ == "__main__":

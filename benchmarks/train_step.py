@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fnlm  # noqa: E402
 from fnlm import accounting  # noqa: E402
-from harness import add_model_args, load_average, machine_name, model_argv, tune_malloc  # noqa: E402
+from harness import add_model_args, model_argv, print_done, print_machine, tune_malloc  # noqa: E402
 from reference import ReferenceLM, load_fnlm_params  # noqa: E402
 
 LR, BETAS, EPS, WEIGHT_DECAY, MAX_NORM = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
@@ -409,7 +409,7 @@ def main(argv=None) -> None:
         child(args)
         return
     config = make_config(args)
-    print(f"machine: {machine_name(args.device)}; {load_average()}")
+    started = print_machine(args.device)
     print(f"model: d_model {config.d_model}, {config.num_layers} layers, {config.num_heads} heads, "
           f"d_ff {config.d_ff}, vocab {config.vocab_size}; {accounting.parameter_count(config):,} parameters; "
           f"batch {args.batch} x context {args.context}, {args.device} {args.dtype}; "
@@ -426,7 +426,7 @@ def main(argv=None) -> None:
                 run_isolated(args)
         if not args.no_compile:
             run_compiled(args)
-    print(f"done; {load_average()}")
+    print_done(started)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fnlm  # noqa: E402
 from fnlm.autodiff import value_and_grad  # noqa: E402
+from harness import print_done, print_machine  # noqa: E402
 
 
 def init(d_model: int, d_ff: int, layers: int, device: str, seed: int = 0) -> dict:
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=512, help="rows of the input (batch * seq)")
     args = ap.parse_args()
+    started = print_machine(args.device)
     params = init(args.d_model, args.d_ff, args.layers, args.device)
     x = torch.randn(args.tokens, args.d_model, device=args.device)
     n = fnlm.tree_size(params)
@@ -85,6 +87,7 @@ def main() -> None:
         results[backend] = time_it(value_and_grad(loss_fn, backend=backend), params, x, args.iters, args.device)
         print(f"{backend:>8}: {results[backend] * 1e3:9.2f} ms / call (median)")
     print(f"ratio func / autograd = {results['func'] / results['autograd']:.3f}")
+    print_done(started)
 
 
 if __name__ == "__main__":

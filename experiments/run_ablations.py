@@ -19,7 +19,11 @@ applies to every run. Outputs in DIR:
   fixed (steps = preset steps × preset batch / batch size; warm-up, evaluation interval and
   evaluation batches scaled the same way), the learning rate is not changed.
 - `seed_sweep.png`, `seed_sweep.md` with `--seeds`: one run per seed (initialisation, batch order and
-  evaluation windows), same settings otherwise.
+  evaluation windows), same settings otherwise; the plot shows each seed's final loss as a point
+  with the mean ± standard deviation.
+
+Loss plots draw the unigram baseline (the validation tokens' entropy) as a dashed line;
+`--log-loss` puts their loss axes on a log scale.
 - `runs/<label>/metrics.jsonl` per run; `summary.json` with every table's rows.
 
 `--vectorize` trains the learning-rate and seed sweeps of a variant as one vectorized run: all its
@@ -48,6 +52,7 @@ from ablations import ABLATIONS
 from ablations.runner import (
     RunResult,
     plot_comparison,
+    plot_seed_sweep,
     plot_sweep_results,
     results_table,
     train_variant,
@@ -104,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--log-loss", action="store_true", help="draw the plots' loss axes on a log scale")
     return p
 
 
@@ -181,7 +187,7 @@ def _spread(results: list[RunResult]) -> str:
 
 
 def _sweeps(args: argparse.Namespace, jobs: list[_Job], done_runs: dict[str, RunResult], out: Path, budget: str,
-            what: str, lr: float) -> dict:
+            what: str, lr: float, unigram: float) -> dict:
     """Plots, tables and summary rows of the learning-rate and seed sweeps."""
     summary = {}
     vec_note = (" All runs of a variant were trained at once, as one vectorized run (`--vectorize`): a run's wall "
@@ -189,7 +195,8 @@ def _sweeps(args: argparse.Namespace, jobs: list[_Job], done_runs: dict[str, Run
     if args.lrs:
         results = [done_runs[j.label] for j in jobs if j.sweep == "lr"]
         plot_sweep_results(results, [j.value for j in jobs if j.sweep == "lr"], out / "lr_sweep.png",
-                           name="peak learning rate", title=f"learning-rate sweep: {what}")
+                           name="peak learning rate", title=f"learning-rate sweep: {what}", baseline=unigram,
+                           log_y=args.log_loss)
         _write(out, "lr_sweep", "Learning-rate sweep",
                f"Budget: {budget}. Only the peak learning rate changes (min lr kept at the same fraction of it)."
                f"{vec_note}",
@@ -197,8 +204,8 @@ def _sweeps(args: argparse.Namespace, jobs: list[_Job], done_runs: dict[str, Run
         summary["lr_sweep"] = _rows(results)
     if args.seeds:
         results = [done_runs[j.label] for j in jobs if j.sweep == "seed"]
-        plot_sweep_results(results, [j.value for j in jobs if j.sweep == "seed"], out / "seed_sweep.png", name="seed",
-                           log_x=False, title=f"seed sweep: {what}, lr {lr:g}")
+        plot_seed_sweep(results, [j.value for j in jobs if j.sweep == "seed"], out / "seed_sweep.png",
+                        title=f"seed sweep: {what}, lr {lr:g}", baseline=unigram, log_y=args.log_loss)
         _write(out, "seed_sweep", "Seed sweep",
                f"Budget: {budget}. Only the seed changes (initialisation, batch order, evaluation windows). "
                f"{_spread(results)}{vec_note}", results_table(results, first_column="run"))
@@ -240,14 +247,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not sweeping or args.compare:
         results = [run(n, base_tc, n) for n in names]
-        plot_comparison(results, out / "ablations.png", title=f"fnlm ablations: {steps} steps, {tokens:,} tokens per run")
+        plot_comparison(results, out / "ablations.png", title=f"fnlm ablations: {steps} steps, {tokens:,} tokens per run",
+                        baseline=unigram, log_y=args.log_loss)
         legend = "\n".join(f"- `{n}`: {ABLATIONS[n].description}" for n in names)
         _write(out, "ablations", "Ablations", f"Budget: {budget}. Unigram baseline {unigram:.3f}.\n\n{legend}",
                results_table(results))
         summary["ablations"] = _rows(results)
     jobs = _sweep_jobs(args, names, base_tc)
     summary.update(_sweeps(args, jobs, _run_jobs(args, jobs, config, train_ids, valid_ids, out, run), out, budget,
-                           f"{steps} steps, batch {base_tc.batch_size}", base_tc.lr))
+                           f"{steps} steps, batch {base_tc.batch_size}", base_tc.lr, unigram))
     if args.batch_sizes:
         results, values = [], []
         for n in names:
@@ -260,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
                 results.append(run(n, tc, f"{n}_bs{bs}" if len(names) > 1 else f"bs{bs}"))
                 values.append(bs)
         plot_sweep_results(results, values, out / "batch_size_sweep.png", name="batch size", x_key="tokens",
-                   title=f"batch-size sweep at a fixed budget of {tokens:,} tokens, lr {base_tc.lr:g}")
+                           title=f"batch-size sweep at a fixed budget of {tokens:,} tokens, lr {base_tc.lr:g}",
+                           baseline=unigram, log_y=args.log_loss)
         _write(out, "batch_size_sweep", "Batch-size sweep",
                f"Budget: {budget}. The token budget is fixed ({tokens:,} tokens): steps, warm-up and evaluation "
                "intervals scale with 1/batch size; the learning rate does not change.",

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from fnlm.train import Callback, DivergenceGuard, TrainConfig, default_hooks, train, train_vectorized
-from fnlm.train.plots import plot_runs, plot_sweep
+from fnlm.train.plots import plot_runs, plot_seeds, plot_sweep
 
 from .variant import Ablation
 
-__all__ = ["RunResult", "train_variant", "train_variant_sweep", "plot_comparison", "plot_sweep_results",
+__all__ = ["RunResult", "train_variant", "train_variant_sweep", "plot_comparison", "plot_sweep_results", "plot_seed_sweep",
            "results_table"]
 
 
@@ -159,17 +159,30 @@ def train_variant_sweep(
     return results
 
 
-def plot_comparison(results: Sequence[RunResult], path: str | os.PathLike, *, title: str = "") -> Path:
-    """Validation loss against steps and wall-clock time, a line per run; a diverged run ends in a cross."""
+def plot_comparison(results: Sequence[RunResult], path: str | os.PathLike, *, title: str = "",
+                    baseline: float | None = None, log_y: bool = False) -> Path:
+    """Validation loss against steps and wall-clock time, a line per run; a diverged run ends in a cross;
+    `baseline` (the unigram entropy) as a dashed line; `log_y` for a log-scale loss axis."""
     return plot_runs({r.label: r.records for r in results}, path, title=title, train=False,
-                     stopped=[r.label for r in results if r.diverged])
+                     stopped=[r.label for r in results if r.diverged], baseline=baseline, log_y=log_y)
 
 
 def plot_sweep_results(results: Sequence[RunResult], values: Sequence[float], path: str | os.PathLike, *, name: str,
-                       x_key: str = "step", log_x: bool = True, title: str = "") -> Path:
+                       x_key: str = "step", log_x: bool = True, title: str = "", baseline: float | None = None,
+                       log_y: bool = False) -> Path:
     """`fnlm.train.plots.plot_sweep` over the runs of a sweep, one per swept value."""
     return plot_sweep({r.label: r.records for r in results}, values, path, name=name, x_key=x_key, log_x=log_x,
-                      stopped=[r.label for r in results if r.diverged], groups=[r.ablation for r in results], title=title)
+                      stopped=[r.label for r in results if r.diverged], groups=[r.ablation for r in results], title=title,
+                      baseline=baseline, log_y=log_y)
+
+
+def plot_seed_sweep(results: Sequence[RunResult], seeds: Sequence[int], path: str | os.PathLike, *, title: str = "",
+                    baseline: float | None = None, log_y: bool = False) -> Path:
+    """`fnlm.train.plots.plot_seeds` over the runs of a seed sweep: each seed's final loss as a point, with
+    the mean ± standard deviation per variant."""
+    return plot_seeds({r.label: r.records for r in results}, [int(s) for s in seeds], path,
+                      stopped=[r.label for r in results if r.diverged], groups=[r.ablation for r in results], title=title,
+                      baseline=baseline, log_y=log_y)
 
 
 def _fmt(x: float, spec: str) -> str:

@@ -1,5 +1,6 @@
-"""Private helpers shared by the layers: truncated-normal init, dtype casts, argument checks, and
-the switch that lets data-dependent checks step aside under `torch.compile` and `torch.func`."""
+"""Private helpers shared by the layers: truncated-normal init, dtype casts and the check that size
+arguments are positive ints. (The switch that lets data-dependent checks step aside under
+`torch.compile` and `torch.func` is `fnlm.types.tracing`.)"""
 
 from __future__ import annotations
 

@@ -64,15 +64,13 @@ def embedding(params: dict[str, Tensor], token_ids: Int[Tensor, "..."]) -> Float
     """Look up token embeddings: row `token_ids[...]` of `E`.
 
     A row gather with `index_select`, not `E[token_ids]`: advanced indexing backpropagates through
-    `index_put_(accumulate=True)`, whose CPU kernel adds in a thread-dependent order (2 threads:
-    20 of 20 repeated gradients differed) and is slower (16x256 ids, vocab 2,000, d 512: 87 ms
-    against 36 ms per backward here, under load); `index_select`'s gradient is the same bit for bit
-    at every call. This is the one layer not written with einx:
+    `index_put_(accumulate=True)`, whose CPU kernel adds in a thread-dependent order (repeated
+    gradients differ with 2 threads) and is slower; `index_select`'s gradient is the same bit for
+    bit at every call. This is the one layer not written with einx:
     `einx.get_at("[vocab] d_model, ... -> ... d_model", E, ids)` compiles to a gather from the
-    flattened table, `E.reshape(-1)[ids * d_model + arange(d_model)]`, which measured (torch 2.13
-    CPU, 1 thread) 0.56 ms against 0.028 ms forward (20x) and 2.4 ms against 1.0 ms forward +
-    backward at 4x128 ids, vocab 10,000, d 512 (16x256 ids, vocab 2,000: 13x and 5.8x), and whose
-    backward is again an accumulating `index_put_`.
+    flattened table, `E.reshape(-1)[ids * d_model + arange(d_model)]`, which is 20x slower forward
+    and 2.4x forward + backward (4x128 ids, vocab 10,000, d 512; torch 2.13 CPU, 1 thread), and
+    whose backward is again an accumulating `index_put_`.
 
     Non-integer ids (float, bool) raise `TypeError`; out-of-range ids raise a `ValueError` naming
     them. The range check reads the ids' values, so it runs in eager calls on CPU tensors (and on

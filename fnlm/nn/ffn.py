@@ -16,8 +16,8 @@ __all__ = ["silu", "swiglu_d_ff", "init_swiglu", "swiglu", "init_silu_ffn", "sil
 
 def silu(x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
     """SiLU (swish): `x · σ(x)`, elementwise: torch's fused kernel, one pass forward and one
-    backward. (A hand-written `x · σ(x)` with its own backward took 2.6 ms against 1.2 ms for
-    `silu(a) · b` forward + backward at the 17M model's 4×128×1344.)"""
+    backward (1.2 ms for `silu(a) · b` forward + backward at the 17M model's 4×128×1344, against
+    2.6 ms for a hand-written `x · σ(x)` with its own backward)."""
     return torch.nn.functional.silu(x)
 
 

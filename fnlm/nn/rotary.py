@@ -106,8 +106,8 @@ def rope_rotate(
     the pair axis `d_head = (half two)`: `rope_tables` spreads the angles over the pairs and
     `rope_rotate_tables` applies `x · cos + swap(x) · sin`. (The same rotation as one
     `einx.dot("... seq (half [i]), seq half o [i] -> ... seq (half o)", x, R)` with 2×2 matrices
-    `R` measured 5x slower: a batched product with inner size 2; elementwise products over
-    `(seq, d_head)` tables measured 1.7x faster than products broadcast over a `two` axis.)
+    `R` is 5x slower, a batched product with inner size 2; elementwise products over
+    `(seq, d_head)` tables are 1.7x faster than products broadcast over a `two` axis.)
 
     **Arguments:**
 

@@ -19,8 +19,8 @@ Two stages:
    positions; there is never a full recount. A word longer than `BIG_WORD` bytes (a line of
    base64 or digits) is kept as a linked list with an index from each pair to its positions,
    so that a merge costs its occurrences, not the word's length (`_Merger`). The loop over the
-   short words of one merge is `fnlm/tokenizer/_merge.c` (compiled at install; on GCIDE it
-   took the merges from 3.6 s to 1.8 s), with the same loop in Python, `_merge_words_py`, as
+   short words of one merge is `fnlm/tokenizer/_merge.c` (compiled at install; on GCIDE the
+   merges take 1.8 s with it, 3.6 s without), with the same loop in Python, `_merge_words_py`, as
    its reference and as the fallback where no C compiler was at hand.
 
 The pre-token counts are handed to the merge loop one entry at a time (the `Counter` is

@@ -8,7 +8,7 @@
 - `evaluation`: `evaluate`, `evaluate_windows`, `lm_loss_fn`;
 - `hooks`: `Hook` and the loop's hooks (metrics file, evaluation, checkpoints, progress bar,
   loss plot, Weights & Biases, divergence guard), `read_metrics`;
-- `plots`: `plot_runs`, `plot_sweep` (matplotlib, imported when drawing);
+- `plots`: `plot_runs`, `plot_sweep`, `plot_seeds` (matplotlib, imported when drawing);
 - `parallel`: `Parallel` and the `torch.distributed` data-parallel path;
 - `sweep`: `train_vectorized`, `vectorized_step`, `init_stacked`, `stack_step_configs` (K models
   trained at once with `torch.func.vmap`).
