@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import MODEL_17M, add_model_args, machine_name, model_argv  # noqa: E402  (torch-free)
+from harness import MODEL_17M, add_model_args, model_argv, print_done, print_machine  # noqa: E402  (torch-free)
 
 MODES = ("one piece", "accumulated", "compare")
 TINY = dict(batch=8, context=16, vocab=128, d_model=32, layers=2, heads=4, d_ff=64)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child(args)
         return
-    print(f"machine: {machine_name()}; load average {os.getloadavg()[0]:.2f}")
+    started = print_machine(torch=False)
     print(f"model: d_model {args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {args.d_ff}, vocab "
           f"{args.vocab}; batch {args.batch} x context {args.context} in one piece vs {args.accum} micro-batches of "
           f"{args.batch // args.accum}; float32, CPU; {args.steps} donated step(s) per process, {args.rounds} "
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
           f"gradient norm {c['grad_norm_one_piece']:.6f} vs {c['grad_norm_accumulated']:.6f}; largest param difference "
           f"{c['max_param_diff']:.2e} ({c['max_param_diff'] / c['max_param']:.2e} of the largest param, "
           f"{c['max_param_diff'] / c['max_param_change']:.2e} of the largest change the step made)")
+    print_done(started)
 
 
 if __name__ == "__main__":

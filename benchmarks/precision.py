@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import PeakMemory, add_model_args, load_average, machine_name, model_argv  # noqa: E402
+from harness import PeakMemory, add_model_args, model_argv, print_done, print_machine  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "autocast")
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child(args)
         return
-    print(f"machine: {machine_name(args.device)}; {load_average()}")
+    started = print_machine(args.device, torch=True)
     print(f"model: d_model {args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {args.d_ff}, vocab "
           f"{args.vocab}; batch {args.batch} x context {args.context}, {args.device}; {args.warmup} warm-up + "
           f"{args.steps} timed steps per process, {args.rounds} processes per precision")
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         for precision in args.precisions:
             results[precision].append(spawn(args, precision))
     report(args, results)
-    print(f"\ndone; {load_average()}")
+    print()
+    print_done(started)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import PeakMemory, add_model_args, load_average, machine_name, model_argv  # noqa: E402
+from harness import PeakMemory, add_model_args, model_argv, print_done, print_machine  # noqa: E402
 
 PATHS = ("autograd", "func", "compiled-loss", "compiled-step")
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child(args)
         return
-    print(f"machine: {machine_name(args.device)}; {load_average()}")
+    started = print_machine(args.device, torch=True)
     print(f"model: d_model {args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {args.d_ff}, vocab "
           f"{args.vocab}; batch {args.batch} x context {args.context}, float32, {args.device}; {args.rounds} "
           f"processes per setting, {args.steps} timed calls each")
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
                 for m in ("off", "on"):
                     runs[m].append(spawn(args, path, m, os.path.join(tmp, f"{path}-{m}.pt") if r == 0 else None))
             report(args, path, runs, differences(os.path.join(tmp, f"{path}-off.pt"), os.path.join(tmp, f"{path}-on.pt")))
-    print(f"\ndone; {load_average()}")
+    print()
+    print_done(started)
 
 
 if __name__ == "__main__":

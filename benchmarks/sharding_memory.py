@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import add_model_args, machine_name
+from harness import add_model_args, print_done, print_machine
 
 MODES = ("data-parallel", "ZeRO-1", "FSDP")
 RANKS = (1, 2)
@@ -158,7 +158,6 @@ def _line(label: str, rec: dict, extra: str = "") -> str:
 
 
 def report(args: dict) -> None:
-    print(f"machine: {machine_name()}")
     config = _config(args)
     import fnlm
 
@@ -198,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(p.parse_args(argv))
     if args["batch"] % 2:
         p.error(f"--batch must split over 2 ranks, got {args['batch']}")
+    started = print_machine(torch=True)
     report(args)
+    print_done(started)
 
 
 if __name__ == "__main__":

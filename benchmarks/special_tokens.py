@@ -17,7 +17,7 @@ import argparse
 import random
 import time
 
-from harness import cpu_name, load_average
+from harness import print_done, print_machine
 
 from fnlm.tokenizer import Tokenizer
 from fnlm.tokenizer.pretokenize import SpecialMatcher, special_tokens_regex
@@ -63,7 +63,7 @@ def main() -> None:
     args = p.parse_args()
     specials, text = make_case(args.count, args.length, args.text_kb, args.seed)
     vocab = {i: bytes([i]) for i in range(256)}
-    print(f"{cpu_name()}; {load_average()}")
+    started = print_machine(threads="one thread", torch=False)
     print(f"{args.count} special tokens of {args.length} characters, {len(text)} characters of text")
     build_wall, build_cpu, tok = best_of(lambda: Tokenizer(vocab, [], specials), args.repeats)
     encode_wall, encode_cpu, ids = best_of(lambda: tok.encode(text), args.repeats)
@@ -79,6 +79,7 @@ def main() -> None:
         same = list(SpecialMatcher(specials, small_chars=10**12).finditer(text)) == spans
         print(f"regex alternation: compile {c_wall:.3f} s (CPU {c_cpu:.3f}), find the specials {o_wall:.3f} s "
               f"(CPU {o_cpu:.3f}); same spans: {same}")
+    print_done(started)
 
 
 if __name__ == "__main__":
