@@ -32,7 +32,8 @@ from tests.doc_snippets import (
     run_python_blocks,
 )
 
-NAMESPACES = ("fnlm", "fnlm.nn", "fnlm.train", "fnlm.tokenizer", "fnlm.interop", "fnlm.compat")
+NAMESPACES = ("fnlm", "fnlm.nn", "fnlm.train", "fnlm.tokenizer", "fnlm.interop", "fnlm.compat", "fnlm.optim",
+              "fnlm.precision", "fnlm.train.sharding")
 DIRECTIVE = re.compile(r"^::: ([\w.]+)\s*$", re.M)
 PAGES_WITH_CODE = [p for p in pages() if any(b.not_run is None for b in blocks(p, "python"))]
 
