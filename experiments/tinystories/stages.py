@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 import fnlm
-from fnlm.checkpoint import model_fn_of, remove_stale_temporaries, resolve_checkpoint
+from fnlm.checkpoint import callable_spec, model_fn_of, remove_stale_temporaries, resolve_checkpoint
 from fnlm.tokenizer import ENDOFTEXT
 from fnlm.train import (
     HARMLESS_FIELDS, Parallel, RunFolderLocked, RunLock, TrainingInterrupted, evaluate_windows, lm_loss_fn,
@@ -171,9 +171,12 @@ class StageFailed(RuntimeError):
         what = error.strerror or str(error)
         where = f": {error.filename}" if error.filename else ""
         latest = _last_good(out)
-        kept = (f"; the last good checkpoint is {latest[0]} (step {latest[1]}), continue with --resume once fixed"
-                if latest else "; the finished stages are kept: rerun the same command once fixed")
-        super().__init__(f"the {stage} stage failed: {what}{where}{kept}")
+        if stage == "train" and latest:
+            kept = f"the last good checkpoint is {latest[0]} (step {latest[1]}): continue with --resume once fixed"
+        else:
+            kept = "the finished stages are kept: rerun the same command once fixed" + (
+                f" (the last good checkpoint is {latest[0]}, step {latest[1]})" if latest else "")
+        super().__init__(f"the {stage} stage failed: {what}{where}; {kept}")
         self.stage, self.out, self.error = stage, out, error
 
 
@@ -609,6 +612,9 @@ def stage_train(
     _check_token_counts(s, enc)
     if s.resume:
         _check_resumable(s, _load_for_resume(latest), latest, tok, parallel.world_size)
+    elif not s.overwrite:
+        _refuse_earlier_run(s, m, m.why_stale("train", inputs) or "--force reruns it", {"tokenizer": tok},
+                            parallel.world_size)
     if parallel.is_main:
         _warn_epochs(s, enc, config)
         m.forget("train")
@@ -651,7 +657,7 @@ def _generate_block(fn: Callable, what: str) -> Callable | None:
     if isinstance(fn, functools.partial) and fn.func is fnlm.transformer_lm and not fn.args \
             and set(fn.keywords) <= {"block"}:
         return fn.keywords.get("block")
-    raise ConfigError(f"{what}: the checkpoint was trained with model function {fnlm.checkpoint.callable_spec(fn)}, "
+    raise ConfigError(f"{what}: the checkpoint was trained with model function {callable_spec(fn)}, "
                       "which fnlm.generate cannot run; use the code that trained it")
 
 
@@ -789,7 +795,9 @@ def preflight(s: Settings, m: Manifest, *, world_size: int = 1) -> None:
       training keep their inputs, and its settings and tokenizer match (when known already);
     - without `--resume`: training would not start over in a folder holding an earlier run's
       checkpoints or metrics log, unless `--overwrite`; the refusal suggests only what would work
-      (`--resume` for an unfinished run whose settings match);
+      (`--resume` for an unfinished run whose settings match). When only an earlier stage's output
+      is missing or damaged, that stage is redone first and the train stage decides after it
+      (identical outputs leave the run cached);
     - the token files (when already made) hold more tokens than the context length.
 
     **Arguments:**
@@ -806,7 +814,10 @@ def preflight(s: Settings, m: Manifest, *, world_size: int = 1) -> None:
     if s.resume:
         _preflight_resume(s, m, why, known, world_size)
     elif why["train"] is not None and not s.overwrite:
-        _refuse_earlier_run(s, m, why, known, world_size)
+        changed = [why[d] for d in ("data", "tokenizer", "encode") if why[d] and not why[d].startswith("the ")
+                   and not why[d].startswith("its output") and why[d] != "it has not finished in this folder"]
+        if changed or not why["train"].startswith("the "):
+            _refuse_earlier_run(s, m, changed[0] if changed else why["train"], known, world_size)
 
 
 def _earlier_log(out: Path) -> int:
@@ -840,8 +851,8 @@ def _preflight_resume(s: Settings, m: Manifest, why: dict[str, Any], known: dict
         _check_resumable(s, ck, latest, known["tokenizer"], world_size)
 
 
-def _refuse_earlier_run(s: Settings, m: Manifest, why: dict[str, Any], known: dict[str, Any], world_size: int) -> None:
-    """`ConfigError` when training would start over in a folder holding an earlier run."""
+def _refuse_earlier_run(s: Settings, m: Manifest, why: str, known: dict[str, Any], world_size: int) -> None:
+    """`ConfigError` when training would start over (because of `why`) in a folder holding an earlier run."""
     folder = s.out / "checkpoints"
     latest = folder / "latest.pt"
     earlier = sorted(folder.glob("step_*.pt"))
@@ -856,7 +867,7 @@ def _refuse_earlier_run(s: Settings, m: Manifest, why: dict[str, Any], known: di
     overwrite = "start over with --overwrite (deletes its checkpoints)"
     if "train" in m.state:
         raise ConfigError(f"{folder} holds a finished run (newest checkpoint {newest}) that training would replace: "
-                          f"{why['train']}; {overwrite}, {other}")
+                          f"{why}; {overwrite}, {other}")
     try:
         ck = fnlm.load_checkpoint(latest)
     except (ValueError, FileNotFoundError) as e:
@@ -971,7 +982,7 @@ def export_hf(s: Settings, m: Manifest, tok: TokenizerResult, trained: TrainResu
     params, config, fn = _load_model(m.path_of(trained.checkpoint), torch.device("cpu"), "--export-hf")
     if _generate_block(fn, "--export-hf") is not None:
         raise ConfigError(f"--export-hf: the checkpoint was trained with another block "
-                          f"({fnlm.checkpoint.callable_spec(fn)}), which a Llama folder cannot hold; drop --export-hf")
+                          f"({callable_spec(fn)}), which a Llama folder cannot hold; drop --export-hf")
     fnlm.export_hf(params, config, s.export_hf, tokenizer=load_tokenizer(m, tok))
     _log(f"export: {s.export_hf} (a Hugging Face Llama folder: transformers' AutoModelForCausalLM and AutoTokenizer "
          f"load it; python experiments/generate.py --hf {s.export_hf})")

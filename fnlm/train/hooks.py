@@ -23,11 +23,12 @@ all optional:
 
 **The final step.** The run ends after the step where it reaches its length, or a hook calls
 `run.stop`, or the loop finds the loss or the gradient norm not finite (`Run.watch_finite`). At that
-step every hook's `step` is called exactly once, in phase order: a stop asked during the measure or
-check phase makes the rest of the step final, so the not-yet-due measure hooks (the evaluation, the
-partial log window) fill the record before it is written and checkpointed. A stop asked during the
-write or save phase ends the run too, and the hooks not yet called at that step are called after,
-in phase order. Params that are not finite are never evaluated or saved (`run.nonfinite_at`).
+step every hook's `step` is called exactly once, in phase order: when a hook asks to stop, the step
+becomes final and the loop goes back to the first phase for the hooks not yet called, so a stop
+asked in the check phase still gets the evaluation and the partial log window into the record
+before it is written and checkpointed. (A stop asked in the write or save phase also ends the run;
+the measure hooks then called fill a record that was already written.) Params that are not finite
+are never evaluated or saved (`run.nonfinite_at`).
 
 `default_hooks(run)` is the loop's list. `ProgressBar`, `LossPlot` and `Wandb` import tqdm,
 matplotlib and wandb only when they start (`pip install fnlm[progress]`, `fnlm[plots]`,

@@ -355,8 +355,10 @@ def _call_phase(run: Run, state: TrainState, metrics: dict[str, Any], phase: str
 
 def after_step(run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
     """Everything the loop does after a step, for one run: the finiteness watch, every hook's
-    `observe`, then the due hooks' `step` in phase order (every hook at the final step); see the
-    protocol in `fnlm.train.hooks`. `train` and `train_vectorized` (per model) call it."""
+    `observe`, then the due hooks' `step` in phase order (every hook at the final step); a stop
+    asked by a hook makes the step final and goes back to the first phase for the hooks not yet
+    called. See the protocol in `fnlm.train.hooks`. `train` and `train_vectorized` (per model)
+    call it."""
     run.record = {}
     sync = (run.device.type == "cpu" or state.step >= run.total
             or any(getattr(h, "phase", "write") in ("measure", "save") and _due(h, state.step) for h in run.hooks))
@@ -367,11 +369,11 @@ def after_step(run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
             observe(run, state, metrics)
     run.final = state.step >= run.total or run.stopping
     called: set[int] = set()
-    for phase in PHASES:
-        _call_phase(run, state, metrics, phase, called)
-    if run.final:
-        for phase in PHASES:
-            _call_phase(run, state, metrics, phase, called)
+    i = 0
+    while i < len(PHASES):
+        was_final = run.final
+        _call_phase(run, state, metrics, PHASES[i], called)
+        i = 0 if run.final and not was_final else i + 1
 
 
 def stop_message(run: Run, state: TrainState) -> str:

@@ -302,3 +302,17 @@ def test_checkpoints_follow_the_umask_and_orphaned_temporaries_are_removed(tmp_p
     live.write_bytes(b"being written by this process")
     _run(tmp_path, dataclasses.replace(TC, steps=3), resume=True)
     assert not orphans[0].exists() and live.exists()
+
+
+def test_evaluate_windows_scores_what_it_reports():
+    """`--final-eval-tokens 0` scored 64 tokens and reported it."""
+    tokens = _tokens()
+    loss_fn = fnlm.train.lm_loss_fn(fnlm.transformer_lm, CONFIG)
+    params = fnlm.init_transformer_lm(CONFIG)
+    _, count = fnlm.train.evaluate_windows(loss_fn, params, tokens, context_length=8, batch_size=4,
+                                           device=torch.device("cpu"), max_tokens=20)
+    assert count == 16
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="max_tokens"):
+            fnlm.train.evaluate_windows(loss_fn, params, tokens, context_length=8, batch_size=4,
+                                        device=torch.device("cpu"), max_tokens=bad)
