@@ -128,8 +128,8 @@ def _check_args(args: argparse.Namespace) -> None:
     checked by `resolve_settings`)."""
     factor = args.explode_factor
     if not (math.isfinite(factor) and factor > 1):
-        raise ConfigError(f"--explode-factor {factor:g}: a run counts as diverged when its loss exceeds this multiple of "
-                          "its best loss so far, so it must be a finite number above 1 (default 2)")
+        raise ConfigError(f"--explode-factor {factor:g}: a run counts as diverged when its loss exceeds this multiple "
+                          "of its best loss so far, so it must be a finite number above 1 (default 2)")
     if args.chunk_size is not None and args.chunk_size < 1:
         raise ConfigError(f"--chunk-size {args.chunk_size}: give a number of runs >= 1 (or leave it out: all at once)")
     if args.steps is not None and args.steps < 1:

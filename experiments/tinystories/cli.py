@@ -376,7 +376,8 @@ def resolve_settings(argv: Sequence[str] | None = None) -> Settings:
         notes += (f"the {preset} preset was chosen because {'--data' if args.data else '--train-file'} is given and "
                   f"{why}; --preset NAME picks another",)
     if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads {args.threads}: give a number of threads >= 1 (or leave it out for torch's choice)")
+        raise ConfigError(f"--threads {args.threads}: give a number of threads >= 1 (or leave it out for torch's "
+                          "choice)")
     out = Path(args.out) if args.out else Path("runs") / preset
     s = Settings(preset, model, tc, pc, out, args.data, not args.no_download, args.train_file, args.valid_file,
                  stages, args.resume, args.force, not args.quiet, args.overwrite, notes, args.export_hf, args.threads)

@@ -62,7 +62,8 @@ class PipelineConfig:
     def _rules(self) -> list[tuple[str, str, bool]]:
         def at_least(name: str, low: int) -> tuple[str, str, bool]:
             value = getattr(self, name)
-            return name, f"must be {low} or more" + (", or none" if name in _OPTIONAL else ""), value is None or value >= low
+            rule = f"must be {low} or more" + (", or none" if name in _OPTIONAL else "")
+            return name, rule, value is None or value >= low
 
         t, p = self.temperature, self.top_p
         return [at_least("corpus_train_bytes", 1), at_least("corpus_valid_bytes", 1), at_least("corpus_seed", 0),

@@ -860,8 +860,8 @@ def _refuse_earlier_run(s: Settings, m: Manifest, why: str, known: dict[str, Any
     if not (earlier or latest.exists()):
         records = _earlier_log(s.out)
         if records:
-            raise ConfigError(f"{s.out / 'metrics.jsonl'} holds the log of an earlier run ({records} records) that left "
-                              f"no checkpoint; start over with --overwrite (deletes it), {other}")
+            raise ConfigError(f"{s.out / 'metrics.jsonl'} holds the log of an earlier run ({records} records) that "
+                              f"left no checkpoint; start over with --overwrite (deletes it), {other}")
         return
     newest = earlier[-1].name if earlier else latest.name
     overwrite = "start over with --overwrite (deletes its checkpoints)"
@@ -913,11 +913,14 @@ def main(
     s = resolve_settings(argv)
     if s.threads is not None:
         torch.set_num_threads(s.threads)
-    with _locked(s.out, parallel):
+    with _locked(s.out, parallel) as lock:
         m = Manifest(s.out)
         preflight(s, m, world_size=parallel.world_size)
+        if lock is not None and lock.taken_over:
+            _log(f"note: {lock.takeover_note()}")
         if parallel.is_main:
-            _log(f"preset {s.preset}, run folder {s.out}, stages {','.join(s.stages)}")
+            _log(f"preset {s.preset}, run folder {s.out}, stages {','.join(s.stages)}, {torch.get_num_threads()} "
+                 f"torch thread(s)")
             for note in s.notes:
                 _log(f"note: {note}")
         results, want = _run_stages(s, m, parallel, model_fn, init_fn)
@@ -954,20 +957,21 @@ def _run_stages(s: Settings, m: Manifest, parallel: Parallel, model_fn: Callable
 
 @contextlib.contextmanager
 def _locked(out: Path, parallel: Parallel) -> Any:
-    """Hold `out`'s `RunLock` (on rank 0) for the stages; a folder this call made is removed again
-    when nothing was written to it (a run refused before any stage)."""
+    """Hold `out`'s `RunLock` (on rank 0) for the stages, taking over a stale one quietly (the note is
+    printed once the run goes ahead); a folder this call made is removed again when nothing was
+    written to it (a run refused before any stage)."""
     if not parallel.is_main:
-        yield
+        yield None
         return
     made = [p for p in [out, *out.absolute().parents] if not p.exists()]
     try:
-        lock = RunLock(out).acquire()
+        lock = RunLock(out, quiet=True).acquire()
     except RunFolderLocked as e:
         raise ConfigError(str(e)) from None
     except OSError as e:
         raise ConfigError(f"--out {out}: the run folder cannot be made or locked ({e.strerror or e})") from None
     try:
-        yield
+        yield lock
     finally:
         lock.release()
         for folder in made:

@@ -265,8 +265,9 @@ class Run:
                 step, metrics = self._last_metrics or (None, {})
                 values = ""
                 if step == first:
-                    values = " (" + ", ".join(f"{k.replace('_', ' ')} {float(metrics[k]):g}" for k in ("loss", "grad_norm")
-                                              if isinstance(metrics.get(k), torch.Tensor)) + ")"
+                    shown = [f"{k.replace('_', ' ')} {float(metrics[k]):g}" for k in ("loss", "grad_norm")
+                             if isinstance(metrics.get(k), torch.Tensor)]
+                    values = f" ({', '.join(shown)})"
                 self.mark_nonfinite(first, f"the loss or gradient norm is not finite at step {first}{values}")
         return self.nonfinite_at is None
 
@@ -326,7 +327,8 @@ class RunLock:
     **Arguments:**
 
     - `folder`: the run folder (created when missing).
-    - `quiet`: do not print the note when taking over a stale lock.
+    - `quiet`: do not print the note when taking over a stale lock (`taken_over` holds what the
+      stale lock said, and `takeover_note()` the note).
     """
 
     FILE = "fnlm.lock"
@@ -337,6 +339,7 @@ class RunLock:
         self.folder = Path(folder)
         self.path = self.folder / self.FILE
         self.quiet = quiet
+        self.taken_over: dict[str, Any] | None = None
         self._key: str | None = None
 
     def __enter__(self) -> RunLock:
@@ -377,9 +380,10 @@ class RunLock:
     def _take(self) -> int:
         fd = self._flock() if fcntl is not None else self._create_exclusive()
         old = _read_info(fd)
-        if old and not self.quiet:
-            print(f"fnlm: taking over the lock of {self.folder} from {_describe_holder(old)}, whose process is gone",
-                  file=sys.stderr, flush=True)
+        if old:
+            self.taken_over = old
+            if not self.quiet:
+                print(f"fnlm: {self.takeover_note()}", file=sys.stderr, flush=True)
         line = (json.dumps(_info()) + "\n").encode()
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
@@ -422,6 +426,12 @@ class RunLock:
             pass
         finally:
             os.close(fd)
+
+    def takeover_note(self) -> str:
+        """The note about the stale lock this acquisition took over (empty when it took none)."""
+        if not self.taken_over:
+            return ""
+        return f"taking over the lock of {self.folder} from {_describe_holder(self.taken_over)}, whose process is gone"
 
     @classmethod
     def held(cls, folder: str | os.PathLike) -> bool:
