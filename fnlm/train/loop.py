@@ -51,7 +51,7 @@ from fnlm import accounting
 from fnlm.checkpoint import callable_spec, config_to_data, load_checkpoint, restore_rng_state
 from fnlm.data import batch_generator, get_batch
 from fnlm.train.evaluation import lm_loss_fn
-from fnlm.train.hooks import PHASES, Callback, Hook, MetricsFile, default_hooks, perplexity_of
+from fnlm.train.hooks import PHASES, Callback, Hook, MetricsFile, default_hooks, perplexity_of, read_metrics
 from fnlm.train.parallel import Parallel
 from fnlm.train.run import HARMLESS_FIELDS, Run, RunLock, TrainConfig
 from fnlm.train.step import TrainState, init_train_state, train_step
@@ -215,18 +215,12 @@ def refuse_earlier_run(out: Path) -> None:
             "resume it, or overwrite it explicitly, or train in another folder")
     metrics = out / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
-        records = [r for r in _read_records(metrics) if isinstance(r, dict)]
+        records = [r for r in read_metrics(metrics) if isinstance(r, dict)]
         last = max((r.get("step", 0) for r in records), default=None)
         upto = f", up to step {last}" if last is not None else ""
         raise FileExistsError(
             f"{metrics} holds the log of an earlier run ({len(records)} records{upto}) and there is no checkpoint to "
             "resume it from; overwrite it explicitly, or train in another folder")
-
-
-def _read_records(path: Path) -> list[Any]:
-    from fnlm.train.hooks import read_metrics
-
-    return read_metrics(path)
 
 
 def _announce(run: Run, state: TrainState) -> None:
