@@ -33,8 +33,12 @@ rounding); a run's wall time is then the shared run's, and its tokens/s its own 
 comparison of variants and the batch-size sweep change the model or the batch shape, so they run one
 after another as before.
 
-A run stops early and is marked diverged when a logged loss is NaN/inf, exceeds log(vocab)+1,
-or exceeds `--explode-factor` × the lowest training loss so far.
+A run stops early and is marked diverged when a loss or gradient norm is NaN/inf, a logged loss
+exceeds log(vocab)+1, or exceeds `--explode-factor` × the lowest training loss so far.
+
+The output folder is locked while the script runs (`fnlm.train.RunLock`: a second invocation on
+the same `--out` is refused). Settings that cannot work are reported before any stage runs, in one
+line (exit code 2); `--threads N` (a flag of the pipeline) sets torch's CPU threads.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -59,7 +64,9 @@ from ablations.runner import (
     train_variant_sweep,
 )
 from tinystories import stages
-from tinystories.cli import resolve_settings
+from tinystories.cli import ConfigError, resolve_settings
+
+from fnlm.train import RunFolderLocked, RunLock
 from tinystories.presets import PRESETS
 
 
@@ -107,7 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explode-factor", type=float, default=2.0,
                    help="a loss above this multiple of the best training loss so far counts as divergence")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--log-loss", action="store_true", help="draw the plots' loss axes on a log scale")
     return p
@@ -119,8 +125,26 @@ def _variants(args: argparse.Namespace, sweeping: bool) -> list[str]:
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
-        raise SystemExit(f"run_ablations.py: unknown variant(s) {unknown}; choose from {list(ABLATIONS)}")
+        raise ConfigError(f"--only: unknown variant(s) {unknown}; choose from {list(ABLATIONS)}")
     return names
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """`ConfigError` for a flag of this script that cannot work (the pipeline's own flags are
+    checked by `resolve_settings`)."""
+    factor = args.explode_factor
+    if not (math.isfinite(factor) and factor > 1):
+        raise ConfigError(f"--explode-factor {factor:g}: a run counts as diverged when its loss exceeds this multiple "
+                          "of its best loss so far, so it must be a finite number above 1 (default 2)")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise ConfigError(f"--chunk-size {args.chunk_size}: give a number of runs >= 1 (or leave it out: all at once)")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps {args.steps}: a run needs at least one optimizer step")
+    bad = [lr for lr in args.lrs or [] if not (math.isfinite(lr) and lr > 0)]
+    if bad:
+        raise ConfigError(f"--lrs: every learning rate must be a finite number above 0, got {bad}")
+    if args.vectorize and not (args.lrs or args.seeds):
+        raise ConfigError("--vectorize needs a learning-rate or seed sweep (--lrs, --seeds)")
 
 
 def _rows(results: list[RunResult]) -> list[dict]:
@@ -214,17 +238,30 @@ def _sweeps(args: argparse.Namespace, jobs: list[_Job], done_runs: dict[str, Run
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Parse the command line, check it, and run the comparison and sweeps under the output
+    folder's lock; `ConfigError` (before any stage runs) for settings that cannot work."""
     args, passthrough = build_parser().parse_known_args(argv)
     out = Path(args.out) if args.out else Path("runs") / f"ablations-{args.preset}"
     sweeping = bool(args.lrs or args.batch_sizes or args.seeds)
-    if args.vectorize and not (args.lrs or args.seeds):
-        raise SystemExit("run_ablations.py: --vectorize needs a learning-rate or seed sweep (--lrs, --seeds)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _check_args(args)
     names = _variants(args, sweeping)
     flags = ["--preset", args.preset, "--out", str(out)] + (["--steps", str(args.steps)] if args.steps else [])
     flags += (["--quiet"] if args.quiet else []) + passthrough
     settings = resolve_settings(flags + ["--stage", "data,tokenizer,encode"])
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    try:
+        lock = RunLock(out).acquire()
+    except RunFolderLocked as e:
+        raise ConfigError(str(e)) from None
+    try:
+        return _compare(args, names, flags, settings, out)
+    finally:
+        lock.release()
+
+
+def _compare(args: argparse.Namespace, names: list[str], flags: list[str], settings: Any, out: Path) -> dict:
+    sweeping = bool(args.lrs or args.batch_sizes or args.seeds)
     done = stages.main(flags + ["--stage", "data,tokenizer,encode"])
     config = stages.model_config_for(settings, done["tokenizer"])
     train_ids, valid_ids = stages.load_token_files(stages.Manifest(settings.out), done["encode"], config)
@@ -285,5 +322,22 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def script(argv: list[str] | None = None) -> int:
+    """The command line: `main`, with settings that cannot work (and a folder another run holds)
+    reported in one line (exit code 2), and Ctrl-C in one line (exit code 130)."""
+    try:
+        main(argv)
+    except ConfigError as e:
+        print(f"run_ablations.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except (stages.TrainingDiverged, stages.StageFailed) as e:
+        print(f"run_ablations.py: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("run_ablations.py: interrupted; the finished stages and runs are kept", file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(script())

@@ -5,19 +5,31 @@ bools, `None`, dtypes/devices, and dicts/lists/tuples of those. It holds the par
 optimizer state, the step, the config (a dataclass is stored as `dataclasses.asdict` plus its class
 name), the torch/CUDA/numpy/python RNG states, any extras, and a SHA-256 digest of all of that
 which is verified on load, so a truncated or altered file is reported instead of silently used.
+
+Safety: `save_checkpoint` refuses params that hold NaN or inf (`NonFiniteParams`) unless told
+otherwise, writes through a temporary file named after its process (`.NAME.PID.RANDOM.tmp`, so a
+later writer can tell an orphan from a live write; `remove_stale_temporaries`) created with the
+process's umask, and renames it into place. A **latest pointer** (`write_latest`) is a small text
+file naming the newest checkpoint beside it; `load_checkpoint` follows it (`resolve_checkpoint`),
+so `load_checkpoint("run/checkpoints/latest.pt")` works whether `latest.pt` is a pointer or a
+checkpoint, and copying a checkpoint over the pointer cannot damage another file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import importlib
 import io
 import os
 import random
+import json
 import re
+import secrets
 import struct
-import tempfile
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -34,6 +46,13 @@ __all__ = [
     "check_params_match",
     "config_to_data",
     "intact_alternatives",
+    "NonFiniteParams",
+    "check_finite",
+    "write_latest",
+    "resolve_checkpoint",
+    "remove_stale_temporaries",
+    "callable_spec",
+    "model_fn_of",
 ]
 
 FORMAT = "fnlm-checkpoint"
@@ -163,13 +182,81 @@ def _describe(target: Any) -> str:
     return f"<{type(target).__name__} {getattr(target, 'name', '')}>".replace(" >", ">")
 
 
-def _atomic_save(payload: dict[str, Any], path: Path) -> None:
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (assumed so where that cannot be asked safely)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>\d+)\.[0-9a-f]{8}|[a-z0-9_]{8})\.tmp$")
+
+
+def _temp_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that interrupted atomic writes left in `folder`.
+
+    A write goes to `.NAME.PID.RANDOM.tmp` and is renamed to `NAME` when complete; a process
+    killed in between (SIGKILL, power loss) leaves the temporary behind. Those of a process that
+    no longer runs on this machine are deleted, as are those of older fnlm versions (named
+    `.NAME.RANDOM.tmp`, without the writer). Call it while holding the folder's run lock
+    (`fnlm.train.RunLock`): a writer on another machine cannot be seen.
+
+    **Arguments:**
+
+    - `folder`: the folder to clean (a missing folder has nothing to clean).
+
+    **Returns:** the files deleted.
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.glob(".*.tmp"):
+        m = _TEMP.match(p.name)
+        if m is None or (m["pid"] is not None and (int(m["pid"]) == os.getpid() or _pid_alive(int(m["pid"])))):
+            continue
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(p)
+    return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    if hasattr(os, "O_DIRECTORY"):
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """`write(file)` into a temporary file beside `path` (created with the umask's permissions),
+    fsynced and renamed over `path`; on any failure the temporary is removed and `path` untouched."""
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    while True:
+        tmp = _temp_path(path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -179,12 +266,96 @@ def _atomic_save(payload: dict[str, Any], path: Path) -> None:
         except FileNotFoundError:
             pass
         raise
-    if hasattr(os, "O_DIRECTORY"):
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    _fsync_dir(folder)
+
+
+class NonFiniteParams(ValueError):
+    """`save_checkpoint` refused params holding NaN or inf; `names` are the flat names of those leaves."""
+
+    def __init__(self, message: str, names: list[str]):
+        super().__init__(message)
+        self.names = names
+
+
+def check_finite(params: Tree) -> list[str]:
+    """The flat names of the floating-point tensors of `params` that hold NaN or inf.
+
+    **Arguments:**
+
+    - `params`: a params tree (or any tree of tensors).
+
+    **Returns:** the names, in flat order; empty when every value is finite.
+    """
+    bad: list[str] = []
+
+    def walk(obj: Any, name: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
+                bad.append(name or "params")
+        elif isinstance(obj, Mapping):
+            for key, value in obj.items():
+                walk(value, f"{name}.{key}" if name else str(key))
+        elif isinstance(obj, (list, tuple)):
+            for i, value in enumerate(obj):
+                walk(value, f"{name}.{i}" if name else str(i))
+
+    walk(params, "")
+    return bad
+
+
+LATEST = "fnlm-latest"
+
+
+def write_latest(latest: str | os.PathLike, target: str | os.PathLike, *, step: int, sha256: str | None = None) -> None:
+    """Atomically make `latest` a pointer to the checkpoint `target` in the same folder.
+
+    The pointer is one line of JSON (`{"format": "fnlm-latest", "file": "step_0000060.pt", ...}`),
+    read by `load_checkpoint` and `resolve_checkpoint`. It is a file of its own, so copying a
+    checkpoint over it (`cp step_0000040.pt latest.pt`) replaces the pointer and damages nothing.
+
+    **Arguments:**
+
+    - `latest`: the pointer's path, e.g. `run/checkpoints/latest.pt`.
+    - `target`: the checkpoint file it names; it must lie in the same folder.
+    - `step`: the checkpoint's step; `sha256`: its digest (`save_checkpoint`'s result), so that
+      the pointer's contents change whenever the checkpoint does.
+    """
+    latest, target = Path(latest), Path(target)
+    if target.parent.resolve() != latest.parent.resolve():
+        raise ValueError(f"write_latest: target {target} must be in the folder of {latest}")
+    line = json.dumps({"format": LATEST, "version": 1, "file": target.name, "step": step, "sha256": sha256}) + "\n"
+    _atomic_write(latest, lambda f: f.write(line.encode()))
+
+
+def _pointer(path: Path) -> dict[str, Any] | None:
+    try:
+        if path.stat().st_size > 4096:
+            return None
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == LATEST else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint file `path` stands for: the file a latest pointer (`write_latest`) names, or
+    `path` itself when it is not a pointer.
+
+    **Arguments:**
+
+    - `path`: a checkpoint file or a latest pointer.
+
+    **Returns:** the checkpoint's path (which may not exist). A pointer that names anything but a
+    file in its own folder raises a `ValueError`.
+    """
+    p = Path(path)
+    pointer = _pointer(p) if p.is_file() else None
+    if pointer is None:
+        return p
+    name = pointer.get("file")
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise ValueError(f"{p} is a latest pointer naming {name!r}, which is not a file beside it")
+    return p.parent / name
 
 
 def save_checkpoint(
@@ -195,13 +366,16 @@ def save_checkpoint(
     step: int,
     config: Any,
     rng: bool = True,
+    allow_non_finite: bool = False,
     **extra: Any,
-) -> None:
+) -> str:
     """Write a training checkpoint atomically.
 
-    For a path, the data goes to a temporary file in the same folder, is fsynced, then renamed over
-    `path` (and the folder fsynced): a crash mid-save leaves the previous checkpoint intact. A
-    writable binary file object is written directly (no atomicity).
+    For a path, the data goes to a temporary file in the same folder (`.NAME.PID.RANDOM.tmp`,
+    with the permissions the umask gives), is fsynced, then renamed over `path` (and the folder
+    fsynced): a crash mid-save leaves the previous checkpoint intact. A writable binary file
+    object is written directly (no atomicity). Params holding NaN or inf are refused with
+    `NonFiniteParams` (a `ValueError` naming the leaves) before anything is written.
 
     **Arguments:**
 
@@ -211,11 +385,20 @@ def save_checkpoint(
     - `step`: the number of completed training steps.
     - `config`: a dataclass instance (stored as `asdict` plus its class name) or a dict.
     - `rng`: also store the global torch/CUDA/numpy/python RNG states (:func:`capture_rng_state`).
+    - `allow_non_finite`: write params holding NaN or inf anyway (e.g. to inspect a diverged run).
     - `**extra`: more plain data to store, e.g. `generator=gen.get_state()`, `best_val_loss=...`.
       The names `params, opt_state, step, config, config_class, rng` are reserved.
+
+    **Returns:** the checkpoint's SHA-256 digest (hex), the one `load_checkpoint` verifies.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if not allow_non_finite:
+        bad = check_finite(params)
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise NonFiniteParams(f"checkpoint {_describe(path)} not written: the params hold NaN or inf ({shown}); "
+                                  "pass allow_non_finite=True to save them anyway", bad)
     clash = sorted(set(extra) & set(RESERVED))
     if clash:
         raise ValueError(f"extra keys {clash} clash with reserved checkpoint keys {list(RESERVED)}")
@@ -230,11 +413,13 @@ def save_checkpoint(
         "extra": dict(extra),
     }
     _check_plain(body, "")
-    payload = {"format": FORMAT, "version": VERSION, "body": body, "sha256": _digest(body)}
+    digest = _digest(body)
+    payload = {"format": FORMAT, "version": VERSION, "body": body, "sha256": digest}
     if isinstance(path, (str, os.PathLike)):
-        _atomic_save(payload, Path(path))
+        _atomic_write(Path(path), lambda f: torch.save(payload, f))
     else:
         torch.save(payload, path)
+    return digest
 
 
 def _unpickling_refusal(err: Exception) -> str | None:
@@ -248,16 +433,56 @@ def _unpickling_refusal(err: Exception) -> str | None:
             "fnlm.save_checkpoint or has been altered; it was not loaded and none of its code ran")
 
 
-def _read(path: PathOrFile, where: str, map_location: Any) -> dict[str, Any]:
-    """The verified body of a checkpoint; `ValueError` saying what is wrong with it."""
+_DEVICE_TROUBLE = re.compile(r"CUDA|cuda|MPS|mps|device|not compiled with")
+
+
+def _first_sentence(err: BaseException) -> str:
+    return re.split(r"(?<=\.)\s", str(err).strip(), maxsplit=1)[0].rstrip(".") or type(err).__name__
+
+
+def _map_tensors(obj: Any, fn: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def _onto_device(body: dict[str, Any], map_location: str | torch.device, where: str) -> dict[str, Any]:
+    """The verified body with its tensors moved to `map_location`; a `ValueError` saying the file is
+    intact when the device is what fails."""
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        device = torch.device(map_location)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"map_location {map_location!r} is not a device ({_first_sentence(err)})") from None
+    if device.type == "cpu":
+        return body
+    try:
+        return _map_tensors(body, lambda t: t.to(device))
+    except (RuntimeError, AssertionError) as err:
+        raise ValueError(f"checkpoint {where} is intact, but cannot be loaded onto {device}: {_first_sentence(err)}; "
+                         "load it onto a device this machine has (map_location='cpu', or --device cpu)") from None
+
+
+def _read(path: PathOrFile, where: str, map_location: Any) -> dict[str, Any]:
+    """The verified body of a checkpoint; `ValueError` saying what is wrong with it.
+
+    A device name as `map_location` loads onto the CPU first and moves the tensors after the digest
+    is verified, so a device that is missing is told apart from a damaged file."""
+    by_name = isinstance(map_location, (str, torch.device))
+    try:
+        payload = torch.load(path, map_location="cpu" if by_name else map_location, weights_only=True)
     except Exception as err:
         refusal = _unpickling_refusal(err)
         if refusal:
             raise ValueError(f"checkpoint {where} was refused: {refusal}") from None
-        detail = re.split(r"(?<=\.)\s", str(err).strip(), maxsplit=1)[0].rstrip(".") or type(err).__name__
-        raise ValueError(f"checkpoint {where} is unreadable (truncated or not a torch file: {detail})") from None
+        if isinstance(err, (RuntimeError, AssertionError)) and _DEVICE_TROUBLE.search(str(err)) and not by_name:
+            raise ValueError(f"checkpoint {where} cannot be loaded with map_location={map_location!r}: "
+                             f"{_first_sentence(err)}; pass map_location='cpu'") from None
+        raise ValueError(f"checkpoint {where} is unreadable (truncated or not a torch file: {_first_sentence(err)})"
+                         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "body" not in payload:
         raise ValueError(f"{where} is not an fnlm checkpoint (no {FORMAT!r} header)")
     if payload.get("version") != VERSION:
@@ -265,17 +490,24 @@ def _read(path: PathOrFile, where: str, map_location: Any) -> dict[str, Any]:
     body = payload["body"]
     if _digest(body) != payload.get("sha256"):
         raise ValueError(f"checkpoint {where} is corrupt: its contents do not match the stored SHA-256 digest")
-    return body
+    return _onto_device(body, map_location, where) if by_name else body
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def intact_alternatives(path: str | os.PathLike, *, limit: int = 5) -> list[tuple[Path, int]]:
     """The other `step_*.pt` checkpoints beside `path` that load and verify, newest first.
 
-    Hard links to the same file as `path` (the loop's `latest.pt` is one) do not count.
+    The file `path` is, or names (a latest pointer), does not count, nor do hard links to it.
 
     **Arguments:**
 
-    - `path`: a checkpoint file (it need not exist or be readable).
+    - `path`: a checkpoint file or latest pointer (it need not exist or be readable).
     - `limit`: how many of the newest candidates to verify.
 
     **Returns:** `[(file, step), ...]`.
@@ -283,11 +515,15 @@ def intact_alternatives(path: str | os.PathLike, *, limit: int = 5) -> list[tupl
     path = Path(path)
     if not path.parent.is_dir():
         return []
+    try:
+        target = resolve_checkpoint(path)
+    except ValueError:
+        target = path
     found = []
     for candidate in sorted(path.parent.glob("step_*.pt"), reverse=True)[:limit]:
+        if candidate.name == target.name or any(_same_file(candidate, p) for p in {path, target}):
+            continue
         try:
-            if path.exists() and os.path.samefile(candidate, path):
-                continue
             body = _read(candidate, repr(str(candidate)), "cpu")
         except (OSError, ValueError):
             continue
@@ -302,7 +538,12 @@ def _with_alternatives(message: str, path: PathOrFile) -> str:
     if not others:
         return message
     names = ", ".join(f"{p.name} (step {step})" for p, step in others)
-    use = "copy one over latest.pt to resume from it" if Path(path).name == "latest.pt" else "use one of them instead"
+    p = Path(path)
+    if p.name == "latest.pt":
+        use = (f"to resume from one, replace latest.pt by it (in {p.parent}: rm latest.pt && cp {others[0][0].name} "
+               "latest.pt)")
+    else:
+        use = "use one of them instead"
     return f"{message}; intact checkpoints beside it: {names}: {use}"
 
 
@@ -316,16 +557,17 @@ def load_checkpoint(
     """Read a checkpoint written by :func:`save_checkpoint`, verifying it.
 
     Loading uses `torch.load(weights_only=True)`, so the file cannot run code (a file that would
-    need code is refused; fnlm never suggests loading it unsafely). Errors name the file:
-    `FileNotFoundError` when missing; `ValueError` when it is truncated, not a checkpoint, fails
-    its digest, or does not match `expected_params` / `expected_config`. When the file is
-    missing or bad, the message names the intact `step_*.pt` checkpoints beside it
-    (`intact_alternatives`).
+    need code is refused; fnlm never suggests loading it unsafely). A latest pointer
+    (`write_latest`, the loop's `checkpoints/latest.pt`) is followed to the file it names. Errors
+    name the file: `FileNotFoundError` when missing; `ValueError` when it is truncated, not a
+    checkpoint, fails its digest, cannot be put on `map_location` (said as such: the file is
+    intact), or does not match `expected_params` / `expected_config`. When the file is missing or
+    bad, the message names the intact `step_*.pt` checkpoints beside it (`intact_alternatives`).
 
     **Arguments:**
 
-    - `path`: the checkpoint path, or a readable binary file object.
-    - `map_location`: where tensors are put (default CPU), as for `torch.load`.
+    - `path`: the checkpoint path (or a latest pointer), or a readable binary file object.
+    - `map_location`: where tensors are put (default CPU): a device, or as for `torch.load`.
     - `expected_params`: a params tree (or tree of shapes) the stored params must match in flat
       names and shapes (see :func:`check_params_match`).
     - `expected_config`: a config (dataclass or dict) the stored config must equal.
@@ -336,12 +578,18 @@ def load_checkpoint(
     (pass to :func:`restore_rng_state`, or `None`), and each extra saved under its own name.
     """
     where = _describe(path)
-    if isinstance(path, (str, os.PathLike)) and not Path(path).is_file():
-        raise FileNotFoundError(_with_alternatives(f"checkpoint {where} does not exist", path))
+    source = path
+    if isinstance(path, (str, os.PathLike)):
+        source = resolve_checkpoint(path)
+        if source != Path(path):
+            where = f"{where} (a pointer to {source.name})"
+        if not source.is_file():
+            raise FileNotFoundError(_with_alternatives(f"checkpoint {where} does not exist", path))
     try:
-        body = _read(path, where, map_location)
+        body = _read(source, where, map_location)
     except ValueError as err:
-        raise ValueError(_with_alternatives(str(err), path)) from None
+        intact = "is intact, but" in str(err) or "cannot be loaded with map_location" in str(err)
+        raise ValueError(str(err) if intact else _with_alternatives(str(err), path)) from None
     if expected_params is not None:
         check_params_match(body["params"], expected_params, where=f"checkpoint {where}")
     if expected_config is not None:
@@ -380,3 +628,103 @@ def check_params_match(params: Tree, expected: Tree, *, where: str = "params") -
     wrong = {name: (shape(got[name]), shape(leaf)) for name, leaf in want.items() if shape(got[name]) != shape(leaf)}
     if wrong:
         raise ValueError(f"{where}: parameter shapes differ (stored, expected): {wrong}")
+
+
+def callable_spec(fn: Any) -> Any:
+    """Plain data naming `fn` so that :func:`model_fn_of` can rebuild it: `"module:qualname"` for a
+    function or class, and for a `functools.partial` a dict `{"partial": spec, "args": [...],
+    "keywords": {...}}` whose callable arguments are specs too (other arguments must be plain
+    numbers, strings or `None`). Anything else (a lambda, a closure, a callable object) is recorded
+    as `{"unimportable": repr}`, so that a loader can refuse it instead of guessing.
+
+    **Arguments:**
+
+    - `fn`: the function, e.g. a training run's `model_fn`.
+
+    **Returns:** the spec (a string or a dict of plain data).
+    """
+    if isinstance(fn, functools.partial):
+        def arg(value: Any) -> Any:
+            if value is None or isinstance(value, (bool, int, float, str)):
+                return value
+            return {"callable": callable_spec(value)}
+
+        return {"partial": callable_spec(fn.func), "args": [arg(a) for a in fn.args],
+                "keywords": {k: arg(v) for k, v in fn.keywords.items()}}
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if isinstance(module, str) and isinstance(qualname, str) and "<" not in qualname and module != "__main__":
+        return f"{module}:{qualname}"
+    return {"unimportable": repr(fn)[:200]}
+
+
+def _spec_text(spec: Any) -> str:
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, dict) and "partial" in spec:
+        return f"functools.partial({_spec_text(spec['partial'])}, ...)"
+    if isinstance(spec, dict) and "unimportable" in spec:
+        return spec["unimportable"]
+    return repr(spec)[:200]
+
+
+def _import_spec(spec: Any, import_modules: bool) -> Any:
+    """The callable a spec names; `ValueError` saying why it cannot be had."""
+    if isinstance(spec, dict) and "partial" in spec:
+        def arg(value: Any) -> Any:
+            return _import_spec(value["callable"], import_modules) if isinstance(value, dict) else value
+
+        return functools.partial(_import_spec(spec["partial"], import_modules), *map(arg, spec.get("args", [])),
+                                 **{k: arg(v) for k, v in spec.get("keywords", {}).items()})
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError("it is not a module-level function (a lambda, closure or object), so no code can name it")
+    module_name, qualname = spec.split(":", 1)
+    top = module_name.split(".")[0]
+    if top in getattr(sys, "stdlib_module_names", ()) or top == "builtins":
+        raise ValueError(f"{module_name} is part of Python, not a model")
+    module = sys.modules.get(module_name)
+    if module is None:
+        if not import_modules:
+            raise ValueError(f"its module {module_name} is not imported; import it first (or pass import_modules=True)")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"its module cannot be imported ({err})") from None
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ValueError(f"{module_name} has no {qualname}")
+    if not callable(obj):
+        raise ValueError(f"{spec} is not callable")
+    return obj
+
+
+def model_fn_of(ck: Mapping[str, Any], *, import_modules: bool = False) -> Callable:
+    """The model function a checkpoint was trained with, rebuilt from its record.
+
+    `fnlm.train.train` records its `model_fn` in every checkpoint (`callable_spec`, e.g.
+    `"fnlm.model:transformer_lm"`). A checkpoint without that record (older ones, or written by
+    hand) gets `fnlm.transformer_lm`. A checkpoint names code, so only functions of modules this
+    process has already imported (the standard library excepted) are taken, unless
+    `import_modules=True` lets it import the module named.
+
+    **Arguments:**
+
+    - `ck`: a loaded checkpoint (`load_checkpoint`'s result).
+    - `import_modules`: import the module the record names when it is not imported yet.
+
+    **Returns:** `model_fn(params, token_ids, config) -> logits`; for a model trained with
+    `functools.partial(fnlm.transformer_lm, block=...)` a partial again (its `.keywords` hold the
+    block, e.g. for `fnlm.generate(..., block=...)`). A record that cannot be rebuilt raises a
+    `ValueError` in one line naming the function and why.
+    """
+    spec = ck.get("model_fn")
+    if spec is None:
+        from fnlm.model import transformer_lm
+
+        return transformer_lm
+    try:
+        return _import_spec(spec, import_modules)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"the checkpoint was trained with model function {_spec_text(spec)}, which cannot be rebuilt "
+                         f"here: {err}; load it with the code that trained it") from None

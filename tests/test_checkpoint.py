@@ -268,14 +268,15 @@ def test_a_bad_latest_names_the_intact_step_files(tmp_path):
         f.write(bytes(data))
     assert ckpt_mod.intact_alternatives(latest) == [(folder / "step_0000020.pt", 20), (folder / "step_0000010.pt", 10)]
     with pytest.raises(ValueError, match=r"latest\.pt' is corrupt.*intact checkpoints beside it: step_0000020\.pt "
-                                         r"\(step 20\), step_0000010\.pt \(step 10\): copy one over latest\.pt"):
+                                         r"\(step 20\), step_0000010\.pt \(step 10\): to resume from one, replace "
+                                         r"latest\.pt by it \(in .*: rm latest\.pt && cp step_0000020\.pt latest\.pt\)"):
         fnlm.load_checkpoint(latest)
     with pytest.raises(ValueError, match=r"step_0000030\.pt' is corrupt.*step_0000020.*use one of them instead"):
         fnlm.load_checkpoint(folder / "step_0000030.pt")
     (folder / "step_0000020.pt").write_bytes(data[: len(data) // 3])
     latest.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"unreadable \(truncated or not a torch file: .*\); intact checkpoints beside "
-                                         r"it: step_0000010\.pt \(step 10\): copy"):
+                                         r"it: step_0000010\.pt \(step 10\): to resume from one, replace"):
         fnlm.load_checkpoint(latest)
     latest.unlink()
     with pytest.raises(FileNotFoundError, match=r"latest\.pt' does not exist; intact checkpoints beside it: "

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import re
 import sys
@@ -204,9 +205,10 @@ class Settings:
     """Everything one invocation decided: configs, data source, run folder, stages.
 
     `resume` continues `OUT/checkpoints/latest.pt`; `overwrite` allows deleting an earlier run's
-    checkpoints; `force` reruns the selected stages even when cached; `notes` are adjustments
-    made to the settings (printed at the start of the run); `export_hf` is a folder to write the
-    trained model and its tokenizer to in Hugging Face's format (`fnlm.export_hf`).
+    checkpoints and train from step 0; `force` reruns the selected stages even when cached; `notes`
+    are adjustments made to the settings and choices made for the user (printed at the start of
+    the run); `export_hf` is a folder to write the trained model and its tokenizer to in Hugging
+    Face's format (`fnlm.export_hf`); `threads` is torch's CPU thread count (`None`: torch's choice).
     """
 
     preset: str
@@ -225,6 +227,7 @@ class Settings:
     overwrite: bool = False
     notes: tuple[str, ...] = ()
     export_hf: Path | None = None
+    threads: int | None = None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -287,10 +290,13 @@ def build_parser(preset: str | None = None, *, real: bool = False) -> argparse.A
                    help=f"comma-separated stages to run, from {', '.join(STAGES)} (default: all)")
     p.add_argument("--resume", action="store_true", help="continue training from OUT/checkpoints/latest.pt")
     p.add_argument("--overwrite", action="store_true",
-                   help="delete the checkpoints of an earlier run in OUT and train from step 0 (without it, such "
-                        "a folder is refused)")
+                   help="delete the checkpoints and metrics of an earlier run in OUT and train from step 0, even when "
+                        "that run finished (without it, such a folder is refused)")
     p.add_argument("--force", action="store_true", help="rerun the selected stages even when cached")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads for every stage (default: torch's choice, one per core); on a machine other "
+                        "work keeps busy, fewer threads (even 1) can be several times faster")
     p.add_argument("--export-hf", metavar="DIR", type=Path,
                    help="after training, write the model and tokenizer to DIR as a Hugging Face Llama folder "
                         "(loads with transformers' AutoModelForCausalLM / AutoTokenizer)")
@@ -363,33 +369,56 @@ def resolve_settings(argv: Sequence[str] | None = None) -> Settings:
                           f"{preset} preset runs {base['train']['steps']})")
     train_kw = {**base["train"], **train_over, "progress": not args.quiet}
     pipe_kw = {**base.get("pipeline", {}), **dataclass_overrides(args, PipelineConfig)}
+    train_kw, notes = _clamp_warmup(train_kw, model_kw.get("context_length"), "warmup_steps" in train_over)
+    model, tc, pc = _build_configs(model_kw, train_kw, pipe_kw)
+    if args.preset is None and real:
+        why = "a CUDA device is available" if preset == "h100" else "this machine has no CUDA device"
+        notes += (f"the {preset} preset was chosen because {'--data' if args.data else '--train-file'} is given and "
+                  f"{why}; --preset NAME picks another",)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: give a number of threads >= 1 (or leave it out for torch's "
+                          "choice)")
+    out = Path(args.out) if args.out else Path("runs") / preset
+    s = Settings(preset, model, tc, pc, out, args.data, not args.no_download, args.train_file, args.valid_file,
+                 stages, args.resume, args.force, not args.quiet, args.overwrite, notes, args.export_hf, args.threads)
+    check_settings(s)
+    return s
+
+
+def _build_configs(model_kw: dict[str, Any], train_kw: dict[str, Any], pipe_kw: dict[str, Any]) -> list[Any]:
+    """The three configs; `ConfigError` naming the flags for any value a config refuses, or that is
+    not a finite number."""
     configs = []
     for what, cls, kw in (("model", fnlm.TransformerConfig, model_kw), ("training", TrainConfig, train_kw),
                           ("pipeline", PipelineConfig, pipe_kw)):
+        infinite = [f"{k}={v}" for k, v in kw.items() if isinstance(v, float) and not math.isfinite(v)]
+        if infinite:
+            raise ConfigError(f"invalid {what} settings: {flags_in(', '.join(infinite))} (every number must be finite)")
         try:
             configs.append(cls(**kw))
         except (TypeError, ValueError) as e:
             message = re.sub(r"^invalid \w+ values: ", "", str(e))
             raise ConfigError(f"invalid {what} settings: {flags_in(message)}") from None
-    model, tc, pc = configs
-    tc, notes = _clamp_warmup(tc, model.context_length, "warmup_steps" in train_over)
-    out = Path(args.out) if args.out else Path("runs") / preset
-    s = Settings(preset, model, tc, pc, out, args.data, not args.no_download, args.train_file, args.valid_file,
-                 stages, args.resume, args.force, not args.quiet, args.overwrite, notes, args.export_hf)
-    check_settings(s)
-    return s
+    return configs
 
 
-def _clamp_warmup(tc: TrainConfig, context_length: int, given: bool) -> tuple[TrainConfig, tuple[str, ...]]:
-    total = tc.total_steps(context_length)
-    end = tc.cosine_steps if tc.cosine_steps is not None else total
-    if tc.warmup_steps <= end:
-        return tc, ()
-    where = "--cosine-steps" if tc.cosine_steps is not None else "the run's steps"
+def _clamp_warmup(train_kw: dict[str, Any], context_length: Any, given: bool) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """`train_kw` with a warm-up longer than the cosine shortened to it, and the note that says so
+    (values a config would refuse are left for it to report)."""
+    try:
+        batch, steps, budget = train_kw["batch_size"], train_kw.get("steps", 5000), train_kw.get("max_tokens")
+        total = steps if budget is None else max(1, budget // (batch * context_length))
+        cosine, warmup = train_kw.get("cosine_steps"), train_kw.get("warmup_steps", 100)
+        end = cosine if cosine is not None else total
+        if not warmup > end >= 0:
+            return train_kw, ()
+    except (TypeError, ZeroDivisionError, KeyError):
+        return train_kw, ()
+    where = "--cosine-steps" if cosine is not None else "the run's steps"
     origin = "--warmup-steps" if given else "the preset's warm-up"
-    note = (f"{origin} ({tc.warmup_steps}) is longer than {where} ({end}); warming up over {end} steps instead "
+    note = (f"{origin} ({warmup}) is longer than {where} ({end}); warming up over {end} steps instead "
             f"(give --warmup-steps to choose)")
-    return dataclasses.replace(tc, warmup_steps=end), (note,)
+    return {**train_kw, "warmup_steps": end}, (note,)
 
 
 EXPORTABLE = {"norm": "rmsnorm", "norm_position": "pre", "position": "rope", "ffn": "swiglu"}
@@ -400,9 +429,10 @@ def check_settings(s: Settings) -> None:
     """Every check of `s` that needs no stage to have run; raises `ConfigError` naming the flag.
 
     Checks: the vocabulary fits byte-level BPE with `<|endoftext|>` and the uint16 token files;
-    the text files exist, are not empty and hold more bytes than the context length (a text of N
-    bytes has at most N tokens); the device exists in this torch build; one layer's attention
-    scores of a batch fit in the device's memory.
+    the text files exist, are regular files, are not empty and hold more bytes than the context
+    length (a text of N bytes has at most N tokens); `--out` is (or can be) a writable folder;
+    `--final-eval-tokens` holds a whole window; the device exists in this torch build; one
+    layer's attention scores of a batch fit in the device's memory.
 
     **Arguments:**
 
@@ -416,6 +446,12 @@ def check_settings(s: Settings) -> None:
         raise ConfigError(f"--vocab-size {vocab} is too large: token files store uint16 ids, so at most "
                           f"{MAX_VOCAB_SIZE:,}")
     _check_texts(s)
+    _check_out(s.out)
+    pc = s.pipeline
+    if pc.final_eval_tokens is not None and pc.final_eval_tokens < s.model.context_length:
+        raise ConfigError(f"--final-eval-tokens {pc.final_eval_tokens}: the evaluate stage scores whole windows of "
+                          f"--context-length {s.model.context_length} tokens; give at least {s.model.context_length}, "
+                          "or none for the whole validation set")
     device = _check_device(s.train.device)
     _check_memory(s, device)
     if s.export_hf is not None:
@@ -446,8 +482,11 @@ def _check_texts(s: Settings) -> None:
     need = s.model.context_length + 1
     for what, path, size in _texts(s):
         if path is not None:
-            if not path.is_file():
+            if not path.exists():
                 raise ConfigError(f"{what} {path}: no such file")
+            if not path.is_file():
+                raise ConfigError(f"{what} {path} is not a regular file (a folder, device or pipe); give a text file "
+                                  "with documents separated by <|endoftext|>")
             size = path.stat().st_size
             if size == 0:
                 raise ConfigError(f"{what} {path} is empty; give a text file with documents separated by <|endoftext|>")
@@ -458,6 +497,19 @@ def _check_texts(s: Settings) -> None:
             raise ConfigError(
                 f"{label}: {size:,} bytes hold at most {size:,} tokens, fewer than --context-length "
                 f"{s.model.context_length} + 1; lower --context-length or use more text")
+
+
+def _check_out(out: Path) -> None:
+    """`--out` must be a folder, or a path where one can be made by this user."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; give a folder (it is made when missing)")
+    existing = next((p for p in [out, *out.absolute().parents] if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, so no folder can be made there; give another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {existing} is not writable by this user; give another --out")
 
 
 def _check_device(name: str) -> torch.device:

@@ -6,7 +6,9 @@ Each preset gives starting values for the three configs (`fnlm.TransformerConfig
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import numbers
+from dataclasses import dataclass, fields
 from typing import Any
 
 __all__ = ["PipelineConfig", "PRESETS"]
@@ -43,6 +45,35 @@ class PipelineConfig:
     top_p: float = 0.95
     sample_seed: int = 0
     prompt: str = "Once upon a time"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "prompt" or (value is None and f.name in _OPTIONAL):
+                continue
+            want = numbers.Real if f.name in ("temperature", "top_p") else numbers.Integral
+            if isinstance(value, bool) or not isinstance(value, want):
+                raise TypeError(f"PipelineConfig.{f.name} must be {'a number' if want is numbers.Real else 'an int'}, "
+                                f"got {value!r}")
+        bad = [f"{name}={getattr(self, name)} ({rule})" for name, rule, ok in self._rules() if not ok]
+        if bad:
+            raise ValueError(f"invalid PipelineConfig values: {'; '.join(bad)}")
+
+    def _rules(self) -> list[tuple[str, str, bool]]:
+        def at_least(name: str, low: int) -> tuple[str, str, bool]:
+            value = getattr(self, name)
+            rule = f"must be {low} or more" + (", or none" if name in _OPTIONAL else "")
+            return name, rule, value is None or value >= low
+
+        t, p = self.temperature, self.top_p
+        return [at_least("corpus_train_bytes", 1), at_least("corpus_valid_bytes", 1), at_least("corpus_seed", 0),
+                at_least("bpe_workers", 1), at_least("encode_workers", 1), at_least("final_eval_tokens", 1),
+                at_least("num_samples", 0), at_least("sample_tokens", 1), at_least("sample_seed", 0),
+                ("temperature", "must be a finite number >= 0; 0 is greedy", math.isfinite(t) and t >= 0),
+                ("top_p", "must be a number in (0, 1]", math.isfinite(p) and 0 < p <= 1)]
+
+
+_OPTIONAL = ("bpe_workers", "encode_workers", "final_eval_tokens")
 
 
 

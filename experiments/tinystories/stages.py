@@ -28,11 +28,14 @@ the script says how to continue (exit code 130).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,9 +47,11 @@ import numpy as np
 import torch
 
 import fnlm
+from fnlm.checkpoint import callable_spec, model_fn_of, remove_stale_temporaries, resolve_checkpoint
 from fnlm.tokenizer import ENDOFTEXT
 from fnlm.train import (
-    HARMLESS_FIELDS, Parallel, TrainingInterrupted, evaluate_windows, lm_loss_fn, resolve_device, resume_mismatches, train,
+    HARMLESS_FIELDS, Parallel, RunFolderLocked, RunLock, TrainingInterrupted, evaluate_windows, lm_loss_fn,
+    resolve_device, resume_mismatches, train,
 )
 
 from .cli import FIELD_FLAGS, PROG, STAGES, ConfigError, Settings, flag_name, resolve_settings
@@ -56,7 +61,7 @@ __all__ = [
     "STAGES", "DataResult", "TokenizerResult", "EncodeResult", "TrainResult", "EvalResult", "SampleResult",
     "Manifest", "unigram_entropy", "stage_data", "stage_tokenizer", "stage_encode", "stage_train", "stage_evaluate",
     "stage_sample", "load_tokenizer", "model_config_for", "load_token_files", "plan", "preflight", "main", "script",
-    "ConfigError", "StageInterrupted", "NEEDS", "RESULTS",
+    "ConfigError", "StageInterrupted", "NEEDS", "RESULTS", "TrainingDiverged", "StageFailed",
 ]
 
 
@@ -114,6 +119,7 @@ class TrainResult:
     stop_reason: str | None
     resumed_from: int | None
     device: str
+    mfu: float | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,48 @@ NEEDS: dict[str, tuple[str, ...]] = {
 }
 
 
+class TrainingDiverged(RuntimeError):
+    """The train stage stopped early (a loss or gradient norm that is not finite, or a hook's stop);
+    the script says so in one line and exits with code 1. `checkpoint` is the last good one."""
+
+    def __init__(self, step: int, reason: str, checkpoint: Path | None, checkpoint_step: int | None):
+        kept = (f"the last good checkpoint is {checkpoint} (step {checkpoint_step})" if checkpoint is not None
+                else "no checkpoint was kept")
+        super().__init__(f"training stopped at step {step}: {reason}; {kept}; start over with --overwrite and a lower "
+                         "--lr (or other settings), or give another --out")
+        self.step, self.reason, self.checkpoint = step, reason, checkpoint
+
+
+class StageFailed(RuntimeError):
+    """A stage met an operating-system error (a full disk, a file it may not write); the script says
+    which stage, the error, and the last good checkpoint, in one line (exit code 1)."""
+
+    def __init__(self, stage: str, out: Path, error: OSError):
+        what = error.strerror or str(error)
+        where = f": {error.filename}" if error.filename else ""
+        latest = _last_good(out)
+        if stage == "train" and latest:
+            kept = f"the last good checkpoint is {latest[0]} (step {latest[1]}): continue with --resume once fixed"
+        else:
+            kept = "the finished stages are kept: rerun the same command once fixed" + (
+                f" (the last good checkpoint is {latest[0]}, step {latest[1]})" if latest else "")
+        super().__init__(f"the {stage} stage failed: {what}{where}; {kept}")
+        self.stage, self.out, self.error = stage, out, error
+
+
+def _last_good(out: Path) -> tuple[Path, int] | None:
+    """The checkpoint `OUT/checkpoints/latest.pt` stands for, and its step (from its name), if any."""
+    latest = out / "checkpoints" / "latest.pt"
+    try:
+        target = resolve_checkpoint(latest)
+    except ValueError:
+        return None
+    if not latest.is_file() or not target.is_file():
+        return None
+    digits = "".join(ch for ch in target.stem if ch.isdigit())
+    return target, int(digits) if digits else -1
+
+
 class StageInterrupted(KeyboardInterrupt):
     """Ctrl-C during a stage other than training's loop; `stage` names it, `out` is the run folder."""
 
@@ -165,18 +213,69 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [f"{FIELD_FLAGS.get(leaf, name)} {old!r} -> {new!r}"]
 
 
+_INFO_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "str | None": (str, type(None)),
+               "int | None": (int, type(None)), "float | None": (int, float, type(None))}
+
+
+def _entry_problem(entry: Any, cls: type) -> str | None:
+    """Why a stage's entry in `stages.json` cannot be used (hand-edited or damaged), or `None`."""
+    if not isinstance(entry, dict):
+        return "is not a JSON object"
+    if not isinstance(entry.get("key"), str):
+        return "has no string \"key\""
+    outputs = entry.get("outputs")
+    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+        return "has no list of \"outputs\""
+    info = entry.get("info")
+    if not isinstance(info, dict):
+        return "has no \"info\" object"
+    for f in dataclasses.fields(cls):
+        if f.name not in info:
+            if f.default is dataclasses.MISSING:
+                return f"lacks info.{f.name}"
+            continue
+        value, allowed = info[f.name], _INFO_TYPES.get(str(f.type), (object,))
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+            return f"has info.{f.name} = {value!r}, not a {f.type}"
+    unknown = sorted(set(info) - {f.name for f in dataclasses.fields(cls)})
+    return f"has unknown info field(s) {unknown}" if unknown else None
+
+
 class Manifest:
-    """`RUN/stages.json`: per stage, its inputs and their key, its outputs and its typed result.
+    """`RUN/stages.json`: per stage, its inputs and their key, its outputs (with their sizes and
+    hashes, checked before a stage counts as cached) and its typed result.
 
     Paths inside the run folder are stored relative to it, so the folder can be moved or copied;
-    `path_of(p)` turns a stored path back into one that works from the current directory.
+    `path_of(p)` turns a stored path back into one that works from the current directory. A file
+    that is not valid JSON, or a stage entry that is damaged, is a `ConfigError` saying so (the
+    stages are never run on a guess).
     """
 
     def __init__(self, out: Path):
         self.out = out
         self.path = out / "stages.json"
-        self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.state.setdefault("files", {})
+        self.state: dict[str, Any] = self._load()
+
+    def _load(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {"files": {}}
+        fix = "fix it, or delete it to redo the stages (checkpoints are kept)"
+        try:
+            state = json.loads(self.path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{self.path} is not valid JSON ({e}); {fix}") from None
+        except OSError as e:
+            raise ConfigError(f"{self.path} cannot be read ({e.strerror}); {fix}") from None
+        if not isinstance(state, dict):
+            raise ConfigError(f"{self.path} does not hold a JSON object; {fix}")
+        for stage, cls in RESULTS.items():
+            problem = _entry_problem(state[stage], cls) if stage in state else None
+            if problem:
+                raise ConfigError(f"{self.path}: the {stage} stage's entry {problem}; fix it, or delete that entry "
+                                  "(or the file) to redo the stage")
+        if not isinstance(state.get("files"), dict):
+            state["files"] = {}
+        return state
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +302,8 @@ class Manifest:
         st = p.stat()
         name = self.rel(p)
         cached = self.state["files"].get(name)
-        if cached and cached["size"] == st.st_size and cached["mtime_ns"] == st.st_mtime_ns:
+        if (isinstance(cached, dict) and cached.get("size") == st.st_size and cached.get("mtime_ns") == st.st_mtime_ns
+                and isinstance(cached.get("hash"), str)):
             return cached["hash"]
         h = hashlib.blake2b(digest_size=16)
         with open(p, "rb") as f:
@@ -217,7 +317,7 @@ class Manifest:
         return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     def why_stale(self, stage: str, inputs: dict[str, Any]) -> str | None:
-        """`None` when `stage` ran here with these inputs and its outputs exist, else why not."""
+        """`None` when `stage` ran here with these inputs and its outputs are as it left them, else why not."""
         entry = self.state.get(stage)
         if not entry:
             return "it has not finished in this folder"
@@ -225,8 +325,20 @@ class Manifest:
             old = entry.get("inputs")
             changes = _diff(old, json.loads(json.dumps(inputs, default=str))) if old else []
             return "its inputs changed" + (f" ({'; '.join(changes[:4])})" if changes else "")
-        missing = [o for o in entry["outputs"] if not self.path_of(o).exists()]
-        return f"its output {missing[0]} is missing" if missing else None
+        return self.outputs_problem(entry)
+
+    def outputs_problem(self, entry: dict[str, Any]) -> str | None:
+        recorded = entry.get("output_files") if isinstance(entry.get("output_files"), dict) else {}
+        for out in entry["outputs"]:
+            path = self.path_of(out)
+            if not path.exists():
+                return f"its output {out} is missing"
+            want = recorded.get(out)
+            if not isinstance(want, dict):
+                continue
+            if path.stat().st_size != want.get("size") or self.file_hash(path) != want.get("hash"):
+                return f"its output {out} is not as the stage wrote it ({path.stat().st_size:,} bytes)"
+        return None
 
     def fresh(self, stage: str, inputs: dict[str, Any]) -> bool:
         return self.why_stale(stage, inputs) is None
@@ -238,9 +350,16 @@ class Manifest:
             raise ConfigError(f"the {stage} stage has not run in {self.out} yet; run it first (--stage {stage})")
         return cls(**entry["info"])
 
+    def forget(self, stage: str) -> None:
+        """Drop `stage`'s entry before it runs again, so that a crash in it leaves it not done."""
+        if self.state.pop(stage, None) is not None:
+            self.save()
+
     def done(self, stage: str, inputs: dict[str, Any], outputs: Sequence[str | os.PathLike], result: Any) -> None:
+        files = {self.rel(o): {"size": Path(o).stat().st_size, "hash": self.file_hash(o)} for o in outputs}
         self.state[stage] = {"key": self.key(**inputs), "inputs": json.loads(json.dumps(inputs, default=str)),
-                             "outputs": [self.rel(o) for o in outputs], "info": dataclasses.asdict(result)}
+                             "outputs": [self.rel(o) for o in outputs], "output_files": files,
+                             "info": dataclasses.asdict(result)}
         self.save()
 
 
@@ -299,6 +418,7 @@ def stage_data(s: Settings, m: Manifest) -> DataResult:
         result = m.result("data", DataResult)
         _log(f"data: cached ({result.source}: {result.train})")
         return result
+    m.forget("data")
     t0 = time.perf_counter()
     if s.train_file:
         corpus = Corpus(Path(s.train_file).resolve(), Path(s.valid_file).resolve(), "files")
@@ -328,19 +448,34 @@ def stage_tokenizer(s: Settings, m: Manifest, data: DataResult) -> TokenizerResu
         result = m.result("tokenizer", TokenizerResult)
         _log(f"tokenizer: cached ({result.vocab_size} tokens)")
         return result
+    m.forget("tokenizer")
     t0 = time.perf_counter()
     vocab, merges = fnlm.train_bpe(m.path_of(data.train), s.model.vocab_size, [ENDOFTEXT],
                                    num_workers=s.pipeline.bpe_workers, progress=s.progress)
     folder = s.out / "tokenizer"
     folder.mkdir(parents=True, exist_ok=True)
     tok = fnlm.Tokenizer(vocab, merges, [ENDOFTEXT])
-    tok.save(folder / "vocab.json", folder / "merges.txt")
+    _save_tokenizer(tok, folder)
     result = TokenizerResult(m.rel(folder / "vocab.json"), m.rel(folder / "merges.txt"), len(vocab),
                              round(time.perf_counter() - t0, 2), tok.fingerprint())
     m.done("tokenizer", inputs, [folder / "vocab.json", folder / "merges.txt"], result)
     extra = "" if len(vocab) == s.model.vocab_size else f" (asked for {s.model.vocab_size}; the corpus ran out of pairs)"
     _log(f"tokenizer: {len(vocab)} tokens{extra} in {result.seconds:.1f}s")
     return result
+
+
+def _save_tokenizer(tok: fnlm.Tokenizer, folder: Path) -> None:
+    """`vocab.json` and `merges.txt` written under temporary names and renamed when both are complete."""
+    remove_stale_temporaries(folder)
+    tag = f"{os.getpid()}.{secrets.token_hex(4)}"
+    temps = {name: folder / f".{name}.{tag}.tmp" for name in ("vocab.json", "merges.txt")}
+    try:
+        tok.save(temps["vocab.json"], temps["merges.txt"])
+        for name, tmp in temps.items():
+            os.replace(tmp, folder / name)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
 
 
 def load_tokenizer(m: Manifest, tok: TokenizerResult) -> fnlm.Tokenizer:
@@ -356,6 +491,7 @@ def stage_encode(s: Settings, m: Manifest, data: DataResult, tok_result: Tokeniz
         result = m.result("encode", EncodeResult)
         _log(f"encode: cached ({result.train_tokens:,} train tokens)")
         return result
+    m.forget("encode")
     t0 = time.perf_counter()
     tok = load_tokenizer(m, tok_result)
     folder = s.out / "tokens"
@@ -413,26 +549,62 @@ def _check_resumable(s: Settings, ck: dict[str, Any], latest: Path, tok: Tokeniz
         raise ConfigError(f"cannot resume {latest}: it was trained with tokenizer {stored[:12]}, but {s.out}/tokenizer "
                           f"is now {tok.fingerprint[:12]}; restore the earlier --vocab-size and data, or start over "
                           "with --overwrite")
-    problems = resume_mismatches(ck, model_config_for(s, tok), s.train, world_size=world_size)
-    if problems:
-        shown = []
-        for name, (stored, now) in problems.items():
-            field = name.split(".", 1)[-1]
-            flag = flag_name(field) if "." in name else "processes, --data-shards"
-            shown.append(f"{flag} {stored} (now {now})")
-        raise ConfigError(f"cannot resume {latest}: it was trained with {', '.join(shown)}; rerun with those settings "
-                          "to continue it, or start over with --overwrite (deletes its checkpoints)")
+    problems = _mismatches(s, ck, tok, world_size)
+    if not problems:
+        return
+    if _finished(ck):
+        raise ConfigError(f"cannot resume {latest}: that run finished (step {ck['step']}) with {problems}; a finished "
+                          "run cannot go on with other settings: start over with --overwrite (deletes its "
+                          "checkpoints), or give another --out")
+    raise ConfigError(f"cannot resume {latest}: it was trained with {problems}; rerun with those settings to continue "
+                      f"it, or start over with --overwrite (deletes its checkpoints)")
+
+
+def _finished(ck: dict[str, Any]) -> bool:
+    tc = ck.get("train_config") or {}
+    try:
+        total = fnlm.train.TrainConfig(**tc).total_steps(ck["config"]["context_length"])
+    except (TypeError, ValueError, KeyError):
+        return False
+    return ck["step"] >= total
+
+
+def _mismatches(s: Settings, ck: dict[str, Any], tok: TokenizerResult | None, world_size: int) -> str:
+    """The settings that keep `ck` from being continued, as flags (`--lr 0.003 (now 0.01)`); empty
+    when none. Without a tokenizer yet, the vocabulary size is not compared."""
+    config = model_config_for(s, tok) if tok is not None else s.model
+    problems = resume_mismatches(ck, config, s.train, world_size=world_size)
+    if tok is None:
+        problems.pop("model.vocab_size", None)
+    shown = []
+    for name, (stored, now) in problems.items():
+        field = name.split(".", 1)[-1]
+        flag = flag_name(field) if "." in name else "processes, --data-shards"
+        shown.append(f"{flag} {stored} (now {now})")
+    return ", ".join(shown)
+
+
+def _warn_epochs(s: Settings, enc: EncodeResult, config: Any) -> None:
+    """A note when the token budget is many passes over the training data (a small --train-file
+    under a large preset)."""
+    total = s.train.total_steps(config.context_length) * s.train.batch_size * config.context_length
+    passes = total / max(enc.train_tokens, 1)
+    if passes >= 10:
+        _log(f"note: the run's budget of {total / 1e6:,.1f}M tokens ({s.preset} preset"
+             f"{'' if s.train.max_tokens is None else ', --max-tokens'}) is {passes:,.0f} passes over the "
+             f"{enc.train_tokens / 1e6:,.2f}M training tokens, so the model will mostly memorise them; give --steps "
+             "or --max-tokens for a shorter run, or --preset to pick another")
 
 
 def stage_train(
     s: Settings, m: Manifest, tok: TokenizerResult, enc: EncodeResult, *, model_fn: Callable | None = None,
     init_fn: Callable | None = None, parallel: Parallel = Parallel(), checkpoint_data: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train (or resume) with `fnlm.train.train`."""
+    """Train (or resume) with `fnlm.train.train`; `TrainingDiverged` when the run stops early."""
     config = model_config_for(s, tok)
     inputs = _train_inputs(s, m, tok, enc, parallel.world_size)
     latest = s.out / "checkpoints" / "latest.pt"
-    if not s.force and m.fresh("train", inputs):
+    if not s.force and not s.overwrite and m.fresh("train", inputs):
         result = m.result("train", TrainResult)
         if parallel.is_main:
             _log(f"train: cached (step {result.step}, val loss {result.val_loss:.4f})")
@@ -440,25 +612,53 @@ def stage_train(
     _check_token_counts(s, enc)
     if s.resume:
         _check_resumable(s, _load_for_resume(latest), latest, tok, parallel.world_size)
+    elif not s.overwrite:
+        _refuse_earlier_run(s, m, m.why_stale("train", inputs) or "--force reruns it", {"tokenizer": tok},
+                            parallel.world_size)
+    if parallel.is_main:
+        _warn_epochs(s, enc, config)
+        m.forget("train")
     train_tokens, valid_tokens = load_token_files(m, enc, config)
     extra = {"tokenizer_dir": "tokenizer", "tokenizer_fingerprint": tok.fingerprint, **(checkpoint_data or {})}
     try:
         summary = train(config, s.train, train_tokens, valid_tokens, s.out, model_fn=model_fn, init_fn=init_fn,
                         resume=s.resume, overwrite=s.overwrite, parallel=parallel, extra_checkpoint_data=extra)
-    except FileExistsError:
-        raise ConfigError(f"{latest.parent} holds checkpoints of an earlier run; continue it with --resume, or start "
-                          "over with --overwrite (deletes them)") from None
-    result = TrainResult(checkpoint=m.rel(latest), **summary)
+    except FileExistsError as e:
+        raise ConfigError(f"{e}; continue it with --resume, or start over with --overwrite (deletes it)") from None
+    if summary["diverged"]:
+        good = _last_good(s.out)
+        raise TrainingDiverged(summary["step"], summary["stop_reason"], good[0] if good else None,
+                               good[1] if good else None)
+    fields = {f.name for f in dataclasses.fields(TrainResult)}
+    result = TrainResult(**{**{k: v for k, v in summary.items() if k in fields}, "checkpoint": m.rel(latest)})
     if parallel.is_main:
         m.done("train", inputs, [latest, s.out / "metrics.jsonl"], result)
         _log(f"train: {result.step} steps, val loss {result.val_loss:.4f} (perplexity {result.val_perplexity:.2f}), "
-             f"{result.tokens_per_sec:,.0f} tokens/s, {result.wall_time:.0f}s")
+             f"{result.tokens_per_sec:,.0f} tokens/s on average, {result.wall_time:.0f}s")
     return result
 
 
-def _load_params(path: Path, device: torch.device) -> tuple[Any, fnlm.TransformerConfig]:
-    ck = fnlm.load_checkpoint(path, map_location=device)
-    return ck["params"], fnlm.TransformerConfig(**ck["config"])
+def _load_model(path: Path, device: torch.device, what: str) -> tuple[Any, fnlm.TransformerConfig, Callable]:
+    """Params, config and model function of checkpoint `path`; `ConfigError` (naming `what`) when
+    the checkpoint cannot be loaded or its model function cannot be rebuilt here."""
+    try:
+        ck = fnlm.load_checkpoint(path, map_location=device)
+        fn = model_fn_of(ck)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"{what}: {e}") from None
+    return ck["params"], fnlm.TransformerConfig(**ck["config"]), fn
+
+
+def _generate_block(fn: Callable, what: str) -> Callable | None:
+    """The `block` to pass `fnlm.generate` for a model trained with `fn`; `ConfigError` when
+    `fnlm.generate` cannot run that model."""
+    if fn is fnlm.transformer_lm:
+        return None
+    if isinstance(fn, functools.partial) and fn.func is fnlm.transformer_lm and not fn.args \
+            and set(fn.keywords) <= {"block"}:
+        return fn.keywords.get("block")
+    raise ConfigError(f"{what}: the checkpoint was trained with model function {callable_spec(fn)}, "
+                      "which fnlm.generate cannot run; use the code that trained it")
 
 
 def stage_evaluate(s: Settings, m: Manifest, enc: EncodeResult, trained: TrainResult,
@@ -473,9 +673,9 @@ def stage_evaluate(s: Settings, m: Manifest, enc: EncodeResult, trained: TrainRe
         return result
     t0 = time.perf_counter()
     device = resolve_device(s.train.device)
-    params, config = _load_params(ckpt, device)
+    params, config, recorded = _load_model(ckpt, device, "evaluate")
     bf16 = s.train.autocast == "bf16" or (s.train.autocast == "auto" and device.type == "cuda")
-    loss_fn = lm_loss_fn(model_fn or fnlm.transformer_lm, config,
+    loss_fn = lm_loss_fn(model_fn or recorded, config,
                          torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None)
     valid = np.memmap(m.path_of(enc.valid), dtype=np.uint16, mode="r")
     loss, count = evaluate_windows(loss_fn, params, valid, context_length=config.context_length,
@@ -504,7 +704,8 @@ def stage_sample(s: Settings, m: Manifest, tok_result: TokenizerResult, trained:
         _log(f"sample: cached ({out_path})")
         return m.result("sample", SampleResult)
     t0 = time.perf_counter()
-    params, config = _load_params(ckpt, resolve_device(s.train.device))
+    params, config, fn = _load_model(ckpt, resolve_device(s.train.device), "sample")
+    block = _generate_block(fn, "sample")
     tok = load_tokenizer(m, tok_result)
     eot = tok.encode(ENDOFTEXT)[0]
     prompts = [pc.prompt, *SAMPLE_PROMPTS, ""][: pc.num_samples]
@@ -514,7 +715,8 @@ def stage_sample(s: Settings, m: Manifest, tok_result: TokenizerResult, trained:
     generated = 0
     for i, prompt in enumerate(prompts):
         new = fnlm.generate(params, config, tok.encode(prompt) if prompt else [eot], max_new_tokens=pc.sample_tokens,
-                            temperature=pc.temperature, top_p=pc.top_p, eos_id=eot, seed=pc.sample_seed + i)
+                            temperature=pc.temperature, top_p=pc.top_p, eos_id=eot, seed=pc.sample_seed + i,
+                            block=block)
         generated += len(new)
         pieces.append(f"\n--- sample {i + 1} (prompt: {prompt!r})\n{(prompt + tok.decode(new)).strip()}\n")
     out_path.write_text("".join(pieces), encoding="utf-8")
@@ -556,6 +758,9 @@ def plan(s: Settings, m: Manifest, *, world_size: int = 1) -> tuple[dict[str, st
         if s.force:
             why[stage] = "--force reruns it"
             continue
+        if stage == "train" and s.overwrite:
+            why[stage] = "--overwrite trains it from step 0"
+            continue
         rerun = [d for d in deps if d not in known]
         if rerun:
             why[stage] = f"the {rerun[0]} stage runs before it"
@@ -575,9 +780,9 @@ def _check_prerequisites(s: Settings, m: Manifest) -> None:
             if dep in want:
                 continue
             entry = m.state.get(dep)
-            missing = [o for o in (entry or {}).get("outputs", []) if not m.path_of(o).exists()]
-            if not entry or missing:
-                what = f"which {s.out} does not have yet" if not entry else f"and {m.path_of(missing[0])} is missing"
+            problem = m.outputs_problem(entry) if entry else None
+            if not entry or problem:
+                what = f"which {s.out} does not have yet" if not entry else f"but {problem.removeprefix('its ')}"
                 raise ConfigError(f"--stage {','.join(s.stages)}: the {stage} stage needs the {dep} stage's output, "
                                   f"{what}; add {dep} to --stage (or run all stages)")
 
@@ -585,11 +790,14 @@ def _check_prerequisites(s: Settings, m: Manifest) -> None:
 def preflight(s: Settings, m: Manifest, *, world_size: int = 1) -> None:
     """Checks of the run folder before any stage runs; raises `ConfigError` saying what to change.
 
-    - every selected stage has its inputs: selected too, or done earlier in this folder;
+    - every selected stage has its inputs: selected too, or done earlier in this folder (intact);
     - `--resume`: there is a checkpoint, it loads (see `fnlm.load_checkpoint`), the stages before
       training keep their inputs, and its settings and tokenizer match (when known already);
     - without `--resume`: training would not start over in a folder holding an earlier run's
-      checkpoints, unless `--overwrite`;
+      checkpoints or metrics log, unless `--overwrite`; the refusal suggests only what would work
+      (`--resume` for an unfinished run whose settings match). When only an earlier stage's output
+      is missing or damaged, that stage is redone first and the train stage decides after it
+      (identical outputs leave the run cached);
     - the token files (when already made) hold more tokens than the context length.
 
     **Arguments:**
@@ -601,38 +809,76 @@ def preflight(s: Settings, m: Manifest, *, world_size: int = 1) -> None:
     if "train" not in s.stages:
         return
     why, known = plan(s, m, world_size=world_size)
-    folder = s.out / "checkpoints"
-    latest = folder / "latest.pt"
     if "encode" in known and why["train"] is not None:
         _check_token_counts(s, known["encode"])
     if s.resume:
-        if not latest.is_file():
-            steps = [p.name for p in sorted(folder.glob("step_*.pt"))]
-            extra = f" (the folder holds {', '.join(steps)}: copy one to latest.pt to resume from it)" if steps else ""
-            raise ConfigError(f"--resume: nothing to resume, {latest} does not exist{extra}; run without --resume to "
-                              "start training")
-        if why["train"] is None:
-            return
-        for stage in ("data", "tokenizer", "encode"):
-            if why[stage] and why[stage].startswith("its inputs changed"):
-                detail = why[stage].removeprefix("its inputs changed")
-                raise ConfigError(f"cannot resume {latest}: the {stage} stage's inputs changed since it was written"
-                                  f"{detail}, so the training data would differ; restore those settings to continue "
-                                  "it, or start over with --overwrite")
-        ck = _load_for_resume(latest)
-        if "tokenizer" in known:
-            _check_resumable(s, ck, latest, known["tokenizer"], world_size)
+        _preflight_resume(s, m, why, known, world_size)
+    elif why["train"] is not None and not s.overwrite:
+        changed = [why[d] for d in ("data", "tokenizer", "encode") if why[d] and not why[d].startswith("the ")
+                   and not why[d].startswith("its output") and why[d] != "it has not finished in this folder"]
+        if changed or not why["train"].startswith("the "):
+            _refuse_earlier_run(s, m, changed[0] if changed else why["train"], known, world_size)
+
+
+def _earlier_log(out: Path) -> int:
+    """The number of records in `OUT/metrics.jsonl` (0 when there is none)."""
+    return len(fnlm.train.read_metrics(out / "metrics.jsonl"))
+
+
+def _preflight_resume(s: Settings, m: Manifest, why: dict[str, Any], known: dict[str, Any], world_size: int) -> None:
+    folder = s.out / "checkpoints"
+    latest = folder / "latest.pt"
+    if not latest.is_file():
+        steps = [p.name for p in sorted(folder.glob("step_*.pt"))]
+        if steps:
+            advice = (f"the folder holds {', '.join(steps)}: to resume from one, copy it to latest.pt (in {folder}: cp "
+                      f"{steps[-1]} latest.pt)")
+        elif _earlier_log(s.out):
+            advice = "the folder holds an earlier run's metrics.jsonl but no checkpoint: start over with --overwrite"
+        else:
+            advice = "run without --resume to start training"
+        raise ConfigError(f"--resume: nothing to resume, {latest} does not exist; {advice}")
+    if why["train"] is None:
         return
+    for stage in ("data", "tokenizer", "encode"):
+        if why[stage] and why[stage].startswith("its inputs changed"):
+            detail = why[stage].removeprefix("its inputs changed")
+            raise ConfigError(f"cannot resume {latest}: the {stage} stage's inputs changed since it was written"
+                              f"{detail}, so the training data would differ; restore those settings to continue "
+                              "it, or start over with --overwrite")
+    ck = _load_for_resume(latest)
+    if "tokenizer" in known:
+        _check_resumable(s, ck, latest, known["tokenizer"], world_size)
+
+
+def _refuse_earlier_run(s: Settings, m: Manifest, why: str, known: dict[str, Any], world_size: int) -> None:
+    """`ConfigError` when training would start over (because of `why`) in a folder holding an earlier run."""
+    folder = s.out / "checkpoints"
+    latest = folder / "latest.pt"
     earlier = sorted(folder.glob("step_*.pt"))
-    if why["train"] is None or s.overwrite or not (earlier or latest.exists()):
+    other = "or give another --out"
+    if not (earlier or latest.exists()):
+        records = _earlier_log(s.out)
+        if records:
+            raise ConfigError(f"{s.out / 'metrics.jsonl'} holds the log of an earlier run ({records} records) that "
+                              f"left no checkpoint; start over with --overwrite (deletes it), {other}")
         return
     newest = earlier[-1].name if earlier else latest.name
-    if "train" not in m.state:
-        state = f"holds an unfinished run (newest checkpoint {newest})"
-    else:
-        state = f"holds a finished run (newest checkpoint {newest}) that training would replace: {why['train']}"
-    raise ConfigError(f"{folder} {state}; continue it with --resume, or start over with --overwrite (deletes its "
-                      "checkpoints), or give another --out")
+    overwrite = "start over with --overwrite (deletes its checkpoints)"
+    if "train" in m.state:
+        raise ConfigError(f"{folder} holds a finished run (newest checkpoint {newest}) that training would replace: "
+                          f"{why}; {overwrite}, {other}")
+    try:
+        ck = fnlm.load_checkpoint(latest)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"{folder} holds an unfinished run whose latest checkpoint cannot be loaded ({e}); "
+                          f"{overwrite}, {other}") from None
+    problems = _mismatches(s, ck, known.get("tokenizer"), world_size)
+    if problems:
+        raise ConfigError(f"{folder} holds an unfinished run (newest checkpoint {newest}) trained with {problems}; "
+                          f"continue it with --resume and those settings, or {overwrite}, {other}")
+    raise ConfigError(f"{folder} holds an unfinished run (newest checkpoint {newest}); continue it with --resume, or "
+                      f"{overwrite}, {other}")
 
 
 def main(
@@ -648,23 +894,43 @@ def main(
 
     - `argv`: command-line arguments (default `sys.argv[1:]`).
     - `model_fn`, `init_fn`: passed to the trainer and `model_fn` to the evaluation (default: the
-      library's Transformer LM). Samples always use `fnlm.generate`, i.e. the config's model.
+      library's Transformer LM; a later run evaluates with the model function the checkpoint
+      records). Samples use `fnlm.generate`, with the recorded block of a
+      `functools.partial(fnlm.transformer_lm, block=...)`; another model function is refused.
     - `parallel`: data-parallel hooks; stages other than `train` run on rank 0 only, the
       others wait at `parallel.barrier()`.
 
+    The run folder is locked (`fnlm.train.RunLock`) before the settings of the folder are checked
+    and held until the last stage ends; `--threads` applies to every stage.
+
     **Raises:** `ConfigError` for settings or a run folder that cannot work (before any stage
-    runs, except where only a stage's output can tell); `fnlm.train.TrainingInterrupted` on
-    Ctrl-C in training (after saving a checkpoint) and `StageInterrupted` in another stage.
+    runs, except where only a stage's output can tell), or a folder another run holds;
+    `TrainingDiverged` when training stops early; `StageFailed` for an operating-system error in a
+    stage (a full disk); `fnlm.train.TrainingInterrupted` on Ctrl-C in training (after saving a
+    checkpoint) and `StageInterrupted` in another stage.
     """
     t_start = time.perf_counter()
     s = resolve_settings(argv)
-    m = Manifest(s.out)
-    preflight(s, m, world_size=parallel.world_size)
-    s.out.mkdir(parents=True, exist_ok=True)
-    if parallel.is_main:
-        _log(f"preset {s.preset}, run folder {s.out}, stages {','.join(s.stages)}")
-        for note in s.notes:
-            _log(f"note: {note}")
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
+    with _locked(s.out, parallel) as lock:
+        m = Manifest(s.out)
+        preflight(s, m, world_size=parallel.world_size)
+        if lock is not None and lock.taken_over:
+            _log(f"note: {lock.takeover_note()}")
+        if parallel.is_main:
+            _log(f"preset {s.preset}, run folder {s.out}, stages {','.join(s.stages)}, {torch.get_num_threads()} "
+                 f"torch thread(s)")
+            for note in s.notes:
+                _log(f"note: {note}")
+        results, want = _run_stages(s, m, parallel, model_fn, init_fn)
+        if parallel.is_main:
+            _summary(s, {k: v for k, v in results.items() if k in want}, time.perf_counter() - t_start)
+    return {k: v for k, v in results.items() if k in want}
+
+
+def _run_stages(s: Settings, m: Manifest, parallel: Parallel, model_fn: Callable | None,
+                init_fn: Callable | None) -> tuple[dict[str, Any], set[str]]:
     want = set(s.stages)
     needed = want | {d for stage in want for d in NEEDS[stage]}
     results: dict[str, Any] = {}
@@ -675,22 +941,52 @@ def main(
                 continue
             current = name
             results[name] = _run_stage(name, name in want, s, m, results, parallel, model_fn, init_fn)
+        if s.export_hf is not None and parallel.is_main:
+            current = "export"
+            results["export_hf"] = export_hf(s, m, results.get("tokenizer") or m.result("tokenizer", TokenizerResult),
+                                             results.get("train") or m.result("train", TrainResult))
+            want.add("export_hf")
     except (TrainingInterrupted, StageInterrupted):
         raise
     except KeyboardInterrupt:
         raise StageInterrupted(current, s.out) from None
-    if s.export_hf is not None and parallel.is_main:
-        results["export_hf"] = export_hf(s, m, results.get("tokenizer") or m.result("tokenizer", TokenizerResult),
-                                         results.get("train") or m.result("train", TrainResult))
-        want.add("export_hf")
-    if parallel.is_main:
-        _summary(s, {k: v for k, v in results.items() if k in want}, time.perf_counter() - t_start)
-    return {k: v for k, v in results.items() if k in want}
+    except OSError as e:
+        raise StageFailed(current, s.out, e) from None
+    return results, want
+
+
+@contextlib.contextmanager
+def _locked(out: Path, parallel: Parallel) -> Any:
+    """Hold `out`'s `RunLock` (on rank 0) for the stages, taking over a stale one quietly (the note is
+    printed once the run goes ahead); a folder this call made is removed again when nothing was
+    written to it (a run refused before any stage)."""
+    if not parallel.is_main:
+        yield None
+        return
+    made = [p for p in [out, *out.absolute().parents] if not p.exists()]
+    try:
+        lock = RunLock(out, quiet=True).acquire()
+    except RunFolderLocked as e:
+        raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise ConfigError(f"--out {out}: the run folder cannot be made or locked ({e.strerror or e})") from None
+    try:
+        yield lock
+    finally:
+        lock.release()
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def export_hf(s: Settings, m: Manifest, tok: TokenizerResult, trained: TrainResult) -> Path:
     """Write the final checkpoint and the run's tokenizer to `s.export_hf` as a Hugging Face Llama folder."""
-    params, config = _load_params(m.path_of(trained.checkpoint), torch.device("cpu"))
+    params, config, fn = _load_model(m.path_of(trained.checkpoint), torch.device("cpu"), "--export-hf")
+    if _generate_block(fn, "--export-hf") is not None:
+        raise ConfigError(f"--export-hf: the checkpoint was trained with another block "
+                          f"({callable_spec(fn)}), which a Llama folder cannot hold; drop --export-hf")
     fnlm.export_hf(params, config, s.export_hf, tokenizer=load_tokenizer(m, tok))
     _log(f"export: {s.export_hf} (a Hugging Face Llama folder: transformers' AutoModelForCausalLM and AutoTokenizer "
          f"load it; python experiments/generate.py --hf {s.export_hf})")
@@ -723,8 +1019,9 @@ def _summary(s: Settings, results: dict[str, Any], seconds: float) -> None:
     lines = [f"done in {seconds:.0f}s; run folder {s.out}"]
     enc, ev, tr = results.get("encode"), results.get("evaluate"), results.get("train")
     if tr:
-        lines.append(f"  trained {tr.step} steps, {tr.tokens:,} tokens, {tr.tokens_per_sec:,.0f} tokens/s, "
-                     f"{tr.wall_time:.0f}s of training on {tr.device}")
+        mfu = f" (MFU {tr.mfu:.1%})" if tr.mfu else ""
+        lines.append(f"  trained {tr.step} steps, {tr.tokens:,} tokens, {tr.tokens_per_sec:,.0f} tokens/s on average"
+                     f"{mfu}, {tr.wall_time:.0f}s of training on {tr.device}")
     if ev and enc:
         lines.append(f"  validation loss {ev.val_loss:.4f} nats/token (perplexity {ev.val_perplexity:.2f}); "
                      f"unigram baseline {enc.unigram_entropy:.3f}")
@@ -739,8 +1036,11 @@ def script() -> int:
     """`train_tinystories.py`'s entry: `main` (under torchrun when launched so) with every error
     the user can fix, and Ctrl-C, reported in one line on stderr; returns the exit code.
 
-    **Returns:** 0 when done; 2 for a `ConfigError` (the message says what to change); 130 on
-    Ctrl-C, after "saved step N to PATH; continue with --resume" when training was interrupted.
+    **Returns:** 0 when done; 2 for a `ConfigError` (the message says what to change, e.g. a
+    folder another run holds); 1 when training stopped early (`TrainingDiverged`: a loss or
+    gradient norm that is not finite) or a stage met an operating-system error (`StageFailed`: a
+    full disk), naming the last good checkpoint; 130 on Ctrl-C, after "saved step N to PATH;
+    continue with --resume" when training was interrupted.
     """
     from fnlm.train import parallel as dist
 
@@ -749,6 +1049,9 @@ def script() -> int:
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (TrainingDiverged, StageFailed) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 1
     except TrainingInterrupted as e:
         if e.checkpoint is not None:
             print(f"saved step {e.step} to {e.checkpoint}; continue with --resume", file=sys.stderr, flush=True)

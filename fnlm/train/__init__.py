@@ -4,7 +4,8 @@
   `build_optimizer` (the gradient transformation a `StepConfig` names), `lr_schedule`;
 - `loop`: `train` (a short loop over `train_step`), `resolve_device`, `draw_batch`, `resume_mismatches`,
   `TrainingInterrupted`;
-- `run`: `TrainConfig` and `Run` (what the loop and its hooks share);
+- `run`: `TrainConfig`, `Run` (what the loop and its hooks share) and `RunLock` (one writer per
+  run folder; `RunFolderLocked` when another run has it);
 - `evaluation`: `evaluate`, `evaluate_windows`, `lm_loss_fn`;
 - `hooks`: `Hook` and the loop's hooks (metrics file, evaluation, checkpoints, progress bar,
   loss plot, Weights & Biases, divergence guard), `read_metrics`;
@@ -22,6 +23,7 @@ from fnlm.train.hooks import (
     Checkpointer,
     DivergenceGuard,
     Evaluator,
+    PHASES,
     Hook,
     LogWindow,
     LossPlot,
@@ -32,7 +34,7 @@ from fnlm.train.hooks import (
     read_metrics,
 )
 from fnlm.train.loop import TrainingInterrupted, draw_batch, resolve_device, resume_mismatches, train
-from fnlm.train.run import HARMLESS_FIELDS, Run, TrainConfig
+from fnlm.train.run import HARMLESS_FIELDS, Run, RunFolderLocked, RunLock, TrainConfig
 from fnlm.train.parallel import Parallel
 from fnlm.train.step import (
     OPTIMIZERS,
@@ -50,5 +52,5 @@ __all__ = [
     "draw_batch", "evaluate", "evaluate_windows", "lm_loss_fn", "Hook", "LogWindow", "Evaluator", "DivergenceGuard",
     "MetricsFile", "Callback", "Checkpointer", "ProgressBar", "LossPlot", "Wandb", "default_hooks", "read_metrics",
     "Parallel", "HARMLESS_FIELDS", "TrainingInterrupted", "resume_mismatches", "train_vectorized", "vectorized_step",
-    "init_stacked", "stack_step_configs",
+    "init_stacked", "stack_step_configs", "RunLock", "RunFolderLocked", "PHASES",
 ]

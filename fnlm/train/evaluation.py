@@ -103,13 +103,21 @@ def evaluate_windows(
     - `context_length`: window length `T`; window `r` predicts `tokens[rT+1 : rT+T+1]`.
     - `batch_size`: windows per forward pass.
     - `device`: where the batches go.
-    - `max_tokens`: score at most this many tokens (`None`: all full windows).
+    - `max_tokens`: score at most this many tokens, in whole windows (`None`: all full windows).
 
-    **Returns:** `(mean loss, number of tokens scored)`.
+    **Returns:** `(mean loss, number of tokens scored)`; the count is a multiple of
+    `context_length`, at most `max_tokens`. Fewer tokens than one window raise a `ValueError`.
     """
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
     n = len(tokens) - 1 if max_tokens is None else min(len(tokens) - 1, max_tokens)
     T = context_length
-    windows = max(1, n // T)
+    windows = n // T
+    if windows < 1:
+        what = f"max_tokens {max_tokens}" if max_tokens is not None and max_tokens < len(tokens) - 1 else \
+            f"{len(tokens):,} tokens"
+        raise ValueError(f"evaluate_windows scores whole windows of context_length {T} tokens (and one more for the "
+                         f"last target); {what} hold none")
     ids = torch.from_numpy(np.asarray(tokens[: windows * T + 1], dtype=np.int64))
     total, count = 0.0, 0
     for start in range(0, windows, batch_size):

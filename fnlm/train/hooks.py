@@ -1,20 +1,38 @@
 """What the training loop does besides stepping, as hooks: logging, evaluation, checkpoints, the
 progress bar, plots, Weights & Biases, a divergence guard.
 
-A hook is an object with any of these methods, called by `fnlm.train.train` in list order:
+**The hook protocol.** A hook is an object (subclass `Hook`) with two attributes and a few methods,
+all optional:
 
-- `start(run, state)`: once, before the first step (after a resume, with the restored state);
-- `step(run, state, metrics)`: after every step, with `train_step`'s metrics; a hook adds what it
-  measured to `run.record` (the step's line in `metrics.jsonl`) or calls `run.stop(reason)`;
+- `every` (int, default 1): the loop calls `step` at the steps that are multiples of it, and at the
+  run's **final step** whatever its cadence. A hook does not check the step number itself.
+- `phase` (default `"write"`): when in a step the hook's `step` runs, one of `PHASES`:
+  `"measure"` (add to `run.record`: `LogWindow`, `Evaluator`), `"check"` (read the record, may call
+  `run.stop`: `DivergenceGuard`), `"write"` (read the complete record: `MetricsFile`, `Callback`,
+  `ProgressBar`, `LossPlot`, `Wandb`), `"save"` (`Checkpointer`, after everything else). Within a
+  phase, hooks run in list order; across phases, the order of the list does not matter.
+- `start(run, state)`: once, before the first step (after a resume, with the restored state).
+- `observe(run, state, metrics)`: after every step, before any `step` call, with `train_step`'s
+  metrics (0-d tensors: accumulate on the device, no host sync), e.g. `LogWindow`'s sums.
+- `step(run, state, metrics)`: at the hook's cadence; add to `run.record` (the step's line in
+  `metrics.jsonl`) or call `run.stop(reason)`. `run.final` is true at the final step.
 - `interrupted(run, state)`: on Ctrl-C (after the current step's hooks, see `fnlm.train.loop`),
-  before `TrainingInterrupted` propagates;
-- `end(run, state)`: once, after the last step;
+  before `TrainingInterrupted` propagates.
+- `end(run, state)`: once, after the last step.
 - `state_dict()` / `load_state_dict(d)`: state to keep in checkpoints under the hook's `name`.
 
-`default_hooks(run)` is the loop's list. The order matters within one step: `LogWindow` and
-`Evaluator` fill the record, `MetricsFile` writes it, `Checkpointer` saves. `ProgressBar`, `LossPlot`
-and `Wandb` import tqdm, matplotlib and wandb only when they start (`pip install fnlm[progress]`,
-`fnlm[plots]`, `fnlm[wandb]`).
+**The final step.** The run ends after the step where it reaches its length, or a hook calls
+`run.stop`, or the loop finds the loss or the gradient norm not finite (`Run.watch_finite`). At that
+step every hook's `step` is called exactly once, in phase order: when a hook asks to stop, the step
+becomes final and the loop goes back to the first phase for the hooks not yet called, so a stop
+asked in the check phase still gets the evaluation and the partial log window into the record
+before it is written and checkpointed. (A stop asked in the write or save phase also ends the run;
+the measure hooks then called fill a record that was already written.) Params that are not finite
+are never evaluated or saved (`run.nonfinite_at`).
+
+`default_hooks(run)` is the loop's list. `ProgressBar`, `LossPlot` and `Wandb` import tqdm,
+matplotlib and wandb only when they start (`pip install fnlm[progress]`, `fnlm[plots]`,
+`fnlm[wandb]`).
 """
 
 from __future__ import annotations
@@ -24,7 +42,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,14 +49,16 @@ from typing import Any
 
 import torch
 
-from fnlm.checkpoint import capture_rng_state, save_checkpoint
+from fnlm.checkpoint import (
+    NonFiniteParams, capture_rng_state, remove_stale_temporaries, save_checkpoint, write_latest,
+)
 from fnlm.train.evaluation import evaluate
 from fnlm.train.run import Run
 from fnlm.train.step import TrainState
 
 __all__ = [
     "Hook", "LogWindow", "Evaluator", "DivergenceGuard", "MetricsFile", "Callback", "Checkpointer",
-    "ProgressBar", "LossPlot", "Wandb", "default_hooks", "read_metrics", "perplexity_of",
+    "ProgressBar", "LossPlot", "Wandb", "default_hooks", "read_metrics", "perplexity_of", "PHASES", "machine_load",
 ]
 
 
@@ -62,12 +81,21 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+PHASES = ("measure", "check", "write", "save")
+"""The phases of a step's hooks, in the order the loop runs them."""
+
+
 class Hook:
-    """A hook that does nothing; subclass it and override what you need."""
+    """A hook that does nothing; subclass it and override what you need (see the module docstring)."""
 
     name = "hook"
+    every = 1
+    phase = "write"
 
     def start(self, run: Run, state: TrainState) -> None:
+        pass
+
+    def observe(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
         pass
 
     def step(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
@@ -86,19 +114,68 @@ class Hook:
         pass
 
 
+def _positive(every: Any, who: str) -> int:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"{who}: every must be a positive int, got {every!r}")
+    return every
+
+
+def machine_load() -> tuple[float, int] | None:
+    """`(1-minute load average, CPU count)` of this machine, or `None` where it cannot be read."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        try:
+            import psutil
+
+            load = psutil.getloadavg()[0]
+        except Exception:
+            return None
+    return float(load), os.cpu_count() or 1
+
+
+class _Slowdown:
+    """Warns once when a CPU run's throughput falls below a third of its best early window while
+    other processes load the machine (a busy 2-core machine makes torch's default threads slow)."""
+
+    def __init__(self) -> None:
+        self.windows, self.best, self.warned = 0, 0.0, False
+
+    def feed(self, tokens_per_sec: float, threads: int) -> str | None:
+        self.windows += 1
+        if self.windows <= 1 or self.warned:
+            return None
+        if self.windows <= 4:
+            self.best = max(self.best, tokens_per_sec)
+            return None
+        if not tokens_per_sec < self.best / 3:
+            return None
+        load = machine_load()
+        if load is None or load[0] < threads + 0.5:
+            return None
+        self.warned = True
+        return (f"fnlm: training slowed to {tokens_per_sec:,.0f} tokens/s from {self.best:,.0f} in its first log "
+                f"windows, and the machine is busy (load average {load[0]:.1f} on {load[1]} CPUs; this run uses "
+                f"{threads} threads): another process is competing for the cores, and fewer threads may be faster "
+                "(--threads 1, or torch.set_num_threads(1))")
+
+
 class LogWindow(Hook):
-    """Means of the loss and gradient norm over each `log_interval` steps, tokens/s and MFU.
+    """Means of the loss and gradient norm over each `every` steps, tokens/s and MFU.
 
     The sums stay on the device between log steps (no host sync per step); they are kept in
     checkpoints, so a resumed run logs exactly what an uninterrupted one would. A non-finite mean
-    loss stops the run.
+    loss stops the run. On the CPU it warns once when the throughput collapses while another
+    process loads the machine.
     """
 
     name = "log_window"
+    phase = "measure"
 
-    def __init__(self, log_interval: int):
-        self.interval = log_interval
+    def __init__(self, every: int):
+        self.every = _positive(every, "LogWindow")
         self.sums: dict[str, Any] = {}
+        self.slowdown = _Slowdown()
 
     def start(self, run: Run, state: TrainState) -> None:
         acc = torch.float32 if run.device.type == "mps" else torch.float64
@@ -109,16 +186,18 @@ class LogWindow(Hook):
         self.seconds, self.timed = 0.0, 0
         self.flops_per_token, self.peak = run.flops_per_token, run.peak_flops
 
-    def step(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
+    def observe(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
         self.loss_sum += metrics["loss"]
         self.norm_sum += metrics["grad_norm"]
         self.steps += 1
         self.timed += 1
-        if state.step % self.interval and state.step != run.total:
-            self.seconds += run.step_seconds
+        self.seconds += run.step_seconds
+
+    def step(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
+        if not self.steps:
             return
         loss = float(run.parallel.all_reduce_mean(self.loss_sum)) / self.steps
-        self.seconds += run.step_seconds + run.since_step()
+        self.seconds += run.since_step()
         tok_s = self.timed * run.tokens_per_step / max(self.seconds, 1e-9)
         run.record.update(train_loss=loss, lr=float(metrics["lr"]), grad_norm=float(self.norm_sum) / self.steps,
                           tokens_per_sec=tok_s)
@@ -130,6 +209,9 @@ class LogWindow(Hook):
         self.steps, self.seconds, self.timed = 0, 0.0, 0
         if not math.isfinite(loss):
             run.stop("loss is not finite")
+        warning = self.slowdown.feed(tok_s, torch.get_num_threads()) if run.device.type == "cpu" else None
+        if warning and run.is_main:
+            print(warning, file=sys.stderr, flush=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"loss_sum": self.loss_sum.cpu(), "norm_sum": self.norm_sum.cpu(), "steps": self.steps}
@@ -139,12 +221,13 @@ class LogWindow(Hook):
 
 
 class Evaluator(Hook):
-    """The validation loss every `interval` steps, at the last step, and when the run stops."""
+    """The validation loss every `every` steps and at the final step (never of non-finite params)."""
 
     name = "evaluator"
+    phase = "measure"
 
-    def __init__(self, interval: int, batches: int):
-        self.interval, self.batches = interval, batches
+    def __init__(self, every: int, batches: int):
+        self.every, self.batches = _positive(every, "Evaluator"), batches
 
     def evaluate(self, run: Run, state: TrainState) -> float:
         tc = run.train_config
@@ -153,10 +236,11 @@ class Evaluator(Hook):
                         parallel=run.parallel)
 
     def step(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
-        if state.step % self.interval == 0 or state.step == run.total or run.stopping:
-            val = self.evaluate(run, state)
-            run.record.update(val_loss=val, val_perplexity=perplexity_of(val))
-            run.last["val_loss"] = val
+        if run.nonfinite_at is not None:
+            return
+        val = self.evaluate(run, state)
+        run.record.update(val_loss=val, val_perplexity=perplexity_of(val))
+        run.last["val_loss"] = val
 
     def end(self, run: Run, state: TrainState) -> None:
         if not math.isfinite(run.last["val_loss"]) and not run.stopping:
@@ -165,12 +249,17 @@ class Evaluator(Hook):
 
 class DivergenceGuard(Hook):
     """Stops a run whose logged loss explodes: above `log(vocab_size) + margin` (worse than a uniform
-    guess), or above `factor` times the lowest training loss so far. (A non-finite loss always
-    stops a run; see `LogWindow`.)"""
+    guess), or above `factor` times the lowest training loss so far. (A non-finite loss or gradient
+    norm always stops a run; see `fnlm.train.Run.watch_finite`.)"""
 
     name = "divergence_guard"
+    phase = "check"
 
     def __init__(self, vocab_size: int, *, factor: float = 2.0, margin: float = 1.0):
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 < factor < math.inf:
+            raise ValueError(f"DivergenceGuard: factor must be a finite number above 1, got {factor!r}")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
+            raise ValueError(f"DivergenceGuard: margin must be a finite number >= 0, got {margin!r}")
         self.ceiling = math.log(vocab_size) + margin
         self.factor, self.margin = factor, margin
         self.best = math.inf
@@ -194,8 +283,9 @@ class DivergenceGuard(Hook):
 class MetricsFile(Hook):
     """`metrics.jsonl` in the run folder: one JSON line per step that has a record (rank 0 only).
 
-    On a fresh start the file is emptied; on a resume the records after the checkpoint's step are
-    dropped, so the file reads as if the run had never stopped. `run.records` keeps them in memory.
+    On a fresh start the file is emptied (the loop refuses a folder holding an earlier run's log
+    unless told to overwrite it); on a resume the records after the checkpoint's step are dropped,
+    so the file reads as if the run had never stopped. `run.records` keeps them in memory.
     """
 
     name = "metrics_file"
@@ -214,6 +304,8 @@ class MetricsFile(Hook):
             return
         record = {"step": state.step, "tokens": state.step * run.tokens_per_step, "time": round(run.wall(), 3),
                   **run.record}
+        if run.final and run.stop_reason is not None:
+            record["stop_reason"] = run.stop_reason
         run.records.append(record)
         if run.is_main:
             with open(self.path, "a", encoding="utf-8") as f:
@@ -234,34 +326,39 @@ class Callback(Hook):
 
 
 class Checkpointer(Hook):
-    """`checkpoints/step_*.pt` every `interval` steps, at the end, when the run stops and on Ctrl-C;
-    `checkpoints/latest.pt` always names the newest complete one; the newest `keep` step files
-    are kept (`0`: all). Every rank takes part (RNG states are gathered); rank 0 writes."""
+    """`checkpoints/step_*.pt` every `every` steps, at the final step and on Ctrl-C, never from params
+    that are not finite; `checkpoints/latest.pt` is a pointer to the newest (`fnlm.checkpoint.write_latest`);
+    the newest `keep` step files are kept (`0`: all). Every rank takes part (RNG states are
+    gathered); rank 0 writes. At the start it deletes the temporary files of writes a killed
+    process left behind (`fnlm.checkpoint.remove_stale_temporaries`)."""
 
     name = "checkpointer"
+    phase = "save"
 
-    def __init__(self, interval: int, keep: int):
-        self.interval, self.keep = interval, keep
+    def __init__(self, every: int, keep: int):
+        self.every, self.keep = _positive(every, "Checkpointer"), keep
 
     def start(self, run: Run, state: TrainState) -> None:
         self.dir = run.out / "checkpoints"
         if not run.is_main:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.dir)
         if run.resumed_from is None and run.overwrite:
             for old in sorted(self.dir.glob("step_*.pt")) + [self.dir / "latest.pt"]:
                 with contextlib.suppress(FileNotFoundError):
                     old.unlink()
 
     def step(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
-        if state.step % self.interval == 0 or state.step == run.total or run.stopping:
-            self.save(run, state)
+        self.save(run, state)
 
     def interrupted(self, run: Run, state: TrainState) -> None:
         path = self.save(run, state, collective=False)
         run.saved_on_interrupt = path
 
     def save(self, run: Run, state: TrainState, collective: bool = True) -> Path | None:
+        if not run.check_finite():
+            return None
         together = collective and run.parallel.world_size > 1
         rank_rng = run.parallel.all_gather_object(capture_rng_state()) if together else None
         hook_states = {h.name: h.state_dict() for h in run.hooks if h.state_dict() is not None}
@@ -272,27 +369,26 @@ class Checkpointer(Hook):
         path = None
         if run.is_main:
             path = self.dir / f"step_{state.step:07d}.pt"
-            save_checkpoint(path, params=state.params, opt_state=state.opt_state, step=state.step,
-                            config=run.model_config, rank_rng=rank_rng, wall_time=run.wall(), hooks=hook_states,
-                            **run.checkpoint_data)
-            self._link_latest(path)
+            try:
+                digest = save_checkpoint(path, params=state.params, opt_state=state.opt_state, step=state.step,
+                                         config=run.model_config, rank_rng=rank_rng, wall_time=run.wall(),
+                                         hooks=hook_states, **run.checkpoint_data)
+            except NonFiniteParams as err:
+                run.mark_nonfinite(state.step, f"the params are not finite at step {state.step} ({err.names[0]})")
+                return None
+            self._point_latest(path, state.step, digest)
+            run.checkpoint = path
         if collective:
             run.parallel.barrier()
         return path
 
-    def _link_latest(self, path: Path) -> None:
-        latest, tmp = self.dir / "latest.pt", self.dir / ".latest.pt.link"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        try:
-            os.link(path, tmp)
-        except OSError:
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, latest)
+    def _point_latest(self, path: Path, step: int, digest: str) -> None:
+        write_latest(self.dir / "latest.pt", path, step=step, sha256=digest)
         if self.keep:
             for old in sorted(self.dir.glob("step_*.pt"))[: -self.keep]:
-                with contextlib.suppress(FileNotFoundError):
-                    old.unlink()
+                if old != path:
+                    with contextlib.suppress(FileNotFoundError):
+                        old.unlink()
 
 
 class ProgressBar(Hook):

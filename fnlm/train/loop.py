@@ -19,13 +19,18 @@ checkpoint holds the params, the optimizer state, `t`, the configs, the RNG stat
 state. So step `t` does not depend on whether the run was resumed, and a run killed at any moment
 and resumed from `checkpoints/latest.pt` ends with the same params, bit for bit on CPU (with the
 machine's default threads), as one that never stopped. Checkpoints are written atomically, and
-`latest.pt` is replaced by a rename, so it is always a complete checkpoint.
+`latest.pt` is a pointer to the newest one (`fnlm.checkpoint.write_latest`), replaced by a rename.
 
-**Never losing work.** A fresh run (`resume=False`) refuses a folder that holds an earlier run's
-checkpoints (`FileExistsError`) unless `overwrite=True`, before anything in it is touched. Ctrl-C
-finishes the current step, saves a checkpoint and raises `TrainingInterrupted` (a
-`KeyboardInterrupt` carrying the step and the file); a second Ctrl-C stops at once (the checkpoint
-is then that of the last completed step, still exact).
+**Never losing work.** While `train` runs, it holds the run folder's `RunLock`: a second run on the
+same folder is refused (`RunFolderLocked`, naming the first). A fresh run (`resume=False`, or
+nothing to resume) refuses a folder that holds an earlier run's checkpoints or `metrics.jsonl`
+(`FileExistsError`) unless `overwrite=True`, before anything in it is touched. Params that are not
+finite are never saved: the run stops at the first step whose loss or gradient norm is NaN or inf
+(at the next step where a measuring or saving hook runs, on an accelerator), keeps the last good
+checkpoints, and reports the step (`nonfinite_at`). Ctrl-C finishes the current step, saves a
+checkpoint and raises `TrainingInterrupted` (a `KeyboardInterrupt` carrying the step and the
+file); a second Ctrl-C stops at once (the checkpoint is then that of the last completed step,
+still exact).
 """
 
 from __future__ import annotations
@@ -43,17 +48,17 @@ from typing import Any
 import torch
 
 from fnlm import accounting
-from fnlm.checkpoint import config_to_data, load_checkpoint, restore_rng_state
+from fnlm.checkpoint import callable_spec, config_to_data, load_checkpoint, restore_rng_state
 from fnlm.data import batch_generator, get_batch
 from fnlm.train.evaluation import lm_loss_fn
-from fnlm.train.hooks import Callback, Hook, MetricsFile, default_hooks, perplexity_of
+from fnlm.train.hooks import PHASES, Callback, Hook, MetricsFile, default_hooks, perplexity_of, read_metrics
 from fnlm.train.parallel import Parallel
-from fnlm.train.run import HARMLESS_FIELDS, Run, TrainConfig
+from fnlm.train.run import HARMLESS_FIELDS, Run, RunLock, TrainConfig
 from fnlm.train.step import TrainState, init_train_state, train_step
 from fnlm.tree import tree_size
 
 __all__ = ["TrainConfig", "Run", "train", "resolve_device", "draw_batch", "resume_mismatches", "TrainingInterrupted",
-           "HARMLESS_FIELDS"]
+           "HARMLESS_FIELDS", "after_step", "refuse_earlier_run"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -161,9 +166,10 @@ def _setup(model_config: Any, tc: TrainConfig, valid_tokens: Any, out_dir: Any, 
         loss_fn = torch.compile(loss_fn)
     context_length = model_config.context_length
     data_shards, _ = tc.shards(parallel.world_size)
+    tc.check_schedule(tc.total_steps(context_length))
     data = {"train_config": dataclasses.asdict(tc), "world_size": parallel.world_size,
             "global_batch_size": tc.batch_size, "data_shards": data_shards,
-            "tokens_per_step": tc.batch_size * context_length, **(extra or {})}
+            "tokens_per_step": tc.batch_size * context_length, "model_fn": callable_spec(model_fn), **(extra or {})}
     run = Run(model_config, tc, Path(out_dir), device, parallel, tc.total_steps(context_length),
               tc.batch_size * context_length, context_length, loss_fn, valid_tokens, bf16, data)
     run.flops_per_token = _flops_per_token(model_config)
@@ -197,13 +203,24 @@ def _initial_state(run: Run, init_fn: Callable, resume: bool) -> tuple[TrainStat
     return TrainState(ck["params"], ck["opt_state"], ck["step"]), ck.get("hooks") or {}
 
 
-def _refuse_earlier_checkpoints(folder: Path) -> None:
-    """`FileExistsError` when `folder` holds checkpoints, before any hook touches the run folder."""
+def refuse_earlier_run(out: Path) -> None:
+    """`FileExistsError` when the run folder `out` holds an earlier run: checkpoints
+    (`checkpoints/step_*.pt`, `checkpoints/latest.pt`) or a `metrics.jsonl` with records. Called
+    before anything in the folder is touched; `overwrite=True` skips it."""
+    folder = out / "checkpoints"
     earlier = sorted(folder.glob("step_*.pt")) + [p for p in [folder / "latest.pt"] if p.exists()]
     if earlier:
         raise FileExistsError(
             f"{folder} holds checkpoints of an earlier run ({', '.join(p.name for p in earlier[-3:])}); "
             "resume it, or overwrite it explicitly, or train in another folder")
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        records = [r for r in read_metrics(metrics) if isinstance(r, dict)]
+        last = max((r.get("step", 0) for r in records), default=None)
+        upto = f", up to step {last}" if last is not None else ""
+        raise FileExistsError(
+            f"{metrics} holds the log of an earlier run ({len(records)} records{upto}) and there is no checkpoint to "
+            "resume it from; overwrite it explicitly, or train in another folder")
 
 
 def _announce(run: Run, state: TrainState) -> None:
@@ -214,11 +231,16 @@ def _announce(run: Run, state: TrainState) -> None:
 
 
 def _summary(run: Run, state: TrainState) -> dict[str, Any]:
-    return {"step": state.step, "tokens": state.step * run.tokens_per_step, "train_loss": run.last["train_loss"],
-            "val_loss": run.last["val_loss"], "val_perplexity": perplexity_of(run.last["val_loss"]),
-            "wall_time": run.wall(), "tokens_per_sec": run.last["tokens_per_sec"], "params": run.n_params,
-            "diverged": run.stopping, "stop_reason": run.stop_reason, "resumed_from": run.resumed_from,
-            "device": str(run.device)}
+    tok_s = run.steps_run * run.tokens_per_step / run.loop_seconds if run.loop_seconds > 0 else 0.0
+    summary = {"step": state.step, "tokens": state.step * run.tokens_per_step, "train_loss": run.last["train_loss"],
+               "val_loss": run.last["val_loss"], "val_perplexity": perplexity_of(run.last["val_loss"]),
+               "wall_time": run.wall(), "tokens_per_sec": tok_s, "params": run.n_params,
+               "diverged": run.stopping, "stop_reason": run.stop_reason, "resumed_from": run.resumed_from,
+               "device": str(run.device), "nonfinite_at": run.nonfinite_at,
+               "checkpoint": str(run.checkpoint) if run.checkpoint is not None else None}
+    if run.flops_per_token and run.peak_flops:
+        summary["mfu"] = tok_s / run.parallel.world_size * run.flops_per_token / run.peak_flops
+    return summary
 
 
 def train(
@@ -250,9 +272,9 @@ def train(
     - `init_fn`: `(config, *, seed, device) -> params`; default `fnlm.init_transformer_lm`.
     - `resume`: continue from `out_dir/checkpoints/latest.pt` when it exists (its configs must
       match, except for logging/evaluation/device settings).
-    - `overwrite`: without `resume`, delete the checkpoints of an earlier run in `out_dir`; when
-      `False` (the default) such a folder is refused with a `FileExistsError` before any file in
-      it is touched, so no checkpoint (or metrics log) is ever lost by accident.
+    - `overwrite`: when not resuming, delete the checkpoints and the metrics log of an earlier run
+      in `out_dir`; when `False` (the default) such a folder is refused with a `FileExistsError`
+      before any file in it is touched, so no checkpoint (or metrics log) is ever lost by accident.
     - `parallel`: data-parallel hooks (see `Parallel`).
     - `hooks`: the hooks, or a function of the `Run` that returns them (default `default_hooks`,
       e.g. `hooks=lambda run: [*default_hooks(run), DivergenceGuard(vocab)]`).
@@ -261,36 +283,100 @@ def train(
     - `extra_checkpoint_data`: more plain data stored in each checkpoint.
 
     **Returns:** the final metrics: `step`, `tokens`, `train_loss` (last logged), `val_loss`,
-    `val_perplexity`, `wall_time` (seconds, summed over resumed segments), `tokens_per_sec`,
-    `params` (count), `diverged` (a hook stopped the run) and its `stop_reason`, `resumed_from`.
+    `val_perplexity`, `wall_time` (seconds, summed over resumed segments), `tokens_per_sec` (the
+    average of this call: its steps' tokens over its loop's wall-clock) and `mfu` (when the model's
+    FLOPs are known), `params` (count), `diverged` (the run stopped early) and its `stop_reason`,
+    `nonfinite_at` (the first step whose loss or gradient norm was not finite, else `None`),
+    `checkpoint` (the last checkpoint written by this call, or `None`), `resumed_from`.
     On Ctrl-C, raises `TrainingInterrupted` after saving a checkpoint (see the module docstring).
+    A folder another run holds raises `fnlm.train.RunFolderLocked`; a folder holding an earlier
+    run, `FileExistsError` (see `overwrite`).
     """
     from fnlm.model import init_transformer_lm, transformer_lm
 
     run = _setup(model_config, train_config, valid_tokens, out_dir, model_fn or transformer_lm, parallel,
                  extra_checkpoint_data)
     run.overwrite = overwrite
-    if parallel.is_main:
-        run.out.mkdir(parents=True, exist_ok=True)
-    state, hook_states = _initial_state(run, init_fn or init_transformer_lm, resume)
-    if run.resumed_from is None and not overwrite and parallel.is_main:
-        _refuse_earlier_checkpoints(run.out / "checkpoints")
-    state = state._replace(params=parallel.broadcast(state.params), opt_state=parallel.broadcast(state.opt_state))
-    run.n_params = tree_size(state.params)
-    chosen = default_hooks if hooks is None else hooks
-    run.hooks = list(chosen(run) if callable(chosen) else chosen)
-    writes = [i for i, h in enumerate(run.hooks) if isinstance(h, MetricsFile)]
-    at = writes[0] + 1 if writes else len(run.hooks)
-    run.hooks[at:at] = [Callback(fn) for fn in callbacks]
-    for hook in run.hooks:
-        if hook.name in hook_states:
-            hook.load_state_dict(hook_states[hook.name])
-        hook.start(run, state)
-    _announce(run, state)
-    state = _loop(run, state, train_tokens)
-    for hook in run.hooks:
-        hook.end(run, state)
+    with RunLock(run.out) if parallel.is_main else contextlib.nullcontext():
+        state, hook_states = _initial_state(run, init_fn or init_transformer_lm, resume)
+        if run.resumed_from is None and not overwrite and parallel.is_main:
+            refuse_earlier_run(run.out)
+        state = state._replace(params=parallel.broadcast(state.params), opt_state=parallel.broadcast(state.opt_state))
+        run.n_params = tree_size(state.params)
+        chosen = default_hooks if hooks is None else hooks
+        run.hooks = check_hooks(list(chosen(run) if callable(chosen) else chosen))
+        writes = [i for i, h in enumerate(run.hooks) if isinstance(h, MetricsFile)]
+        at = writes[0] + 1 if writes else len(run.hooks)
+        run.hooks[at:at] = [Callback(fn) for fn in callbacks]
+        for hook in run.hooks:
+            if hook.name in hook_states:
+                hook.load_state_dict(hook_states[hook.name])
+            hook.start(run, state)
+        _announce(run, state)
+        state = _loop(run, state, train_tokens)
+        for hook in run.hooks:
+            hook.end(run, state)
     return _summary(run, state)
+
+
+def check_hooks(hooks: list[Any]) -> list[Any]:
+    """`hooks`, after checking that each has a positive int `every` and a `phase` from `PHASES`."""
+    for hook in hooks:
+        every, phase = getattr(hook, "every", 1), getattr(hook, "phase", "write")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"hook {type(hook).__name__}: every must be a positive int, got {every!r}")
+        if phase not in PHASES:
+            raise ValueError(f"hook {type(hook).__name__}: phase must be one of {PHASES}, got {phase!r}")
+    return hooks
+
+
+def _due(hook: Any, step: int) -> bool:
+    return step % getattr(hook, "every", 1) == 0
+
+
+def _call_phase(run: Run, state: TrainState, metrics: dict[str, Any], phase: str, called: set[int]) -> None:
+    """Call the hooks of `phase` that are due (all of them once the step is final), each once."""
+    while True:
+        todo = [h for h in run.hooks if getattr(h, "phase", "write") == phase and id(h) not in called
+                and (run.final or _due(h, state.step))]
+        if not todo:
+            return
+        for hook in todo:
+            called.add(id(hook))
+            hook.step(run, state, metrics)
+            run.final = run.final or run.stopping
+
+
+def after_step(run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
+    """Everything the loop does after a step, for one run: the finiteness watch, every hook's
+    `observe`, then the due hooks' `step` in phase order (every hook at the final step); a stop
+    asked by a hook makes the step final and goes back to the first phase for the hooks not yet
+    called. See the protocol in `fnlm.train.hooks`. `train` and `train_vectorized` (per model)
+    call it."""
+    run.record = {}
+    sync = (run.device.type == "cpu" or state.step >= run.total
+            or any(getattr(h, "phase", "write") in ("measure", "save") and _due(h, state.step) for h in run.hooks))
+    run.watch_finite(state.step, metrics, sync=sync)
+    for hook in run.hooks:
+        observe = getattr(hook, "observe", None)
+        if observe is not None:
+            observe(run, state, metrics)
+    run.final = state.step >= run.total or run.stopping
+    called: set[int] = set()
+    i = 0
+    while i < len(PHASES):
+        was_final = run.final
+        _call_phase(run, state, metrics, PHASES[i], called)
+        i = 0 if run.final and not was_final else i + 1
+
+
+def stop_message(run: Run, state: TrainState) -> str:
+    """The line that says why a run stopped early, and what was kept."""
+    text = f"stopping at step {state.step}: {run.stop_reason}"
+    if run.nonfinite_at is not None:
+        kept = f"the last good checkpoint is {run.checkpoint}" if run.checkpoint else "no checkpoint was written"
+        text += f"; params that are not finite are never saved: {kept}"
+    return text
 
 
 @contextlib.contextmanager
@@ -345,6 +431,7 @@ def _loop(run: Run, state: TrainState, train_tokens: Any) -> TrainState:
     hooks save checkpoints synchronously before the next step."""
     config = run.train_config.step_config(run.total)
     tc, parallel = run.train_config, run.parallel
+    started, first = time.perf_counter(), state.step
     with _stop_at_step_end(run) as asked:
         try:
             while state.step < run.total and not run.stopping:
@@ -358,9 +445,8 @@ def _loop(run: Run, state: TrainState, train_tokens: Any) -> TrainState:
                                                 sync_grads=parallel.sync_grads, donate=True)
                 run._step_end = time.perf_counter()
                 run.step_seconds = run._step_end - t0
-                run.record = {}
-                for hook in run.hooks:
-                    hook.step(run, state, metrics)
+                after_step(run, state, metrics)
+                run.steps_run, run.loop_seconds = state.step - first, time.perf_counter() - started
             if asked["stop"]:
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -368,5 +454,5 @@ def _loop(run: Run, state: TrainState, train_tokens: Any) -> TrainState:
                 hook.interrupted(run, state)
             raise TrainingInterrupted(state.step, run.saved_on_interrupt) from None
     if run.stopping and run.is_main:
-        print(f"fnlm: stopping at step {state.step}: {run.stop_reason} (diverged)", file=sys.stderr)
+        print(f"fnlm: {stop_message(run, state)}", file=sys.stderr)
     return state

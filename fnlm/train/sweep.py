@@ -26,6 +26,7 @@ at that step with its state frozen, and the others go on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -38,9 +39,9 @@ import torch
 
 from fnlm.train.evaluation import evaluate, lm_loss_fn
 from fnlm.train.hooks import Checkpointer, Evaluator, Hook, ProgressBar, default_hooks
-from fnlm.train.loop import _setup, _summary, draw_batch
+from fnlm.train.loop import _setup, _summary, after_step, check_hooks, draw_batch, refuse_earlier_run, stop_message
 from fnlm.train.parallel import Parallel
-from fnlm.train.run import Run, TrainConfig
+from fnlm.train.run import Run, RunLock, TrainConfig
 from fnlm.train.step import StepConfig, TrainState, init_train_state, train_step
 from fnlm.tree import Tree, _map_keeping_types, tree_size, tree_stack, tree_unstack
 from fnlm.types import Tensor
@@ -253,7 +254,7 @@ class SweepEvaluator(Evaluator):
 
     def together(self, run: Run, step: int) -> bool:
         """A scheduled evaluation (every model's at once), not one for a run that stops early."""
-        return step % self.interval == 0 or step == run.total
+        return step % self.every == 0 or step == run.total
 
     def evaluate(self, run: Run, state: TrainState) -> float:
         return self.shared.value(self.index, run, state, self.batches, self.together(run, state.step))
@@ -275,11 +276,11 @@ def _model_hooks(run: Run, chosen: Callable[[Run], Sequence[Hook]], shared: _Eva
         if isinstance(hook, ProgressBar):
             continue
         if type(hook) is Evaluator:
-            hook = SweepEvaluator(hook.interval, hook.batches, shared, k)
+            hook = SweepEvaluator(hook.every, hook.batches, shared, k)
         elif type(hook) is Checkpointer:
-            hook = _CopyingCheckpointer(hook.interval, hook.keep)
+            hook = _CopyingCheckpointer(hook.every, hook.keep)
         hooks.append(hook)
-    return hooks
+    return check_hooks(hooks)
 
 
 def _check_configs(train_configs: Sequence[TrainConfig], out_dirs: Sequence[Any]) -> None:
@@ -345,8 +346,7 @@ def _step_hooks(runs: list[Run], alive: list[int], state: TrainState, metrics: d
         run._step_end = time.perf_counter()
         run.step_seconds, run.record, since[k] = run._step_end - since[k], {}, run._step_end
         mine = {name: value[j] for name, value in metrics.items()}
-        for hook in run.hooks:
-            hook.step(run, views[j], mine)
+        after_step(run, views[j], mine)
     return views
 
 
@@ -383,7 +383,8 @@ def _evaluate_first(runs: list[Run], alive: list[int], state: TrainState) -> Non
 def _steps(runs: list[Run], stack: _Stack, train_tokens: Any, shared: _Evaluations, bar: Any,
            chunk_size: int | None) -> None:
     total, context_length, device = runs[0].total, runs[0].context_length, runs[0].device
-    since = dict.fromkeys(stack.alive, time.perf_counter())
+    started = time.perf_counter()
+    since = dict.fromkeys(stack.alive, started)
     while stack.state.step < total and stack.alive:
         x, y, per_model = _batches(train_tokens, [runs[k].train_config for k in stack.alive], context_length,
                                    stack.state.step, device)
@@ -392,12 +393,14 @@ def _steps(runs: list[Run], stack: _Stack, train_tokens: Any, shared: _Evaluatio
         shared.begin(stack.state, stack.alive)
         _evaluate_first(runs, stack.alive, stack.state)
         views = _step_hooks(runs, stack.alive, stack.state, metrics, since)
+        for k in stack.alive:
+            runs[k].steps_run, runs[k].loop_seconds = stack.state.step, time.perf_counter() - started
         bar.update(1)
         stopped = [j for j, k in enumerate(stack.alive) if runs[k].stopping]
         for j in stopped:
             run = runs[stack.alive[j]]
-            print(f"fnlm: model {stack.alive[j]} ({run.out}) stopping at step {stack.state.step}: {run.stop_reason} "
-                  f"(diverged); {len(stack.alive) - len(stopped)} model(s) go on", file=sys.stderr)
+            print(f"fnlm: model {stack.alive[j]} ({run.out}) {stop_message(run, views[j])}; "
+                  f"{len(stack.alive) - len(stopped)} model(s) go on", file=sys.stderr)
         if stopped:
             stack.drop(stopped, views)
         if stack.alive and any(runs[k].record for k in stack.alive):
@@ -457,7 +460,9 @@ def train_vectorized(
     - `train_tokens`, `valid_tokens`: 1-D token ids.
     - `out_dirs`: one run folder per model.
     - `model_fn`, `init_fn`: as for `train` (defaults `fnlm.transformer_lm`, `fnlm.init_transformer_lm`).
-    - `overwrite`: delete earlier checkpoints in the folders (else they are refused, as by `train`).
+    - `overwrite`: delete the checkpoints and metrics logs of earlier runs in the folders (else such
+      folders are refused with a `FileExistsError` before any is touched, as by `train`). Each folder
+      is locked (`RunLock`) while the sweep writes it.
     - `hooks`: a function of a model's `Run` returning its hooks, as for `train` (default
       `default_hooks`; e.g. `lambda run: [*default_hooks(run), DivergenceGuard(vocab)]`). Its
       `Evaluator` and `Checkpointer` are replaced by vectorized equivalents, its `ProgressBar`
@@ -479,17 +484,22 @@ def train_vectorized(
                      peak_flops=runs[0].peak_flops if runs else None)
         autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if run.bf16 else None
         run.loss_fn, run.overwrite = lm_loss_fn(model_fn, model_config, autocast), overwrite
-        run.out.mkdir(parents=True, exist_ok=True)
         runs.append(run)
-    state = init_stacked(init_fn or init_transformer_lm, model_config, [tc.seed for tc in train_configs],
-                         device=runs[0].device)
-    shared = _Evaluations(runs[0].loss_fn, [tc.seed for tc in train_configs], chunk_size)
-    _start(runs, state, hooks or default_hooks, shared)
-    bar = progress_bar(total=runs[0].total, desc=f"{len(runs)} models", unit="step", dynamic_ncols=True,
-                       disable=not any(tc.progress for tc in train_configs))
-    finals = _vectorized_loop(runs, state, train_tokens, shared, bar, chunk_size)
-    bar.close()
-    for run, final in zip(runs, finals):
-        for hook in run.hooks:
-            hook.end(run, final)
+    with contextlib.ExitStack() as locks:
+        for run in runs:
+            locks.enter_context(RunLock(run.out))
+        if not overwrite:
+            for run in runs:
+                refuse_earlier_run(run.out)
+        state = init_stacked(init_fn or init_transformer_lm, model_config, [tc.seed for tc in train_configs],
+                             device=runs[0].device)
+        shared = _Evaluations(runs[0].loss_fn, [tc.seed for tc in train_configs], chunk_size)
+        _start(runs, state, hooks or default_hooks, shared)
+        bar = progress_bar(total=runs[0].total, desc=f"{len(runs)} models", unit="step", dynamic_ncols=True,
+                           disable=not any(tc.progress for tc in train_configs))
+        finals = _vectorized_loop(runs, state, train_tokens, shared, bar, chunk_size)
+        bar.close()
+        for run, final in zip(runs, finals):
+            for hook in run.hooks:
+                hook.end(run, final)
     return [_summary(run, final) for run, final in zip(runs, finals)]

@@ -77,7 +77,7 @@ def test_vectorized_sweeps_give_the_sequential_outputs(tmp_path):
 
 
 @pytest.mark.parametrize(("args", "message", "code"), [
-    (["--vectorize"], "--vectorize needs a learning-rate or seed sweep (--lrs, --seeds)", 1),
+    (["--vectorize"], "--vectorize needs a learning-rate or seed sweep (--lrs, --seeds)", 2),
     (["--seeds", "1.5"], "expected comma-separated non-negative integers, got '1.5'", 2),
     (["--seeds", "0,-1"], "expected comma-separated non-negative integers, got '0,-1'", 2),
 ])

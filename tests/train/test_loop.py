@@ -163,7 +163,8 @@ def test_non_finite_loss_stops_as_diverged(tmp_path):
         return p
 
     res = trainer.train(TinyConfig(), TC, _tokens(), _tokens(seed=1), tmp_path, model_fn=tiny_lm, init_fn=bad_init)
-    assert res["diverged"] and res["step"] == 2
+    assert res["diverged"] and res["step"] == 1 and res["nonfinite_at"] == 1
+    assert res["checkpoint"] is None and not list((tmp_path / "checkpoints").glob("*.pt"))
 
 
 def test_token_budget_sets_the_steps():
