@@ -68,9 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 def _configs(a: argparse.Namespace) -> tuple[fnlm.TransformerConfig, trainer.TrainConfig]:
     model = fnlm.TransformerConfig(vocab_size=a.vocab, context_length=a.context, d_model=a.d_model,
                                    num_layers=a.layers, num_heads=a.heads, d_ff=a.d_ff)
-    tc = trainer.TrainConfig(batch_size=a.batch, steps=a.steps, warmup_steps=2, eval_interval=a.steps, eval_batches=1,
-                             checkpoint_interval=a.steps, log_interval=a.log_interval, progress=False, plot=False,
-                             device=a.device)
+    tc = trainer.TrainConfig(batch_size=a.batch, steps=a.steps, eval_interval=a.steps, eval_batches=1, checkpoint_interval=a.steps, log_interval=a.log_interval, progress=False, plot=False, device=a.device, step=dict(warmup_steps=2))
     return model, tc
 
 

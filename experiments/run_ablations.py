@@ -176,7 +176,7 @@ def _sweep_jobs(args: argparse.Namespace, names: list[str], base_tc: Any) -> lis
     for n in names:
         prefix = f"{n}_" if len(names) > 1 else ""
         for lr in args.lrs or []:
-            tc = dataclasses.replace(base_tc, lr=lr, min_lr=lr * base_tc.min_lr / base_tc.lr)
+            tc = base_tc.with_step(lr=lr, min_lr=lr * base_tc.min_lr / base_tc.lr)
             jobs.append(_Job(n, tc, f"{prefix}lr{lr:g}", "lr", lr))
         for seed in args.seeds or []:
             jobs.append(_Job(n, dataclasses.replace(base_tc, seed=seed), f"{prefix}seed{seed}", "seed", seed))
@@ -267,7 +267,7 @@ def _compare(args: argparse.Namespace, names: list[str], flags: list[str], setti
     train_ids, valid_ids = stages.load_token_files(stages.Manifest(settings.out), done["encode"], config)
     base_tc = dataclasses.replace(settings.train, plot=False, checkpoint_interval=10**9, keep_checkpoints=1)
     steps = base_tc.total_steps(config.context_length)
-    base_tc = dataclasses.replace(base_tc, steps=steps, max_tokens=None, warmup_steps=min(base_tc.warmup_steps, steps))
+    base_tc = dataclasses.replace(base_tc, steps=steps, max_tokens=None).with_step(warmup_steps=min(base_tc.warmup_steps, steps))
     tokens = steps * base_tc.batch_size * config.context_length
     budget = (f"preset `{args.preset}`, {steps} steps × {base_tc.batch_size} × {config.context_length} tokens = "
               f"{tokens:,} tokens per run, lr {base_tc.lr:g} → {base_tc.min_lr:g}, seed {base_tc.seed}; "
@@ -299,9 +299,7 @@ def _compare(args: argparse.Namespace, names: list[str], flags: list[str], setti
             for bs in args.batch_sizes:
                 scale = base_tc.batch_size / bs
                 bs_steps = max(1, round(steps * scale))
-                tc = dataclasses.replace(
-                    base_tc, batch_size=bs, steps=bs_steps, warmup_steps=min(bs_steps, round(base_tc.warmup_steps * scale)), eval_interval=max(1, round(base_tc.eval_interval * scale)),
-                    eval_batches=max(1, round(base_tc.eval_batches * scale)), log_interval=max(1, round(base_tc.log_interval * scale)))
+                tc = dataclasses.replace(base_tc, batch_size=bs, steps=bs_steps, eval_interval=max(1, round(base_tc.eval_interval * scale)), eval_batches=max(1, round(base_tc.eval_batches * scale)), log_interval=max(1, round(base_tc.log_interval * scale))).with_step(warmup_steps=min(bs_steps, round(base_tc.warmup_steps * scale)))
                 results.append(run(n, tc, f"{n}_bs{bs}" if len(names) > 1 else f"bs{bs}"))
                 values.append(bs)
         plot_sweep_results(results, values, out / "batch_size_sweep.png", name="batch size", x_key="tokens",

@@ -36,6 +36,8 @@ from typing import Any, Literal
 import torch
 
 import fnlm
+import fnlm.precision
+import fnlm.train
 from fnlm.train import TrainConfig
 
 from .download import TINYSTORIES_FILES, TINYSTORIES_URL
@@ -67,7 +69,7 @@ def flag_name(field: str) -> str:
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        args = [a for a in typing.get_args(tp) if a is not type(None) and a is not torch.Tensor]
         if len(args) == 1:
             return args[0], True
     return tp, False
@@ -138,6 +140,19 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _fields(cls: type) -> list[tuple[str, Any]]:
+    """`(name, default)` of each field of a dataclass or NamedTuple `cls` (default `None` when none)."""
+    if dataclasses.is_dataclass(cls):
+        return [(f.name, f.default if f.default is not dataclasses.MISSING else None)
+                for f in dataclasses.fields(cls) if f.init]
+    return [(name, cls._field_defaults.get(name)) for name in cls._fields]
+
+
+CHOICES = {"optimizer": fnlm.train.OPTIMIZERS, "precision": fnlm.precision.PRECISIONS,
+           "shard": tuple(m for m in fnlm.train.SHARDING if m is not None)}
+"""Fields whose flag offers a fixed list of values."""
+
+
 def add_dataclass_flags(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     cls: type,
@@ -145,13 +160,15 @@ def add_dataclass_flags(
     skip: set[str] = frozenset(),
     defaults: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """Add a flag per field of dataclass `cls` (except `skip`); return the field names added.
+    """Add a flag per field of dataclass (or NamedTuple) `cls` (except `skip`); return the field
+    names added.
 
     **Arguments:**
 
     - `parser`: an argparse parser or argument group.
-    - `cls`: a dataclass type; its field annotations pick the flag types, its docstring's
-      ``- `field`: text`` lines the help text (`field_docs`).
+    - `cls`: a dataclass or NamedTuple type; its field annotations pick the flag types (a pair of
+      floats takes two values: ``--betas 0.9 0.95``; the fields of `CHOICES` offer their values), its
+      docstring's ``- `field`: text`` lines the help text (`field_docs`).
     - `skip`: field names not to expose.
     - `defaults`: the values that apply when a flag is not given (e.g. a preset's), shown in the
       help; fields not in it show the dataclass default. `None` values are not shown.
@@ -162,20 +179,25 @@ def add_dataclass_flags(
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     added = []
-    for f in dataclasses.fields(cls):
-        if f.name in skip or not f.init:
+    for name, default in _fields(cls):
+        if name in skip:
             continue
-        tp, optional = _unwrap_optional(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if defaults is not None and f.name in defaults:
-            default = defaults[f.name]
-        help_text = _first_sentence(docs.get(f.name, "")).replace("`None`", "none").replace("`", "")
+        tp, optional = _unwrap_optional(hints[name])
+        if defaults is not None and name in defaults:
+            default = defaults[name]
+        help_text = _first_sentence(docs.get(name, "")).replace("`None`", "none").replace("`", "")
         if default is not None:
-            help_text = f"{help_text} (default: {_show(default)})".strip()
-        kwargs: dict[str, Any] = {"default": None, "dest": f"{cls.__name__}.{f.name}",
+            shown = " ".join(map(_show, default)) if isinstance(default, tuple) else _show(default)
+            help_text = f"{help_text} (default: {shown})".strip()
+        kwargs: dict[str, Any] = {"default": None, "dest": f"{cls.__name__}.{name}",
                                   "help": help_text.replace("%", "%%")}
-        if tp is bool:
+        if name in CHOICES:
+            kwargs.update(type=_none_or(str) if optional else str,
+                          choices=list(CHOICES[name]) + ([_NONE] if optional else []))
+        elif tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is tuple and set(typing.get_args(tp)) == {float}:
+            kwargs.update(type=float, nargs=len(typing.get_args(tp)), metavar="X")
         elif typing.get_origin(tp) is Literal:
             choices = list(typing.get_args(tp))
             kwargs.update(type=_none_or(type(choices[0])) if optional else type(choices[0]),
@@ -185,8 +207,8 @@ def add_dataclass_flags(
             kwargs["metavar"] = {int: "N", float: "X", str: "TEXT"}[tp]
         else:
             continue
-        parser.add_argument(flag_name(f.name), **kwargs)
-        added.append(f.name)
+        parser.add_argument(flag_name(name), **kwargs)
+        added.append(name)
     return added
 
 
@@ -196,7 +218,7 @@ def dataclass_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     prefix = f"{cls.__name__}."
     for key, value in vars(args).items():
         if key.startswith(prefix) and value is not None:
-            out[key[len(prefix):]] = None if value is _NONE else value
+            out[key[len(prefix):]] = None if value is _NONE else tuple(value) if isinstance(value, list) else value
     return out
 
 
@@ -302,6 +324,7 @@ def build_parser(preset: str | None = None, *, real: bool = False) -> argparse.A
                         "(loads with transformers' AutoModelForCausalLM / AutoTokenizer)")
     groups = (("model (fnlm.TransformerConfig)", fnlm.TransformerConfig, set(), base["model"]),
               ("training (fnlm.train.TrainConfig)", TrainConfig, {"progress"}, base["train"]),
+              ("optimizer step (TrainConfig.step, a fnlm.StepConfig)", fnlm.StepConfig, set(), base.get("step", {})),
               ("pipeline (PipelineConfig)", PipelineConfig, set(), base.get("pipeline", {})))
     seen: dict[str, str] = {}
     for title, cls, skip, defaults in groups:
@@ -323,13 +346,15 @@ def _preparse(argv: Sequence[str]) -> tuple[str | None, bool]:
     return preset, bool(known.data or known.train_file)
 
 
-FIELD_FLAGS = {f.name: flag_name(f.name) for cls in (fnlm.TransformerConfig, TrainConfig, PipelineConfig)
-                for f in dataclasses.fields(cls)}
+FIELD_FLAGS = {name: flag_name(name) for cls in (fnlm.TransformerConfig, TrainConfig, fnlm.StepConfig, PipelineConfig)
+               for name, _ in _fields(cls) if name != "step"}
 
 
 def flags_in(message: str) -> str:
-    """`message` with config field names (``d_model``, ``TransformerConfig.d_model``) as flags."""
-    message = re.sub(r"\b(?:TransformerConfig|TrainConfig|PipelineConfig)\.", "", message)
+    """`message` with config field names (``d_model``, ``TransformerConfig.d_model``,
+    ``step.lr``) as flags."""
+    message = re.sub(r"\b(?:TransformerConfig|TrainConfig|PipelineConfig|StepConfig)\.", "", message)
+    message = re.sub(r"\bstep\.(?=\w)", "", message)
     return re.sub(r"(?<![\w-])(" + "|".join(sorted(FIELD_FLAGS, key=len, reverse=True)) + r")(?!\w)",
                   lambda m: FIELD_FLAGS[m.group(1)], message)
 
@@ -367,10 +392,12 @@ def resolve_settings(argv: Sequence[str] | None = None) -> Settings:
     if train_over.get("steps") == 0:
         raise ConfigError(f"--steps 0: a run needs at least one optimizer step; give --steps N with N >= 1 (the "
                           f"{preset} preset runs {base['train']['steps']})")
+    step_over = dataclass_overrides(args, fnlm.StepConfig)
     train_kw = {**base["train"], **train_over, "progress": not args.quiet}
+    step_kw = {**base.get("step", {}), **step_over}
     pipe_kw = {**base.get("pipeline", {}), **dataclass_overrides(args, PipelineConfig)}
-    train_kw, notes = _clamp_warmup(train_kw, model_kw.get("context_length"), "warmup_steps" in train_over)
-    model, tc, pc = _build_configs(model_kw, train_kw, pipe_kw)
+    step_kw, notes = _clamp_warmup(train_kw, step_kw, model_kw.get("context_length"), "warmup_steps" in step_over)
+    model, tc, pc = _build_configs(model_kw, {**train_kw, "step": step_kw}, pipe_kw)
     if args.preset is None and real:
         why = "a CUDA device is available" if preset == "h100" else "this machine has no CUDA device"
         notes += (f"the {preset} preset was chosen because {'--data' if args.data else '--train-file'} is given and "
@@ -391,7 +418,9 @@ def _build_configs(model_kw: dict[str, Any], train_kw: dict[str, Any], pipe_kw: 
     configs = []
     for what, cls, kw in (("model", fnlm.TransformerConfig, model_kw), ("training", TrainConfig, train_kw),
                           ("pipeline", PipelineConfig, pipe_kw)):
-        infinite = [f"{k}={v}" for k, v in kw.items() if isinstance(v, float) and not math.isfinite(v)]
+        flat = {**kw, **kw.get("step", {})} if what == "training" else kw
+        infinite = [f"{k}={v}" for k, v in flat.items()
+                    if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,)))]
         if infinite:
             raise ConfigError(f"invalid {what} settings: {flags_in(', '.join(infinite))} (every number must be finite)")
         try:
@@ -402,23 +431,24 @@ def _build_configs(model_kw: dict[str, Any], train_kw: dict[str, Any], pipe_kw: 
     return configs
 
 
-def _clamp_warmup(train_kw: dict[str, Any], context_length: Any, given: bool) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """`train_kw` with a warm-up longer than the cosine shortened to it, and the note that says so
+def _clamp_warmup(train_kw: dict[str, Any], step_kw: dict[str, Any], context_length: Any,
+                  given: bool) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """`step_kw` with a warm-up longer than the cosine shortened to it, and the note that says so
     (values a config would refuse are left for it to report)."""
     try:
         batch, steps, budget = train_kw["batch_size"], train_kw.get("steps", 5000), train_kw.get("max_tokens")
         total = steps if budget is None else max(1, budget // (batch * context_length))
-        cosine, warmup = train_kw.get("cosine_steps"), train_kw.get("warmup_steps", 100)
+        cosine, warmup = step_kw.get("cosine_steps"), step_kw.get("warmup_steps", 100)
         end = cosine if cosine is not None else total
         if not warmup > end >= 0:
-            return train_kw, ()
+            return step_kw, ()
     except (TypeError, ZeroDivisionError, KeyError):
-        return train_kw, ()
+        return step_kw, ()
     where = "--cosine-steps" if cosine is not None else "the run's steps"
     origin = "--warmup-steps" if given else "the preset's warm-up"
     note = (f"{origin} ({warmup}) is longer than {where} ({end}); warming up over {end} steps instead "
             f"(give --warmup-steps to choose)")
-    return {**train_kw, "warmup_steps": end}, (note,)
+    return {**step_kw, "warmup_steps": end}, (note,)
 
 
 EXPORTABLE = {"norm": "rmsnorm", "norm_position": "pre", "position": "rope", "ffn": "swiglu"}
@@ -550,7 +580,7 @@ def _check_memory(s: Settings, device: torch.device) -> None:
     if memory is None:
         return
     m, tc = s.model, s.train
-    bf16 = tc.autocast == "bf16" or (tc.autocast == "auto" and device.type == "cuda")
+    bf16 = fnlm.train.precision_of(tc, device) != "fp32"
     need = tc.batch_size * m.num_heads * m.context_length ** 2 * (2 if bf16 else 4)
     if need > memory:
         raise ConfigError(

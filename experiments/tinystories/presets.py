@@ -1,7 +1,7 @@
 """The run presets and the settings of the stages around training (`PipelineConfig`).
 
-Each preset gives starting values for the three configs (`fnlm.TransformerConfig`,
-`fnlm.train.TrainConfig`, `PipelineConfig`); every value can be overridden by its flag.
+Each preset gives starting values for the configs (`fnlm.TransformerConfig`, `fnlm.train.TrainConfig`
+and its `step`, a `fnlm.StepConfig`, and `PipelineConfig`); every value can be overridden by its flag.
 """
 
 from __future__ import annotations
@@ -83,28 +83,31 @@ _CPU_MODEL = dict(vocab_size=10_000, context_length=256, d_model=512, num_layers
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {
         "model": dict(vocab_size=10_000, context_length=64, d_model=64, num_layers=2, num_heads=2, d_ff=192, rope_theta=10_000.0),
-        "train": dict(batch_size=16, steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_interval=20, eval_batches=4,
-                      checkpoint_interval=20, log_interval=5, weight_decay=0.1),
+        "train": dict(batch_size=16, steps=60, eval_interval=20, eval_batches=4, checkpoint_interval=20, log_interval=5),
+        "step": dict(lr=3e-3, min_lr=3e-4, warmup_steps=10, weight_decay=0.1),
         "pipeline": dict(corpus_train_bytes=400_000, corpus_valid_bytes=40_000, final_eval_tokens=4096, num_samples=2,
                          sample_tokens=48),
     },
     "demo": {
         "model": dict(vocab_size=10_000, context_length=256, d_model=128, num_layers=4, num_heads=4, d_ff=384, rope_theta=10_000.0),
-        "train": dict(batch_size=16, steps=400, lr=3e-3, min_lr=3e-4, warmup_steps=30, eval_interval=50, eval_batches=16,
-                      checkpoint_interval=100, log_interval=10, weight_decay=0.1),
+        "train": dict(batch_size=16, steps=400, eval_interval=50, eval_batches=16, checkpoint_interval=100,
+                      log_interval=10),
+        "step": dict(lr=3e-3, min_lr=3e-4, warmup_steps=30, weight_decay=0.1),
         "pipeline": dict(corpus_train_bytes=6_000_000, corpus_valid_bytes=300_000, final_eval_tokens=None, num_samples=4,
                          sample_tokens=256),
     },
     "cpu": {
         "model": dict(_CPU_MODEL),
-        "train": dict(batch_size=32, steps=5000, lr=2e-3, min_lr=2e-4, warmup_steps=200, eval_interval=250, eval_batches=20,
-                      checkpoint_interval=500, log_interval=10, weight_decay=0.1),
+        "train": dict(batch_size=32, steps=5000, eval_interval=250, eval_batches=20, checkpoint_interval=500,
+                      log_interval=10),
+        "step": dict(lr=2e-3, min_lr=2e-4, warmup_steps=200, weight_decay=0.1),
         "pipeline": dict(final_eval_tokens=262_144, num_samples=4, sample_tokens=256),
     },
     "h100": {
         "model": dict(_CPU_MODEL),
-        "train": dict(batch_size=128, steps=10_000, max_tokens=327_680_000, lr=3e-3, min_lr=3e-4, warmup_steps=500,
-                      eval_interval=500, eval_batches=40, checkpoint_interval=1000, log_interval=20, weight_decay=0.1),
+        "train": dict(batch_size=128, steps=10_000, max_tokens=327_680_000, eval_interval=500, eval_batches=40,
+                      checkpoint_interval=1000, log_interval=20),
+        "step": dict(lr=3e-3, min_lr=3e-4, warmup_steps=500, weight_decay=0.1),
         "pipeline": dict(final_eval_tokens=None, num_samples=4, sample_tokens=256),
     },
 }

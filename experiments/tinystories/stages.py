@@ -47,10 +47,11 @@ import numpy as np
 import torch
 
 import fnlm
+from fnlm.precision import lm_loss_fn_with
 from fnlm.checkpoint import callable_spec, model_fn_of, remove_stale_temporaries, resolve_checkpoint
 from fnlm.tokenizer import ENDOFTEXT
 from fnlm.train import (
-    HARMLESS_FIELDS, Parallel, RunFolderLocked, RunLock, TrainingInterrupted, evaluate_windows, lm_loss_fn,
+    HARMLESS_FIELDS, Parallel, RunFolderLocked, RunLock, TrainingInterrupted, evaluate_windows,
     resolve_device, resume_mismatches, train,
 )
 
@@ -383,7 +384,7 @@ def _log(msg: str) -> None:
 
 
 def _train_key_fields(tc: fnlm.train.TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(tc).items() if k not in HARMLESS_FIELDS}
+    return {k: v for k, v in tc.flat().items() if k not in HARMLESS_FIELDS}
 
 
 def _data_inputs(s: Settings, m: Manifest) -> dict[str, Any]:
@@ -563,7 +564,7 @@ def _check_resumable(s: Settings, ck: dict[str, Any], latest: Path, tok: Tokeniz
 def _finished(ck: dict[str, Any]) -> bool:
     tc = ck.get("train_config") or {}
     try:
-        total = fnlm.train.TrainConfig(**tc).total_steps(ck["config"]["context_length"])
+        total = fnlm.train.TrainConfig.from_dict(tc).total_steps(ck["config"]["context_length"])
     except (TypeError, ValueError, KeyError):
         return False
     return ck["step"] >= total
@@ -578,7 +579,7 @@ def _mismatches(s: Settings, ck: dict[str, Any], tok: TokenizerResult | None, wo
         problems.pop("model.vocab_size", None)
     shown = []
     for name, (stored, now) in problems.items():
-        field = name.split(".", 1)[-1]
+        field = name.rsplit(".", 1)[-1]
         flag = flag_name(field) if "." in name else "processes, --data-shards"
         shown.append(f"{flag} {stored} (now {now})")
     return ", ".join(shown)
@@ -674,9 +675,8 @@ def stage_evaluate(s: Settings, m: Manifest, enc: EncodeResult, trained: TrainRe
     t0 = time.perf_counter()
     device = resolve_device(s.train.device)
     params, config, recorded = _load_model(ckpt, device, "evaluate")
-    bf16 = s.train.autocast == "bf16" or (s.train.autocast == "auto" and device.type == "cuda")
-    loss_fn = lm_loss_fn(model_fn or recorded, config,
-                         torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None)
+    loss_fn = lm_loss_fn_with(model_fn or recorded, config, fnlm.train.precision_of(s.train, device),
+                              device_type=device.type)
     valid = np.memmap(m.path_of(enc.valid), dtype=np.uint16, mode="r")
     loss, count = evaluate_windows(loss_fn, params, valid, context_length=config.context_length,
                                    batch_size=max(1, s.train.batch_size), device=device,
@@ -911,6 +911,14 @@ def main(
     """
     t_start = time.perf_counter()
     s = resolve_settings(argv)
+    if s.train.shard is not None:
+        if parallel.world_size < 2:
+            raise ConfigError(f"--shard {s.train.shard} splits the training state over several processes: launch with "
+                              f"torchrun --nproc-per-node N {PROG} ... (N >= 2), or drop --shard")
+        if parallel.sharding is None:
+            from fnlm.train.sharding import make_sharded_parallel
+
+            parallel = make_sharded_parallel(parallel, s.train.shard)
     if s.threads is not None:
         torch.set_num_threads(s.threads)
     with _locked(s.out, parallel) as lock:

@@ -3,8 +3,8 @@
 - `step`: `TrainState`, `StepConfig`, `init_train_state`, `train_step` (the one training step),
   `build_optimizer` (the gradient transformation a `StepConfig` names), `lr_schedule`;
 - `loop`: `train` (a short loop over `train_step`), `resolve_device`, `draw_batch`, `resume_mismatches`,
-  `TrainingInterrupted`;
-- `run`: `TrainConfig`, `Run` (what the loop and its hooks share) and `RunLock` (one writer per
+  `precision_of`, `TrainingInterrupted`;
+- `run`: `TrainConfig` (its step settings nested as a `StepConfig`), `SHARDING`, `Run` (what the loop and its hooks share) and `RunLock` (one writer per
   run folder; `RunFolderLocked` when another run has it);
 - `evaluation`: `evaluate`, `evaluate_windows`, `lm_loss_fn`;
 - `hooks`: `Hook` and the loop's hooks (metrics file, evaluation, checkpoints, progress bar,
@@ -33,8 +33,8 @@ from fnlm.train.hooks import (
     default_hooks,
     read_metrics,
 )
-from fnlm.train.loop import TrainingInterrupted, draw_batch, resolve_device, resume_mismatches, train
-from fnlm.train.run import HARMLESS_FIELDS, Run, RunFolderLocked, RunLock, TrainConfig
+from fnlm.train.loop import TrainingInterrupted, draw_batch, precision_of, resolve_device, resume_mismatches, train
+from fnlm.train.run import HARMLESS_FIELDS, SHARDING, Run, RunFolderLocked, RunLock, TrainConfig
 from fnlm.train.parallel import Parallel
 from fnlm.train.step import (
     OPTIMIZERS,
@@ -52,5 +52,5 @@ __all__ = [
     "draw_batch", "evaluate", "evaluate_windows", "lm_loss_fn", "Hook", "LogWindow", "Evaluator", "DivergenceGuard",
     "MetricsFile", "Callback", "Checkpointer", "ProgressBar", "LossPlot", "Wandb", "default_hooks", "read_metrics",
     "Parallel", "HARMLESS_FIELDS", "TrainingInterrupted", "resume_mismatches", "train_vectorized", "vectorized_step",
-    "init_stacked", "stack_step_configs", "RunLock", "RunFolderLocked", "PHASES",
+    "init_stacked", "stack_step_configs", "RunLock", "RunFolderLocked", "PHASES", "SHARDING", "precision_of",
 ]

@@ -199,11 +199,11 @@ class LogWindow(Hook):
         loss = float(run.parallel.all_reduce_mean(self.loss_sum)) / self.steps
         self.seconds += run.since_step()
         tok_s = self.timed * run.tokens_per_step / max(self.seconds, 1e-9)
-        run.record.update(train_loss=loss, lr=float(metrics["lr"]), grad_norm=float(self.norm_sum) / self.steps,
-                          tokens_per_sec=tok_s)
+        lr = {"lr": float(metrics["lr"])} if "lr" in metrics else {}
+        run.record.update(train_loss=loss, **lr, grad_norm=float(self.norm_sum) / self.steps, tokens_per_sec=tok_s)
         if self.peak:
             run.record["mfu"] = tok_s / run.parallel.world_size * self.flops_per_token / self.peak
-        run.last.update(train_loss=loss, tokens_per_sec=tok_s, lr=float(metrics["lr"]))
+        run.last.update(train_loss=loss, tokens_per_sec=tok_s, **lr)
         self.loss_sum.zero_()
         self.norm_sum.zero_()
         self.steps, self.seconds, self.timed = 0, 0.0, 0
@@ -359,6 +359,11 @@ class Checkpointer(Hook):
     def save(self, run: Run, state: TrainState, collective: bool = True) -> Path | None:
         if not run.check_finite():
             return None
+        sharding = run.parallel.sharding
+        if sharding is not None:
+            if not collective:
+                return None
+            state = sharding.gather_state(state)
         together = collective and run.parallel.world_size > 1
         rank_rng = run.parallel.all_gather_object(capture_rng_state()) if together else None
         hook_states = {h.name: h.state_dict() for h in run.hooks if h.state_dict() is not None}
@@ -409,7 +414,9 @@ class ProgressBar(Hook):
             shown = {"loss": f"{last['train_loss']:.3f}"}
             if "val_loss" in run.record:
                 shown["val"] = f"{last['val_loss']:.3f}"
-            shown.update(lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_sec']:,.0f}")
+            if last["lr"] == last["lr"]:
+                shown["lr"] = f"{last['lr']:.2e}"
+            shown["tok_s"] = f"{last['tokens_per_sec']:,.0f}"
             self.bar.set_postfix(shown, refresh=False)
 
     def interrupted(self, run: Run, state: TrainState) -> None:
@@ -455,7 +462,7 @@ class Wandb(Hook):
         run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
         id_file.write_text(run_id)
         model = dataclasses.asdict(run.model_config) if dataclasses.is_dataclass(run.model_config) else {}
-        config = {"model": model, "train": dataclasses.asdict(run.train_config)}
+        config = {"model": model, "train": run.train_config.to_dict()}
         self.run = wandb.init(project=self.project, id=run_id, resume="allow", dir=str(run.out), config=config)
 
     def step(self, run: Run, state: TrainState, metrics: dict[str, Any]) -> None:

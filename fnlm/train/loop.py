@@ -2,7 +2,7 @@
 
 ```python
 from fnlm.train import TrainConfig, train
-summary = train(config, TrainConfig(steps=2000, lr=1e-3), train_ids, valid_ids, "runs/mine")
+summary = train(config, TrainConfig(steps=2000, step=StepConfig(lr=1e-3)), train_ids, valid_ids, "runs/mine")
 ```
 
 `train` owns the device, bf16 autocast and TF32 on CUDA, `torch.compile`, and resuming; the step
@@ -36,7 +36,8 @@ still exact).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
+import inspect
 import signal
 import sys
 import threading
@@ -50,12 +51,13 @@ import torch
 from fnlm import accounting
 from fnlm.checkpoint import callable_spec, config_to_data, load_checkpoint, restore_rng_state
 from fnlm.data import batch_generator, get_batch
-from fnlm.train.evaluation import lm_loss_fn
+from fnlm.optim import GradientTransformation
+from fnlm.precision import lm_loss_fn_with
 from fnlm.train.hooks import PHASES, Callback, Hook, MetricsFile, default_hooks, perplexity_of, read_metrics
 from fnlm.train.parallel import Parallel
 from fnlm.train.run import HARMLESS_FIELDS, Run, RunLock, TrainConfig
-from fnlm.train.step import TrainState, init_train_state, train_step
-from fnlm.tree import tree_size
+from fnlm.train.step import TrainState, build_optimizer, init_train_state, lr_schedule, train_step
+from fnlm.tree import _map_keeping_types, tree_flatten, tree_size
 
 __all__ = ["TrainConfig", "Run", "train", "resolve_device", "draw_batch", "resume_mismatches", "TrainingInterrupted",
            "HARMLESS_FIELDS", "after_step", "refuse_earlier_run"]
@@ -120,17 +122,20 @@ def resume_mismatches(ck: dict[str, Any], model_config: Any, train_config: Train
       shards: the train config's for `world_size`).
 
     **Returns:** `{name: (stored, now)}` for each setting that differs (`model.d_model`,
-    `train.lr`, `world_size, data_shards`); empty when the run can be resumed.
+    `train.step.lr`, `world_size, data_shards`); empty when the run can be resumed.
     """
-    train_cfg = dataclasses.asdict(train_config) if dataclasses.is_dataclass(train_config) else dict(train_config)
+    tc = train_config if isinstance(train_config, TrainConfig) else TrainConfig.from_dict(train_config)
     if data_shards is None:
-        data_shards, _ = TrainConfig(**train_cfg).shards(world_size)
+        data_shards, _ = tc.shards(world_size)
+    train_cfg = tc.flat()
     want_model, _ = config_to_data(model_config)
     problems = {}
     for k in sorted(set(want_model) | set(ck["config"])):
         if want_model.get(k) != ck["config"].get(k):
             problems[f"model.{k}"] = (ck["config"].get(k), want_model.get(k))
     stored_train = ck.get("train_config") or {}
+    with contextlib.suppress(TypeError, ValueError):
+        stored_train = TrainConfig.from_dict(stored_train).flat()
     for k in sorted(set(train_cfg) | set(stored_train)):
         if k not in HARMLESS_FIELDS and k != "data_shards" and train_cfg.get(k) != stored_train.get(k):
             problems[f"train.{k}"] = (stored_train.get(k), train_cfg.get(k))
@@ -144,6 +149,10 @@ def _check_resume(
     ck: dict[str, Any], model_config: Any, train_cfg: dict[str, Any], world_size: int, data_shards: int, where: Path
 ) -> None:
     problems = resume_mismatches(ck, model_config, train_cfg, world_size=world_size, data_shards=data_shards)
+    if "train.step.optimizer" in problems:
+        stored, now = problems["train.step.optimizer"]
+        raise ValueError(f"cannot resume from {where}: it was trained with the {stored} optimizer, whose state does "
+                         f"not fit {now}; resume with optimizer {stored}, or start a new run")
     if problems:
         stored_shards = problems.get("world_size, data_shards", ((None, None),))[0][1]
         hint = ""
@@ -154,20 +163,48 @@ def _check_resume(
         raise ValueError(f"cannot resume from {where}: settings differ (checkpoint, now): {problems}{hint}")
 
 
+def precision_of(tc: TrainConfig, device: torch.device) -> str:
+    """The precision a run on `device` computes in: `tc.precision` with `"auto"` resolved
+    (`"autocast"` on CUDA, `"fp32"` elsewhere)."""
+    if tc.precision == "auto":
+        return "autocast" if device.type == "cuda" else "fp32"
+    return tc.precision
+
+
+def run_model_fn(model_fn: Callable, tc: TrainConfig, parallel: Parallel = Parallel()) -> Callable:
+    """The model function a run trains: `model_fn` with its blocks recomputed in the backward when
+    `tc.remat` (its `remat=True` argument), and, when sharding the params, gathering them
+    (`Sharding.model_fn`)."""
+    fn = model_fn
+    if tc.remat:
+        if "remat" not in inspect.signature(model_fn).parameters:
+            raise ValueError(f"TrainConfig.remat needs a model function with a remat argument (as "
+                             f"fnlm.transformer_lm has); {callable_spec(model_fn)} has none: wrap its blocks in "
+                             "fnlm.remat instead")
+        fn = functools.partial(model_fn, remat=True)
+    if parallel.sharding is not None:
+        fn = parallel.sharding.model_fn(fn)
+    return fn
+
+
 def _setup(model_config: Any, tc: TrainConfig, valid_tokens: Any, out_dir: Any, model_fn: Callable,
            parallel: Parallel, extra: dict[str, Any] | None, peak_flops: float | None = None) -> Run:
     device = resolve_device(parallel.device or tc.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    bf16 = tc.autocast == "bf16" or (tc.autocast == "auto" and device.type == "cuda")
-    loss_fn = lm_loss_fn(model_fn, model_config, torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None)
+    if tc.shard is not None and parallel.sharding is None:
+        raise ValueError(f"TrainConfig.shard={tc.shard!r} needs a sharded process group: launch with torchrun and "
+                         "pass parallel=make_sharded_parallel(process_group(), shard)")
+    precision = precision_of(tc, device)
+    bf16 = precision in ("bf16", "autocast")
+    loss_fn = lm_loss_fn_with(run_model_fn(model_fn, tc, parallel), model_config, precision, device_type=device.type)
     if tc.compile if tc.compile is not None else device.type == "cuda":
         loss_fn = torch.compile(loss_fn)
     context_length = model_config.context_length
     data_shards, _ = tc.shards(parallel.world_size)
     tc.check_schedule(tc.total_steps(context_length))
-    data = {"train_config": dataclasses.asdict(tc), "world_size": parallel.world_size,
+    data = {"train_config": tc.to_dict(), "world_size": parallel.world_size,
             "global_batch_size": tc.batch_size, "data_shards": data_shards,
             "tokens_per_step": tc.batch_size * context_length, "model_fn": callable_spec(model_fn), **(extra or {})}
     run = Run(model_config, tc, Path(out_dir), device, parallel, tc.total_steps(context_length),
@@ -187,14 +224,36 @@ def _flops_per_token(model_config: Any) -> float | None:
         return None
 
 
-def _initial_state(run: Run, init_fn: Callable, resume: bool) -> tuple[TrainState, dict[str, Any]]:
+def _structure(tree: Any) -> list[tuple[str, tuple[int, ...] | None]]:
+    """`(name, shape)` of every leaf of `tree` (shape `None` for a non-tensor): what a checkpoint's
+    optimizer state must have for an optimizer to continue it."""
+    return [(name, tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else None)
+            for name, leaf in tree_flatten(tree).items()]
+
+
+def _check_opt_state(ck: dict[str, Any], optimizer: GradientTransformation, where: Path) -> None:
+    """`ValueError` in one line when the checkpoint's optimizer state is not what `optimizer` keeps."""
+    meta = _map_keeping_types(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, ck["params"])
+    want, have = _structure(optimizer.init(meta)), _structure(ck["opt_state"])
+    if want != have:
+        diff = next((f"{w[0]} {w[1]} vs {h[0]} {h[1]}" for w, h in zip(want, have) if w != h),
+                    f"{len(want)} leaves vs {len(have)}")
+        raise ValueError(f"cannot resume from {where}: its optimizer state does not fit this optimizer ({diff}, "
+                         f"first difference: this optimizer's vs the checkpoint's); resume with the optimizer the "
+                         "run was trained with")
+
+
+def _initial_state(run: Run, init_fn: Callable, resume: bool, optimizer: GradientTransformation
+                   ) -> tuple[TrainState, dict[str, Any]]:
     """A fresh state, or the one in `checkpoints/latest.pt` (with the hooks' saved state) when resuming."""
     latest = run.out / "checkpoints" / "latest.pt"
     if not (resume and latest.exists()):
-        return init_train_state(init_fn(run.model_config, seed=run.train_config.seed, device=run.device)), {}
+        params = init_fn(run.model_config, seed=run.train_config.seed, device=run.device)
+        return init_train_state(params, optimizer), {}
     ck = load_checkpoint(latest, map_location=run.device)
     _check_resume(ck, run.model_config, run.checkpoint_data["train_config"], run.parallel.world_size,
                   run.checkpoint_data["data_shards"], latest)
+    _check_opt_state(ck, optimizer, latest)
     rank_rng = ck.get("rank_rng") or []
     rng = rank_rng[run.parallel.rank] if len(rank_rng) == run.parallel.world_size else ck.get("rng")
     if rng is not None:
@@ -258,8 +317,10 @@ def train(
     hooks: Sequence[Hook] | Callable[[Run], Sequence[Hook]] | None = None,
     callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
     extra_checkpoint_data: dict[str, Any] | None = None,
+    optimizer: GradientTransformation | None = None,
 ) -> dict[str, Any]:
-    """Train a language model with `train_step` (AdamW, cosine schedule, clipping) and the hooks.
+    """Train a language model with `train_step` (by default CS336's AdamW on a cosine schedule, with
+    clipping) and the hooks.
 
     **Arguments:**
 
@@ -281,6 +342,10 @@ def train(
     - `callbacks`: functions called with every metrics record as it is written (before that
       step's checkpoint).
     - `extra_checkpoint_data`: more plain data stored in each checkpoint.
+    - `optimizer`: any gradient transformation (`fnlm.optim`) to step with instead of the one
+      `train_config.step` names (`build_optimizer`); the step still clips by
+      `train_config.step.grad_clip` and accumulates `grad_accum_steps` micro-batches. Its state is
+      checkpointed; resuming needs an optimizer whose state has the same structure (checked).
 
     **Returns:** the final metrics: `step`, `tokens`, `train_loss` (last logged), `val_loss`,
     `val_perplexity`, `wall_time` (seconds, summed over resumed segments), `tokens_per_sec` (the
@@ -297,11 +362,20 @@ def train(
     run = _setup(model_config, train_config, valid_tokens, out_dir, model_fn or transformer_lm, parallel,
                  extra_checkpoint_data)
     run.overwrite = overwrite
+    run.step_config = train_config.step_config(run.total)
+    run.custom_optimizer = optimizer is not None
+    inner = optimizer if optimizer is not None else build_optimizer(run.step_config)
+    if optimizer is not None:
+        run.checkpoint_data["optimizer"] = "custom"
     with RunLock(run.out) if parallel.is_main else contextlib.nullcontext():
-        state, hook_states = _initial_state(run, init_fn or init_transformer_lm, resume)
+        state, hook_states = _initial_state(run, init_fn or init_transformer_lm, resume, inner)
         if run.resumed_from is None and not overwrite and parallel.is_main:
             refuse_earlier_run(run.out)
         state = state._replace(params=parallel.broadcast(state.params), opt_state=parallel.broadcast(state.opt_state))
+        run.optimizer = inner
+        if parallel.sharding is not None:
+            run.optimizer = parallel.sharding.optimizer(inner)
+            state = parallel.sharding.shard_state(state, run.optimizer.init)
         run.n_params = tree_size(state.params)
         chosen = default_hooks if hooks is None else hooks
         run.hooks = check_hooks(list(chosen(run) if callable(chosen) else chosen))
@@ -429,7 +503,9 @@ def _loop(run: Run, state: TrainState, train_tokens: Any) -> TrainState:
     """Step until the end or a stop. Each step donates the old state to `train_step` (updated in
     place: one copy of the parameters and moments in memory); nothing keeps the old state, and
     hooks save checkpoints synchronously before the next step."""
-    config = run.train_config.step_config(run.total)
+    config, optimizer = run.step_config, run.optimizer
+    schedule = None if run.custom_optimizer else lr_schedule(config)
+    plain = run.parallel.sharding.plain_metrics if run.parallel.sharding is not None else None
     tc, parallel = run.train_config, run.parallel
     started, first = time.perf_counter(), state.step
     with _stop_at_step_end(run) as asked:
@@ -441,8 +517,13 @@ def _loop(run: Run, state: TrainState, train_tokens: Any) -> TrainState:
                 x, y = draw_batch(train_tokens, tc, run.context_length, state.step, run.device, rank=parallel.rank,
                                   world_size=parallel.world_size)
                 with _interrupts_deferred():
-                    state, metrics = train_step(state, x, y, loss_fn=run.loss_fn, config=config,
+                    step = state.step
+                    state, metrics = train_step(state, x, y, loss_fn=run.loss_fn, config=config, optimizer=optimizer,
                                                 sync_grads=parallel.sync_grads, donate=True)
+                if schedule is not None:
+                    metrics["lr"] = schedule(step)
+                if plain is not None:
+                    metrics = plain(metrics)
                 run._step_end = time.perf_counter()
                 run.step_seconds = run._step_end - t0
                 after_step(run, state, metrics)

@@ -11,6 +11,7 @@ import socket
 import sys
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
@@ -19,14 +20,18 @@ from typing import Any
 import torch
 
 from fnlm.train.parallel import Parallel
-from fnlm.train.step import StepConfig
+from fnlm.precision import PRECISIONS
+from fnlm.train.step import OPTIMIZERS, StepConfig
 
-__all__ = ["TrainConfig", "Run", "HARMLESS_FIELDS", "RunLock", "RunFolderLocked"]
+__all__ = ["TrainConfig", "Run", "HARMLESS_FIELDS", "SHARDING", "RunLock", "RunFolderLocked"]
 
 HARMLESS_FIELDS = {
     "eval_interval", "eval_batches", "checkpoint_interval", "keep_checkpoints", "log_interval",
-    "device", "compile", "progress", "plot", "wandb_project",
+    "device", "compile", "progress", "plot", "wandb_project", "remat", "shard",
 }
+
+SHARDING = (None, "optimizer", "params")
+"""The `TrainConfig.shard` values: none, ZeRO-1 optimizer state, FSDP-style parameters."""
 
 
 @dataclass(frozen=True)
@@ -42,15 +47,9 @@ class TrainConfig:
       processes (or resume it with another process count dividing it).
     - `steps`: optimizer steps; when `max_tokens` is set, `steps` is derived from it instead.
     - `max_tokens`: token budget, `steps = max_tokens // (batch_size * context_length)`.
-    - `lr`: peak learning rate of the cosine schedule.
-    - `min_lr`: final learning rate of the cosine schedule.
-    - `warmup_steps`: steps of linear warm-up to `lr`.
-    - `cosine_steps`: the step where the cosine reaches `min_lr` (default: the run's steps).
-    - `beta1`: AdamW's first-moment decay.
-    - `beta2`: AdamW's second-moment decay.
-    - `eps`: AdamW's denominator epsilon.
-    - `weight_decay`: AdamW's decoupled weight decay.
-    - `grad_clip`: global gradient-norm limit (`0` turns clipping off).
+    - `step`: the step's settings, a `fnlm.StepConfig`: the optimizer and its hyper-parameters,
+      the learning-rate schedule, clipping, gradient accumulation. Its `cosine_steps=None` (the
+      default here) ends the cosine at the run's last step. A dict of its fields is accepted.
     - `eval_interval`: steps between validation-loss estimates (also at the end).
     - `eval_batches`: validation batches per estimate.
     - `checkpoint_interval`: steps between checkpoints (also at the end and on Ctrl-C).
@@ -59,7 +58,11 @@ class TrainConfig:
     - `seed`: initialisation and data-order seed.
     - `device`: `"auto"` (cuda > mps > cpu) or a torch device string.
     - `compile`: `torch.compile` the loss; `None` means on for CUDA only.
-    - `autocast`: `"auto"` (bf16 on CUDA, none elsewhere), `"bf16"` or `"none"`.
+    - `precision`: `"auto"` (bf16 autocast on CUDA, fp32 elsewhere), `"fp32"`, `"bf16"` (params
+      cast to bfloat16 inside the loss, `fnlm.precision`) or `"autocast"` (bf16 `torch.autocast`).
+    - `remat`: recompute each block in the backward pass instead of keeping its activations.
+    - `shard`: under `torchrun`, `"optimizer"` shards the optimizer state over the processes
+      (ZeRO-1), `"params"` the parameters, gradients and state too (FSDP-style); `None`: neither.
     - `progress`: show a tqdm progress bar.
     - `plot`: redraw `loss.png` at each evaluation.
     - `wandb_project`: log to Weights & Biases under this project (needs `wandb`).
@@ -69,15 +72,7 @@ class TrainConfig:
     data_shards: int | None = None
     steps: int = 5000
     max_tokens: int | None = None
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    cosine_steps: int | None = None
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    step: StepConfig | dict[str, Any] = StepConfig()
     eval_interval: int = 500
     eval_batches: int = 20
     checkpoint_interval: int = 1000
@@ -86,12 +81,19 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool | None = None
-    autocast: str = "auto"
+    precision: str = "auto"
+    remat: bool = False
+    shard: str | None = None
     progress: bool = True
     plot: bool = True
     wandb_project: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.step, dict):
+            object.__setattr__(self, "step", step_config_from(self.step))
+        elif not isinstance(self.step, StepConfig):
+            raise TypeError(f"TrainConfig.step must be a fnlm.StepConfig (or a dict of its fields), got "
+                            f"{type(self.step).__name__}")
         _check_types(self)
         positive = ("batch_size", "eval_interval", "eval_batches", "checkpoint_interval", "log_interval")
         bad = {k: getattr(self, k) for k in positive if getattr(self, k) < 1}
@@ -101,19 +103,51 @@ class TrainConfig:
             bad["data_shards (must divide batch_size)"] = (self.data_shards, self.batch_size)
         if self.max_tokens is not None and self.max_tokens < 1:
             bad["max_tokens"] = self.max_tokens
-        if not 0 <= self.min_lr <= self.lr:
-            bad["min_lr, lr"] = (self.min_lr, self.lr)
-        if self.warmup_steps < 0 or self.keep_checkpoints < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            bad["warmup_steps, keep_checkpoints, grad_clip, weight_decay"] = (
-                self.warmup_steps, self.keep_checkpoints, self.grad_clip, self.weight_decay)
-        if self.cosine_steps is not None and self.cosine_steps < self.warmup_steps:
-            bad["cosine_steps (must be >= warmup_steps)"] = (self.cosine_steps, self.warmup_steps)
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.eps <= 0:
-            bad["beta1, beta2, eps"] = (self.beta1, self.beta2, self.eps)
-        if self.autocast not in ("auto", "bf16", "none"):
-            bad["autocast"] = self.autocast
+        if self.keep_checkpoints < 0:
+            bad["keep_checkpoints"] = self.keep_checkpoints
+        if self.precision not in PRECISIONS:
+            bad[f"precision (one of {', '.join(PRECISIONS)})"] = self.precision
+        if self.shard not in SHARDING:
+            bad["shard (optimizer, params or None)"] = self.shard
+        bad.update(step_config_problems(self.step))
+        if self.step.grad_accum_steps > 1 and self.batch_size % self.step.grad_accum_steps:
+            bad["step.grad_accum_steps (must divide batch_size)"] = (self.step.grad_accum_steps, self.batch_size)
         if bad:
             raise ValueError(f"invalid TrainConfig values: {bad}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """The config `to_dict` (or a checkpoint's `train_config`) describes. Checkpoints of earlier
+        versions, with the step's fields at the top level (`lr`, `beta1`, ...) and `autocast`, are
+        read too."""
+        data = dict(data)
+        step = dict(data.pop("step", None) or {})
+        for name in StepConfig._fields:
+            if name in data:
+                step[name] = data.pop(name)
+        if "beta1" in data or "beta2" in data:
+            step["betas"] = (data.pop("beta1", 0.9), data.pop("beta2", 0.95))
+        if "autocast" in data:
+            data["precision"] = {"none": "fp32", "bf16": "autocast"}.get(data.pop("autocast"), "auto")
+        return cls(**data, step=step)
+
+    def with_step(self, **changes: Any) -> "TrainConfig":
+        """This config with the step's fields `changes` replaced:
+        `config.with_step(lr=3e-3, optimizer="lion")`."""
+        return dataclasses.replace(self, step=self.step._replace(**changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (dicts, numbers, strings, tuples) that `from_dict` reads back: what checkpoints
+        store (`torch.load(weights_only=True)` reads it)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["step"] = self.step._asdict()
+        return data
+
+    def flat(self) -> dict[str, Any]:
+        """The fields as one level, the step's as `step.lr`, `step.betas`, ...: for comparing configs."""
+        data = self.to_dict()
+        return {**{k: v for k, v in data.items() if k != "step"},
+                **{f"step.{k}": v for k, v in data["step"].items()}}
 
     def total_steps(self, context_length: int) -> int:
         """The number of optimizer steps: `steps`, or the token budget divided by tokens per step."""
@@ -124,18 +158,18 @@ class TrainConfig:
     def check_schedule(self, total_steps: int) -> None:
         """`ValueError` unless the learning-rate schedule works for a run of `total_steps` steps: the
         warm-up must end by the step where the cosine does (`cosine_steps`, or the run's end)."""
-        end = self.cosine_steps if self.cosine_steps is not None else total_steps
-        if self.warmup_steps > end:
-            where = f"cosine_steps ({end})" if self.cosine_steps is not None else f"the run's {end} steps"
-            raise ValueError(f"invalid TrainConfig values: warmup_steps {self.warmup_steps} is longer than {where}; "
-                             "lower warmup_steps (or set cosine_steps)")
+        warmup, cosine = self.step.warmup_steps, self.step.cosine_steps
+        end = cosine if cosine is not None else total_steps
+        if warmup > end:
+            where = f"step.cosine_steps ({end})" if cosine is not None else f"the run's {end} steps"
+            raise ValueError(f"invalid TrainConfig values: step.warmup_steps {warmup} is longer than {where}; "
+                             "lower step.warmup_steps (or set step.cosine_steps)")
 
     def step_config(self, total_steps: int) -> StepConfig:
-        """The `StepConfig` of this run: the cosine ends at `cosine_steps`, or at `total_steps`."""
-        return StepConfig(lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps,
-                          cosine_steps=self.cosine_steps if self.cosine_steps is not None else total_steps,
-                          betas=(self.beta1, self.beta2), eps=self.eps, weight_decay=self.weight_decay,
-                          grad_clip=self.grad_clip)
+        """`step` with the cosine ending at `total_steps` when its `cosine_steps` is None."""
+        if self.step.cosine_steps is not None:
+            return self.step
+        return self.step._replace(cosine_steps=total_steps)
 
     def shards(self, world_size: int = 1) -> tuple[int, int]:
         """`(data_shards, sequences per shard)` for `world_size` processes; `ValueError` if they do not divide."""
@@ -148,27 +182,77 @@ class TrainConfig:
         return shards, self.batch_size // shards
 
 
-_INTS = ("batch_size", "steps", "warmup_steps", "eval_interval", "eval_batches", "checkpoint_interval",
-         "keep_checkpoints", "log_interval", "seed")
-_OPTIONAL_INTS = ("data_shards", "max_tokens", "cosine_steps")
-_FLOATS = ("lr", "min_lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip")
+def step_config_from(data: dict[str, Any]) -> StepConfig:
+    """A `StepConfig` from a dict of its fields (`betas` as a list or tuple); `TypeError` naming an
+    unknown field."""
+    unknown = sorted(set(data) - set(StepConfig._fields))
+    if unknown:
+        raise TypeError(f"StepConfig has no field(s) {', '.join(unknown)}; its fields: {', '.join(StepConfig._fields)}")
+    data = dict(data)
+    if "betas" in data and isinstance(data["betas"], list | tuple):
+        data["betas"] = tuple(data["betas"])
+    return StepConfig(**data)
+
+
+def step_config_problems(c: StepConfig) -> dict[str, Any]:
+    """`{"step.field": value}` for each value of `c` a run cannot use (as `TrainConfig` reports them);
+    `TypeError` for a field of the wrong type. Per-model tensor values (a sweep) are not checked."""
+    def number(name: str, value: Any, kind: type = numbers.Real) -> None:
+        if isinstance(value, bool) or not isinstance(value, kind):
+            want = "an int" if kind is numbers.Integral else "a number"
+            raise TypeError(f"TrainConfig.step.{name} must be {want}, got {value!r} ({type(value).__name__})")
+
+    bad: dict[str, Any] = {}
+    for name in ("lr", "min_lr", "eps", "weight_decay", "grad_clip"):
+        number(name, getattr(c, name))
+    for name in ("warmup_steps", "grad_accum_steps"):
+        number(name, getattr(c, name), numbers.Integral)
+    if c.cosine_steps is not None:
+        number("cosine_steps", c.cosine_steps, numbers.Integral)
+    if c.momentum is not None:
+        number("momentum", c.momentum)
+    if not (isinstance(c.betas, tuple) and len(c.betas) == 2):
+        raise TypeError(f"TrainConfig.step.betas must be a pair of numbers, got {c.betas!r}")
+    for b in c.betas:
+        number("betas", b)
+    floats = {"lr": c.lr, "min_lr": c.min_lr, "eps": c.eps, "weight_decay": c.weight_decay,
+              "grad_clip": c.grad_clip, "betas": c.betas, "momentum": c.momentum}
+    nonfinite = [f"step.{k}={v}" for k, v in floats.items()
+                 if v is not None and not all(math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,)))]
+    if nonfinite:
+        raise ValueError(f"invalid TrainConfig values: {', '.join(nonfinite)} (every number must be finite)")
+    if not 0 <= c.min_lr <= c.lr:
+        bad["step.min_lr, step.lr"] = (c.min_lr, c.lr)
+    if c.warmup_steps < 0 or c.grad_clip < 0 or c.weight_decay < 0:
+        bad["step.warmup_steps, step.grad_clip, step.weight_decay"] = (c.warmup_steps, c.grad_clip, c.weight_decay)
+    if c.cosine_steps is not None and c.cosine_steps < c.warmup_steps:
+        bad["step.cosine_steps (must be >= step.warmup_steps)"] = (c.cosine_steps, c.warmup_steps)
+    if not all(0 <= b < 1 for b in c.betas) or c.eps <= 0:
+        bad["step.betas, step.eps"] = (c.betas, c.eps)
+    if c.optimizer not in OPTIMIZERS:
+        bad[f"step.optimizer (one of {', '.join(OPTIMIZERS)})"] = c.optimizer
+    if c.momentum is not None and not 0 <= c.momentum < 1:
+        bad["step.momentum"] = c.momentum
+    if c.grad_accum_steps < 1:
+        bad["step.grad_accum_steps"] = c.grad_accum_steps
+    return bad
+
+
+_INTS = ("batch_size", "steps", "eval_interval", "eval_batches", "checkpoint_interval", "keep_checkpoints",
+         "log_interval", "seed")
+_OPTIONAL_INTS = ("data_shards", "max_tokens")
 
 
 def _check_types(tc: TrainConfig) -> None:
-    """`TypeError` for a field of the wrong type, `ValueError` for a number that is NaN or infinite."""
+    """`TypeError` for a field of the wrong type."""
     for name in _INTS + _OPTIONAL_INTS:
         value = getattr(tc, name)
         if value is None and name in _OPTIONAL_INTS:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"TrainConfig.{name} must be an int, got {value!r} ({type(value).__name__})")
-    for name in _FLOATS:
-        value = getattr(tc, name)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"TrainConfig.{name} must be a number, got {value!r} ({type(value).__name__})")
-    bad = [f"{name}={getattr(tc, name)}" for name in _FLOATS if not math.isfinite(getattr(tc, name))]
-    if bad:
-        raise ValueError(f"invalid TrainConfig values: {', '.join(bad)} (every number must be finite)")
+    if not isinstance(tc.remat, bool):
+        raise TypeError(f"TrainConfig.remat must be a bool, got {tc.remat!r}")
 
 
 @dataclass(eq=False)
@@ -179,7 +263,9 @@ class Run:
     `total` steps, `tokens_per_step`, `context_length`, `loss_fn`, `valid_tokens`, `n_params`,
     `resumed_from`, `hooks`, `checkpoint_data` (plain data stored in every checkpoint), `bf16`,
     `final` (this step is the run's last), `nonfinite_at` (the first step whose loss or gradient
-    norm was not finite, or `None`), `checkpoint` (the last checkpoint written).
+    norm was not finite, or `None`), `checkpoint` (the last checkpoint written), `step_config` (the
+    run's `StepConfig`, its cosine ending at the run's end), `optimizer` (the transformation the
+    step uses), `custom_optimizer` (it was passed to `train` rather than named by the config).
     Written by hooks during a step: `record` (this step's `metrics.jsonl` fields), `last` (the
     latest train/validation loss, lr, tokens/s), `records` (every record so far), `stop(reason)`.
     """
@@ -215,6 +301,9 @@ class Run:
     checkpoint: Path | None = None
     steps_run: int = 0
     loop_seconds: float = 0.0
+    step_config: StepConfig | None = None
+    optimizer: Any = None
+    custom_optimizer: bool = False
     _bad_step: torch.Tensor | None = None
     _last_metrics: tuple[int, dict[str, Any]] | None = None
     _started: float = field(default_factory=time.perf_counter)

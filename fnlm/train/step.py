@@ -64,8 +64,9 @@ class StepConfig(NamedTuple):
 
     **Fields:**
 
-    - `lr`, `min_lr`: peak and final learning rates of the cosine schedule (floats, or 0-d tensors
-      for per-model values in a vectorized sweep).
+    - `lr`: peak learning rate of the cosine schedule (a float, or a 0-d tensor per model in a
+      vectorized sweep).
+    - `min_lr`: final learning rate of the cosine schedule (a float or, in a sweep, a tensor).
     - `warmup_steps`: steps of linear warm-up to `lr`.
     - `cosine_steps`: the step where the cosine reaches `min_lr`; None: the end of the run (the
       training loop fills it in; a bare `train_step` keeps `lr` after the warm-up).
@@ -74,15 +75,16 @@ class StepConfig(NamedTuple):
     - `weight_decay`: decoupled weight decay (a float, or a 0-d tensor per model in a sweep).
     - `grad_clip`: global gradient-norm limit; `0` turns clipping off.
     - `optimizer`: `adamw_cs336` (CS336's Algorithm 2, the default), `adamw` (optax's and
-      `torch.optim.AdamW`'s form), `sgd`, `lion` or `muon`.
+      `torch.optim.AdamW`'s form), `sgd`, `lion` or `muon` (see `build_optimizer`).
     - `momentum`: SGD's and Muon's momentum; None: the optimizer's default (SGD 0.9, Muon 0.95).
-    - `grad_accum_steps`: micro-batches a batch is split into; their gradients are averaged.
+    - `grad_accum_steps`: micro-batches each batch is split into; their gradients are averaged
+      (the same step to float tolerance, with a K-th of the activation memory).
     """
 
     lr: float | Tensor = 1e-3
     min_lr: float | Tensor = 1e-4
     warmup_steps: int = 100
-    cosine_steps: int | None = 5000
+    cosine_steps: int | None = None
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float | Tensor = 0.1
@@ -191,8 +193,8 @@ def _identity(tree: Tree) -> Tree:
 
 def _clip_own_grads(grads: Tree, max_norm: float) -> tuple[Tree, Tensor]:
     """`clip_grad_norm_with_norm` for the gradients this step made itself: nothing else holds them,
-    so they are donated and scaled in place (the pure function allocates a new 90 MB tree at 17M,
-    which measured 46 ms against 11 ms in place, 2 threads), except under `torch.compile` and
+    so they are donated and scaled in place (the pure function allocates a new tree as large as the
+    gradients; `benchmarks/train_step.py` times both), except under `torch.compile` and
     `torch.func` transforms, which get the pure function. `max_norm` 0 leaves them unclipped."""
     if max_norm <= 0:
         return grads, global_norm(grads)

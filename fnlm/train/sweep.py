@@ -4,7 +4,7 @@
 from fnlm.train import TrainConfig
 from fnlm.train.sweep import train_vectorized
 
-configs = [TrainConfig(steps=150, lr=lr, min_lr=lr / 10) for lr in (1e-3, 3e-3, 1e-2, 3e-2)]
+configs = [TrainConfig(steps=150).with_step(lr=lr, min_lr=lr / 10) for lr in (1e-3, 3e-3, 1e-2, 3e-2)]
 summaries = train_vectorized(model_config, configs, train_ids, valid_ids, [f"runs/lr{c.lr:g}" for c in configs])
 ```
 
@@ -37,9 +37,11 @@ from typing import Any
 
 import torch
 
-from fnlm.train.evaluation import evaluate, lm_loss_fn
+from fnlm.optim import GradientTransformation
+from fnlm.precision import lm_loss_fn_with
+from fnlm.train.evaluation import evaluate
 from fnlm.train.hooks import Checkpointer, Evaluator, Hook, ProgressBar, default_hooks
-from fnlm.train.loop import _setup, _summary, after_step, check_hooks, draw_batch, refuse_earlier_run, stop_message
+from fnlm.train.loop import _setup, _summary, precision_of, run_model_fn, after_step, check_hooks, draw_batch, refuse_earlier_run, stop_message
 from fnlm.train.parallel import Parallel
 from fnlm.train.run import Run, RunLock, TrainConfig
 from fnlm.train.step import StepConfig, TrainState, init_train_state, train_step
@@ -48,8 +50,9 @@ from fnlm.types import Tensor
 
 __all__ = ["SWEPT_FIELDS", "init_stacked", "stack_step_configs", "vectorized_step", "train_vectorized"]
 
-SWEPT_FIELDS = ("lr", "min_lr", "weight_decay", "seed")
-"""The `TrainConfig` fields that may differ between the models of one vectorized run."""
+SWEPT_FIELDS = ("step.lr", "step.min_lr", "step.weight_decay", "seed")
+"""The `TrainConfig` fields that may differ between the models of one vectorized run (`step.lr` is
+`TrainConfig.step.lr`)."""
 
 _HYPER = ("lr", "min_lr", "weight_decay")
 _DISPLAY_FIELDS = {"progress", "plot", "wandb_project"}
@@ -92,7 +95,8 @@ def _leaves(tree: Any) -> list[Tensor]:
 
 
 def init_stacked(
-    init_fn: Callable[..., Tree], model_config: Any, seeds: Sequence[int], *, device: torch.device | str | None = None
+    init_fn: Callable[..., Tree], model_config: Any, seeds: Sequence[int], *, device: torch.device | str | None = None,
+    optimizer: GradientTransformation | StepConfig | None = None,
 ) -> TrainState:
     """K fresh training states, one per seed, stacked along a leading model axis.
 
@@ -102,13 +106,15 @@ def init_stacked(
     - `model_config`: the config every model shares.
     - `seeds`: one initialisation seed per model.
     - `device`: where the params go.
+    - `optimizer`: the transformation (or a `StepConfig` naming one) whose state to initialise, as
+      for `init_train_state` (default: CS336's AdamW).
 
-    **Returns:** a `TrainState` whose params and AdamW moments have a leading axis of size
+    **Returns:** a `TrainState` whose params and optimizer state have a leading axis of size
     `len(seeds)`, with `step = 0`.
     """
     if len(seeds) < 1:
         raise ValueError("init_stacked needs at least one seed, got none")
-    return tree_stack([init_train_state(init_fn(model_config, seed=s, device=device)) for s in seeds])
+    return tree_stack([init_train_state(init_fn(model_config, seed=s, device=device), optimizer) for s in seeds])
 
 
 def stack_step_configs(configs: Sequence[StepConfig]) -> StepConfig:
@@ -291,9 +297,9 @@ def _check_configs(train_configs: Sequence[TrainConfig], out_dirs: Sequence[Any]
                          f"{len(out_dirs)} out_dirs")
     if len({Path(d).resolve() for d in out_dirs}) != len(out_dirs):
         raise ValueError(f"train_vectorized needs a different out_dir for every model, got {list(map(str, out_dirs))}")
-    first = dataclasses.asdict(train_configs[0])
+    first = train_configs[0].flat()
     for i, tc in enumerate(train_configs[1:], 1):
-        for name, value in dataclasses.asdict(tc).items():
+        for name, value in tc.flat().items():
             if name not in SWEPT_FIELDS and name not in _DISPLAY_FIELDS and value != first[name]:
                 raise ValueError(f"train_configs[{i}].{name} = {value!r} differs from train_configs[0].{name} = "
                                  f"{first[name]!r}; only {', '.join(SWEPT_FIELDS)} may differ between the models "
@@ -455,8 +461,9 @@ def train_vectorized(
     **Arguments:**
 
     - `model_config`: the config all models share.
-    - `train_configs`: one per model; they may differ only in `lr`, `min_lr`, `weight_decay` and
-      `seed` (and the display fields `progress`, `plot`, `wandb_project`).
+    - `train_configs`: one per model; they may differ only in `step.lr`, `step.min_lr`,
+      `step.weight_decay` and `seed` (and the display fields `progress`, `plot`, `wandb_project`);
+      any optimizer `step.optimizer` names trains all of them.
     - `train_tokens`, `valid_tokens`: 1-D token ids.
     - `out_dirs`: one run folder per model.
     - `model_fn`, `init_fn`: as for `train` (defaults `fnlm.transformer_lm`, `fnlm.init_transformer_lm`).
@@ -482,8 +489,9 @@ def train_vectorized(
     for tc, out in zip(train_configs, out_dirs):
         run = _setup(model_config, tc, valid_tokens, out, model_fn, Parallel(), extra_checkpoint_data,
                      peak_flops=runs[0].peak_flops if runs else None)
-        autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if run.bf16 else None
-        run.loss_fn, run.overwrite = lm_loss_fn(model_fn, model_config, autocast), overwrite
+        run.loss_fn = lm_loss_fn_with(run_model_fn(model_fn, tc), model_config, precision_of(tc, run.device),
+                                      device_type=run.device.type)
+        run.overwrite = overwrite
         runs.append(run)
     with contextlib.ExitStack() as locks:
         for run in runs:
@@ -492,7 +500,7 @@ def train_vectorized(
             for run in runs:
                 refuse_earlier_run(run.out)
         state = init_stacked(init_fn or init_transformer_lm, model_config, [tc.seed for tc in train_configs],
-                             device=runs[0].device)
+                             device=runs[0].device, optimizer=train_configs[0].step_config(runs[0].total))
         shared = _Evaluations(runs[0].loss_fn, [tc.seed for tc in train_configs], chunk_size)
         _start(runs, state, hooks or default_hooks, shared)
         bar = progress_bar(total=runs[0].total, desc=f"{len(runs)} models", unit="step", dynamic_ncols=True,

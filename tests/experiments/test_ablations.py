@@ -198,8 +198,7 @@ def test_divergence_guard():
 def test_train_variant_stops_a_divergent_run_early(tmp_path):
     config = fnlm.TransformerConfig(vocab_size=61, context_length=16, d_model=16, num_layers=1, num_heads=2, d_ff=32)
     tokens = torch.randint(0, 61, (4000,), generator=torch.Generator().manual_seed(0)).numpy()
-    tc = fnlm.TrainConfig(batch_size=4, steps=60, lr=30.0, min_lr=30.0, warmup_steps=0, grad_clip=0.0, eval_interval=20,
-                          eval_batches=2, log_interval=1, progress=False, plot=False, device="cpu")
+    tc = fnlm.TrainConfig(batch_size=4, steps=60, eval_interval=20, eval_batches=2, log_interval=1, progress=False, plot=False, device="cpu", step=dict(lr=30.0, min_lr=30.0, warmup_steps=0, grad_clip=0.0))
     bad = train_variant(NO_RMSNORM, config, tc, tokens, tokens, tmp_path / "bad")
     assert bad.diverged and bad.diverged_at < 60 and bad.reason
     ok = train_variant(BASELINE, config, fnlm.TrainConfig(**{**tc.__dict__, "lr": 1e-3, "min_lr": 1e-4, "steps": 5}),

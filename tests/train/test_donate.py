@@ -51,9 +51,7 @@ def test_the_loop_donates_and_its_checkpoints_hold_their_own_step(tmp_path, monk
         return fnlm.train_step(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", spy)
-    tc = TrainConfig(batch_size=4, steps=9, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_interval=3, eval_batches=1,
-                     checkpoint_interval=3, keep_checkpoints=0, log_interval=3, progress=False, plot=False,
-                     device="cpu")
+    tc = TrainConfig(batch_size=4, steps=9, eval_interval=3, eval_batches=1, checkpoint_interval=3, keep_checkpoints=0, log_interval=3, progress=False, plot=False, device="cpu", step=dict(lr=1e-2, min_lr=1e-3, warmup_steps=2))
     train(CONFIG, tc, _tokens(), _tokens(seed=1), tmp_path)
     assert seen == [True] * 9
     state = fnlm.init_train_state(fnlm.init_transformer_lm(CONFIG, seed=0))

@@ -17,8 +17,7 @@ from fnlm import train as trainer
 from fnlm.train import Hook, TrainConfig, default_hooks, hooks as hooks_mod
 
 CONFIG = fnlm.TransformerConfig(vocab_size=32, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=32)
-TC = TrainConfig(batch_size=4, steps=12, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_interval=5, eval_batches=2,
-                 checkpoint_interval=4, keep_checkpoints=0, log_interval=3, progress=False, plot=False, device="cpu")
+TC = TrainConfig(batch_size=4, steps=12, eval_interval=5, eval_batches=2, checkpoint_interval=4, keep_checkpoints=0, log_interval=3, progress=False, plot=False, device="cpu", step=dict(lr=1e-2, min_lr=1e-3, warmup_steps=2))
 TIMING = ("time", "tokens_per_sec", "mfu")
 
 

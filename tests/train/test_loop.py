@@ -43,8 +43,7 @@ def _tokens(n=4000, vocab=32, seed=0):
     return np.where(rng.random(n) < 0.1, noise, base).astype(np.uint16)
 
 
-TC = TrainConfig(batch_size=8, steps=24, lr=1e-2, min_lr=1e-3, warmup_steps=3, eval_interval=8, eval_batches=3,
-                 checkpoint_interval=5, keep_checkpoints=2, log_interval=2, progress=False, plot=False, device="cpu")
+TC = TrainConfig(batch_size=8, steps=24, eval_interval=8, eval_batches=3, checkpoint_interval=5, keep_checkpoints=2, log_interval=2, progress=False, plot=False, device="cpu", step=dict(lr=1e-2, min_lr=1e-3, warmup_steps=3))
 
 
 def _run(tmp, tc=TC, **kw):
@@ -112,8 +111,8 @@ def test_resume_after_crash_is_bitwise_identical(tmp_path, crash_at):
 
 def test_resume_refuses_changed_settings(tmp_path):
     _run(tmp_path, replace(TC, steps=10))
-    with pytest.raises(ValueError, match="train.lr"):
-        _run(tmp_path, replace(TC, steps=10, lr=5e-3), resume=True)
+    with pytest.raises(ValueError, match=r"train\.step\.lr"):
+        _run(tmp_path, replace(TC, steps=10).with_step(lr=5e-3), resume=True)
     res = _run(tmp_path, replace(TC, steps=10, eval_batches=5, log_interval=1), resume=True)
     assert res["resumed_from"] == 10 and res["step"] == 10
 
@@ -175,8 +174,18 @@ def test_token_budget_sets_the_steps():
 def test_bad_config_values_are_reported():
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
-    with pytest.raises(ValueError, match="autocast"):
-        TrainConfig(autocast="fp8")
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="step.optimizer"):
+        TrainConfig(step=dict(optimizer="adam"))
+    with pytest.raises(ValueError, match="step.grad_accum_steps"):
+        TrainConfig(batch_size=8, step=dict(grad_accum_steps=3))
+    with pytest.raises(ValueError, match="finite"):
+        TrainConfig(step=dict(lr=float("nan")))
+    with pytest.raises(ValueError, match="shard"):
+        TrainConfig(shard="layers")
+    with pytest.raises(TypeError, match="no field"):
+        TrainConfig(step=dict(learning_rate=1e-3))
 
 
 def test_resolve_device():

@@ -20,8 +20,7 @@ from fnlm import train as trainer
 from fnlm.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
-TC = TrainConfig(batch_size=4, steps=12, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_interval=6, eval_batches=2,
-                 checkpoint_interval=5, keep_checkpoints=2, log_interval=1, progress=False, plot=False, device="cpu")
+TC = TrainConfig(batch_size=4, steps=12, eval_interval=6, eval_batches=2, checkpoint_interval=5, keep_checkpoints=2, log_interval=1, progress=False, plot=False, device="cpu", step=dict(lr=1e-2, min_lr=1e-3, warmup_steps=2))
 CONFIG = fnlm.TransformerConfig(vocab_size=32, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=32)
 
 
@@ -108,5 +107,5 @@ def test_resume_mismatches_names_each_setting(tmp_path):
     _run(tmp_path, replace(TC, steps=5))
     ck = fnlm.load_checkpoint(tmp_path / "checkpoints" / "latest.pt")
     assert trainer.resume_mismatches(ck, CONFIG, replace(TC, steps=5, eval_batches=9)) == {}
-    got = trainer.resume_mismatches(ck, replace(CONFIG, d_ff=48), replace(TC, steps=5, lr=3e-2), world_size=2)
-    assert got == {"model.d_ff": (32, 48), "train.lr": (1e-2, 3e-2), "world_size, data_shards": ((1, 1), (2, 2))}
+    got = trainer.resume_mismatches(ck, replace(CONFIG, d_ff=48), replace(TC, steps=5).with_step(lr=3e-2), world_size=2)
+    assert got == {"model.d_ff": (32, 48), "train.step.lr": (1e-2, 3e-2), "world_size, data_shards": ((1, 1), (2, 2))}

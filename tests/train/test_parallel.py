@@ -36,8 +36,7 @@ RTOL, ATOL = 1e-5, 1e-6
 K = 4
 
 CFG = fnlm.TransformerConfig(vocab_size=48, context_length=16, d_model=32, num_layers=2, num_heads=2, d_ff=64)
-TC = TrainConfig(batch_size=8, steps=K, lr=1e-2, min_lr=1e-3, warmup_steps=1, eval_interval=2, eval_batches=3,
-                 checkpoint_interval=2, keep_checkpoints=0, log_interval=1, progress=False, plot=False, device="cpu")
+TC = TrainConfig(batch_size=8, steps=K, eval_interval=2, eval_batches=3, checkpoint_interval=2, keep_checkpoints=0, log_interval=1, progress=False, plot=False, device="cpu", step=dict(lr=1e-2, min_lr=1e-3, warmup_steps=1))
 
 
 def _tokens(n=3000, seed=0):

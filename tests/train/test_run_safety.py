@@ -29,8 +29,7 @@ from fnlm.train.sweep import train_vectorized
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = fnlm.TransformerConfig(vocab_size=32, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=32)
-TC = TrainConfig(batch_size=4, steps=12, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_interval=6, eval_batches=2,
-                 checkpoint_interval=3, keep_checkpoints=2, log_interval=4, progress=False, plot=False, device="cpu")
+TC = TrainConfig(batch_size=4, steps=12, eval_interval=6, eval_batches=2, checkpoint_interval=3, keep_checkpoints=2, log_interval=4, progress=False, plot=False, device="cpu", step=dict(lr=1e-2, min_lr=1e-3, warmup_steps=2))
 
 
 def _tokens(seed: int = 0) -> np.ndarray:
@@ -55,7 +54,7 @@ def test_train_vectorized_refuses_folders_of_earlier_runs(tmp_path):
     old, new = tmp_path / "old", tmp_path / "new"
     _run(old)
     before = _files(old)
-    configs = [TC, dataclasses.replace(TC, lr=3e-3)]
+    configs = [TC, TC.with_step(lr=3e-3)]
     with pytest.raises(FileExistsError, match="holds checkpoints of an earlier run"):
         train_vectorized(CONFIG, configs, _tokens(), _tokens(1), [new, old])
     assert _files(old) == before
@@ -182,7 +181,7 @@ def test_a_nan_gradient_stops_the_run_and_keeps_the_good_checkpoints(tmp_path):
 
 
 def test_a_model_of_a_sweep_that_blows_up_stops_alone_and_saves_nothing_non_finite(tmp_path):
-    configs = [TC, dataclasses.replace(TC, lr=1e30, min_lr=1e29)]
+    configs = [TC, TC.with_step(lr=1e30, min_lr=1e29)]
     outs = [tmp_path / "fine", tmp_path / "blown"]
     fine, blown = train_vectorized(CONFIG, configs, _tokens(), _tokens(1), outs)
     assert fine["step"] == 12 and fine["nonfinite_at"] is None and not fine["diverged"]
@@ -213,11 +212,11 @@ def test_train_config_refuses_wrong_types_and_a_schedule_that_cannot_work(tmp_pa
     with pytest.raises(TypeError, match=r"(?s)steps.*1000\.0"):
         TrainConfig(steps=1e3)
     with pytest.raises(ValueError, match=r"cosine_steps \(must be >= warmup_steps\)"):
-        TrainConfig(cosine_steps=5, warmup_steps=10)
+        TrainConfig(step=dict(cosine_steps=5, warmup_steps=10))
     _run(tmp_path)
     before = _files(tmp_path)
     with pytest.raises(ValueError, match="warmup_steps 100 is longer than the run's 12 steps"):
-        _run(tmp_path, dataclasses.replace(TC, warmup_steps=100), overwrite=True)
+        _run(tmp_path, TC.with_step(warmup_steps=100), overwrite=True)
     assert _files(tmp_path) == before
 
 

@@ -81,8 +81,7 @@ def test_stack_step_configs_and_vectorized_step_check_their_input():
         vectorized_step(state, x, x, loss_fn=loss_fn, config=cfg, chunk_size=0)
 
 
-TC = TrainConfig(batch_size=4, steps=16, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_interval=5, eval_batches=2,
-                 checkpoint_interval=8, keep_checkpoints=0, log_interval=3, progress=False, plot=False, device="cpu")
+TC = TrainConfig(batch_size=4, steps=16, eval_interval=5, eval_batches=2, checkpoint_interval=8, keep_checkpoints=0, log_interval=3, progress=False, plot=False, device="cpu", step=dict(lr=1e-2, min_lr=1e-3, warmup_steps=2))
 
 
 def _records(path):
@@ -93,8 +92,8 @@ def test_train_vectorized_equals_separate_runs_and_a_diverging_model_stops_alone
     """An lr sweep (shared batches), a model with another seed (its own batches) and one whose lr
     makes it diverge: each model's records, checkpoints and summary are its own `train` run's; the
     diverging one stops at the same step with the same reason, and the others go on."""
-    configs = [TC, dataclasses.replace(TC, lr=3e-2, min_lr=3e-3, weight_decay=0.3), dataclasses.replace(TC, seed=7),
-               dataclasses.replace(TC, lr=300.0, min_lr=30.0)]
+    configs = [TC, TC.with_step(lr=3e-2, min_lr=3e-3, weight_decay=0.3), dataclasses.replace(TC, seed=7),
+               TC.with_step(lr=300.0, min_lr=30.0)]
 
     def hooks(run):
         return [*default_hooks(run), DivergenceGuard(CONFIG.vocab_size)]
