@@ -9,6 +9,8 @@ from typing import Literal
 
 import pytest
 
+import fnlm
+
 from tinystories import cli
 
 from fnlm.train import TrainConfig
@@ -58,7 +60,14 @@ def test_bad_values_are_rejected():
 def test_train_config_flags_cover_its_fields():
     p = argparse.ArgumentParser()
     added = cli.add_dataclass_flags(p, TrainConfig)
-    assert set(added) == {f.name for f in dataclasses.fields(TrainConfig)}
-    over = cli.dataclass_overrides(p.parse_args(["--lr", "0.01", "--no-compile", "--cosine-steps", "50", "--batch-size", "3"]), TrainConfig)
-    assert over == {"lr": 0.01, "compile": False, "cosine_steps": 50, "batch_size": 3}
+    assert set(added) == {f.name for f in dataclasses.fields(TrainConfig)} - {"step"}
+    step_added = cli.add_dataclass_flags(p, fnlm.StepConfig)
+    assert set(step_added) == set(fnlm.StepConfig._fields)  # the nested step config: every field a flag
+    args = p.parse_args(["--lr", "0.01", "--no-compile", "--cosine-steps", "50", "--batch-size", "3",
+                         "--betas", "0.8", "0.99", "--optimizer", "lion", "--precision", "bf16"])
+    assert cli.dataclass_overrides(args, TrainConfig) == {"compile": False, "batch_size": 3, "precision": "bf16"}
+    assert cli.dataclass_overrides(args, fnlm.StepConfig) == {"lr": 0.01, "cosine_steps": 50, "betas": (0.8, 0.99),
+                                                              "optimizer": "lion"}
+    with pytest.raises(SystemExit):
+        p.parse_args(["--optimizer", "adam"])
     assert cli.flag_name("warmup_steps") == "--warmup-steps"
