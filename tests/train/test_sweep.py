@@ -131,7 +131,7 @@ def test_train_vectorized_equals_separate_runs_and_a_diverging_model_stops_alone
 
 def test_train_vectorized_checks_its_configs(tmp_path):
     data = dict(train_tokens=_tokens(), valid_tokens=_tokens(seed=1))
-    with pytest.raises(ValueError, match=r"train_configs\[1\].batch_size = 8 differs .* only lr, min_lr, weight_decay"):
+    with pytest.raises(ValueError, match=r"train_configs\[1\].batch_size = 8 differs .* only step.lr, step.min_lr, step.weight_decay"):
         train_vectorized(CONFIG, [TC, dataclasses.replace(TC, batch_size=8)], out_dirs=[tmp_path / "a", tmp_path / "b"],
                          **data)
     with pytest.raises(ValueError, match="one out_dir per TrainConfig: 2 configs, 1 out_dirs"):
