@@ -151,7 +151,7 @@ def _rows(results: list[RunResult]) -> list[dict]:
     return [{"label": r.label, "ablation": r.ablation, "params": r.params, "steps": r.steps,
              "train_loss": r.last("train_loss"), "val_loss": r.last("val_loss"), "wall_time": r.wall_time,
              "tokens_per_sec": r.last("tokens_per_sec"), "diverged_at": r.diverged_at, "reason": r.reason,
-             "lr": r.train_config.lr, "batch_size": r.train_config.batch_size, "seed": r.train_config.seed,
+             "lr": r.train_config.step.lr, "batch_size": r.train_config.batch_size, "seed": r.train_config.seed,
              "model": dataclasses.asdict(r.config)} for r in results]
 
 
@@ -176,7 +176,7 @@ def _sweep_jobs(args: argparse.Namespace, names: list[str], base_tc: Any) -> lis
     for n in names:
         prefix = f"{n}_" if len(names) > 1 else ""
         for lr in args.lrs or []:
-            tc = base_tc.with_step(lr=lr, min_lr=lr * base_tc.min_lr / base_tc.lr)
+            tc = base_tc.with_step(lr=lr, min_lr=lr * base_tc.step.min_lr / base_tc.step.lr)
             jobs.append(_Job(n, tc, f"{prefix}lr{lr:g}", "lr", lr))
         for seed in args.seeds or []:
             jobs.append(_Job(n, dataclasses.replace(base_tc, seed=seed), f"{prefix}seed{seed}", "seed", seed))
@@ -267,10 +267,10 @@ def _compare(args: argparse.Namespace, names: list[str], flags: list[str], setti
     train_ids, valid_ids = stages.load_token_files(stages.Manifest(settings.out), done["encode"], config)
     base_tc = dataclasses.replace(settings.train, plot=False, checkpoint_interval=10**9, keep_checkpoints=1)
     steps = base_tc.total_steps(config.context_length)
-    base_tc = dataclasses.replace(base_tc, steps=steps, max_tokens=None).with_step(warmup_steps=min(base_tc.warmup_steps, steps))
+    base_tc = dataclasses.replace(base_tc, steps=steps, max_tokens=None).with_step(warmup_steps=min(base_tc.step.warmup_steps, steps))
     tokens = steps * base_tc.batch_size * config.context_length
     budget = (f"preset `{args.preset}`, {steps} steps × {base_tc.batch_size} × {config.context_length} tokens = "
-              f"{tokens:,} tokens per run, lr {base_tc.lr:g} → {base_tc.min_lr:g}, seed {base_tc.seed}; "
+              f"{tokens:,} tokens per run, lr {base_tc.step.lr:g} → {base_tc.step.min_lr:g}, seed {base_tc.seed}; "
               f"model d_model {config.d_model}, {config.num_layers} layers, {config.num_heads} heads, "
               f"d_ff {config.d_ff}, context {config.context_length}, vocab {config.vocab_size}")
     unigram = done["encode"].unigram_entropy
@@ -292,18 +292,18 @@ def _compare(args: argparse.Namespace, names: list[str], flags: list[str], setti
         summary["ablations"] = _rows(results)
     jobs = _sweep_jobs(args, names, base_tc)
     summary.update(_sweeps(args, jobs, _run_jobs(args, jobs, config, train_ids, valid_ids, out, run), out, budget,
-                           f"{steps} steps, batch {base_tc.batch_size}", base_tc.lr, unigram))
+                           f"{steps} steps, batch {base_tc.batch_size}", base_tc.step.lr, unigram))
     if args.batch_sizes:
         results, values = [], []
         for n in names:
             for bs in args.batch_sizes:
                 scale = base_tc.batch_size / bs
                 bs_steps = max(1, round(steps * scale))
-                tc = dataclasses.replace(base_tc, batch_size=bs, steps=bs_steps, eval_interval=max(1, round(base_tc.eval_interval * scale)), eval_batches=max(1, round(base_tc.eval_batches * scale)), log_interval=max(1, round(base_tc.log_interval * scale))).with_step(warmup_steps=min(bs_steps, round(base_tc.warmup_steps * scale)))
+                tc = dataclasses.replace(base_tc, batch_size=bs, steps=bs_steps, eval_interval=max(1, round(base_tc.eval_interval * scale)), eval_batches=max(1, round(base_tc.eval_batches * scale)), log_interval=max(1, round(base_tc.log_interval * scale))).with_step(warmup_steps=min(bs_steps, round(base_tc.step.warmup_steps * scale)))
                 results.append(run(n, tc, f"{n}_bs{bs}" if len(names) > 1 else f"bs{bs}"))
                 values.append(bs)
         plot_sweep_results(results, values, out / "batch_size_sweep.png", name="batch size", x_key="tokens",
-                           title=f"batch-size sweep at a fixed budget of {tokens:,} tokens, lr {base_tc.lr:g}",
+                           title=f"batch-size sweep at a fixed budget of {tokens:,} tokens, lr {base_tc.step.lr:g}",
                            baseline=unigram, log_y=args.log_loss)
         _write(out, "batch_size_sweep", "Batch-size sweep",
                f"Budget: {budget}. The token budget is fixed ({tokens:,} tokens): steps, warm-up and evaluation "
