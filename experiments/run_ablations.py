@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare fnlm ablations (and sweep learning rate / batch size) on identical data, seed and budget. "
                     "Any other flag is passed to the train_tinystories.py pipeline (model, training, data flags).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # else the pipeline's --lr, --seed, --optimizer would be read as --lrs, --seeds, --optimizers
     )
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="the pipeline preset")
     p.add_argument("--out", help="output folder (default runs/ablations-<preset>)")

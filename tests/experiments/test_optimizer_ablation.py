@@ -151,3 +151,18 @@ def test_wrong_optimizers_are_refused_before_any_stage(tmp_path, value, message)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("run_ablations.py: error: ") and message in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("argv", "own", "passed"), [
+    (["--optimizer", "lion", "--lrs", "1e-3"], {"lrs": [1e-3], "optimizers": None}, ["--optimizer", "lion"]),
+    (["--lr", "2e-3", "--seed", "3"], {"lrs": None, "seeds": None}, ["--lr", "2e-3", "--seed", "3"]),
+    (["--optimizers", "--seed", "1"], {"optimizers": "", "seeds": None}, ["--seed", "1"]),
+])
+def test_pipeline_flags_are_not_read_as_this_scripts_longer_flags(argv, own, passed):
+    """`--optimizer`, `--lr` and `--seed` are the pipeline's (one run's) flags; argparse's prefix
+    matching used to read them as `--optimizers`, `--lrs` and `--seeds` (a sweep)."""
+    import run_ablations
+
+    args, passthrough = run_ablations.build_parser().parse_known_args(argv)
+    assert {k: getattr(args, k) for k in own} == own
+    assert passthrough == passed
