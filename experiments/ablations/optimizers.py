@@ -14,10 +14,10 @@ tuned rate); `--optimizer lion --lrs 1e-4,3e-4,1e-3` sweeps the rate of one opti
 
 | name | `StepConfig` | peak lr | tried |
 | --- | --- | ---: | --- |
-| `adamw` | `optimizer="adamw"` (`torch.optim.AdamW`'s form) | 3e-3 | 1e-3, 3e-3, 1e-2, 3e-2 |
-| `lion` | `optimizer="lion"` | 3e-4 | 1e-4, 3e-4, 1e-3, 3e-3 |
-| `muon` | `optimizer="muon"`, momentum 0.95 | 1e-2 | 3e-3, 1e-2, 3e-2, 1e-1 |
-| `sgd` | `optimizer="sgd"`, momentum 0.9 | 1e-1 | 1e-2, 3e-2, 1e-1, 3e-1, 1 |
+| `adamw` | `optimizer="adamw"` (`torch.optim.AdamW`'s form) | 3e-2 | 3e-3, 1e-2, 3e-2, 1e-1 |
+| `lion` | `optimizer="lion"` | 1e-2 | 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2 |
+| `muon` | `optimizer="muon"`, momentum 0.95 | 1e-1 | 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1 |
+| `sgd` | `optimizer="sgd"`, momentum 0.9 | 1 | 3e-2, 1e-1, 3e-1, 1, 2, 3 |
 
 The rates were tuned on the `smoke` preset (model d_model 64, 2 layers, 2 heads, d_ff 192,
 context 64; 60 steps × 16 × 64 = 61,440 tokens, 10 warm-up steps, cosine to 0.1 × the peak,
@@ -75,11 +75,11 @@ class OptimizerChoice:
 
 
 OPTIMIZER_ABLATION: dict[str, OptimizerChoice] = {o.name: o for o in (
-    OptimizerChoice("adamw", "AdamW (decoupled weight decay, torch.optim.AdamW's form)", 3e-3),
-    OptimizerChoice("lion", "Lion: the sign of an interpolated momentum, decoupled weight decay", 3e-4),
+    OptimizerChoice("adamw", "AdamW (decoupled weight decay, torch.optim.AdamW's form)", 3e-2),
+    OptimizerChoice("lion", "Lion: the sign of an interpolated momentum, decoupled weight decay", 1e-2),
     OptimizerChoice("muon", "Muon (orthogonalised Nesterov momentum) on hidden matrices, AdamW on the rest",
-                    1e-2, momentum=0.95),
-    OptimizerChoice("sgd", "SGD with momentum 0.9 and L2 weight decay", 1e-1, momentum=0.9),
+                    1e-1, momentum=0.95),
+    OptimizerChoice("sgd", "SGD with momentum 0.9 and L2 weight decay", 1.0, momentum=0.9),
 )}
 """The optimizer ablation, by name."""
 
