@@ -5,6 +5,9 @@
     python experiments/run_ablations.py --preset demo --out runs/lr --lrs 1e-4,3e-4,1e-3,3e-3,1e-2
     python experiments/run_ablations.py --preset demo --out runs/bs --batch-sizes 1,4,16,64
     python experiments/run_ablations.py --preset demo --out runs/lr --lrs 1e-3,3e-3,1e-2 --seeds 0,1,2 --vectorize
+    python experiments/run_ablations.py --preset smoke --out runs/optimizers --optimizers
+    python experiments/run_ablations.py --preset smoke --out runs/opt --optimizers adamw,lion:3e-4
+    python experiments/run_ablations.py --preset smoke --out runs/lion --optimizer lion --lrs 1e-4,3e-4,1e-3
 
 The data, tokenizer and token files come from the `train_tinystories.py` pipeline stages, made
 once in DIR and reused by every run (and by later invocations). Every model and training flag of
@@ -18,9 +21,18 @@ applies to every run. Outputs in DIR:
 - `batch_size_sweep.png`, `batch_size_sweep.md` with `--batch-sizes`: the **token budget** is
   fixed (steps = preset steps × preset batch / batch size; warm-up, evaluation interval and
   evaluation batches scaled the same way), the learning rate is not changed.
+- `optimizer_sweep.png`, `optimizer_sweep.md` with `--optimizers`: one run per optimizer of
+  `ablations.OPTIMIZER_ABLATION` (AdamW, Lion, Muon, SGD; all, or a comma list of names), each at its
+  own tuned peak learning rate (`name:lr` overrides it; min lr a tenth of the peak) and momentum;
+  everything else (data, seed, steps, warm-up, weight decay, clipping) identical.
 - `seed_sweep.png`, `seed_sweep.md` with `--seeds`: one run per seed (initialisation, batch order and
   evaluation windows), same settings otherwise; the plot shows each seed's final loss as a point
   with the mean ± standard deviation.
+
+The pipeline's step flags apply to every run, so `--optimizer lion --lrs 1e-4,3e-4,1e-3` sweeps the
+learning rate of Lion (the way the optimizer ablation's rates were tuned), and `--momentum 0.8 --optimizer
+sgd --seeds 0,1` the seeds of SGD; under `--optimizers` each run's optimizer, rates and momentum are
+the ablation's.
 
 Loss plots draw the unigram baseline (the validation tokens' entropy) as a dashed line;
 `--log-loss` puts their loss axes on a log scale.
@@ -53,9 +65,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ablations import ABLATIONS
+from ablations import ABLATIONS, OPTIMIZER_ABLATION, optimizer_configs, parse_optimizers
 from ablations.runner import (
     RunResult,
+    optimizer_table,
     plot_comparison,
     plot_seed_sweep,
     plot_sweep_results,
@@ -65,9 +78,9 @@ from ablations.runner import (
 )
 from tinystories import stages
 from tinystories.cli import ConfigError, resolve_settings
+from tinystories.presets import PRESETS
 
 from fnlm.train import RunFolderLocked, RunLock
-from tinystories.presets import PRESETS
 
 
 def _floats(text: str) -> list[float]:
@@ -96,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare fnlm ablations (and sweep learning rate / batch size) on identical data, seed and budget. "
                     "Any other flag is passed to the train_tinystories.py pipeline (model, training, data flags).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # else the pipeline's --lr, --seed, --optimizer would be read as --lrs, --seeds, --optimizers
     )
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="the pipeline preset")
     p.add_argument("--out", help="output folder (default runs/ablations-<preset>)")
@@ -106,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_ints, help="batch-size sweep at a fixed token budget, e.g. 1,8,32")
     p.add_argument("--seeds", type=_seeds,
                    help="seed sweep, e.g. 0,1,2 (initialisation, batch order, evaluation windows)")
+    p.add_argument("--optimizers", nargs="?", const="", metavar="NAMES",
+                   help=f"optimizer ablation: one run per optimizer at its tuned learning rate; all of "
+                        f"{', '.join(OPTIMIZER_ABLATION)}, or a comma list, name:lr to override a rate (e.g. adamw,lion:3e-4)")
     p.add_argument("--vectorize", action="store_true",
                    help="train each variant's learning-rate and seed sweeps at once, as one vectorized run")
     p.add_argument("--chunk-size", type=int, help="with --vectorize: vmap over at most this many runs at a time, "
@@ -129,6 +146,10 @@ def _variants(args: argparse.Namespace, sweeping: bool) -> list[str]:
     return names
 
 
+def _sweeping(args: argparse.Namespace) -> bool:
+    return bool(args.lrs or args.batch_sizes or args.seeds) or args.optimizers is not None
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """`ConfigError` for a flag of this script that cannot work (the pipeline's own flags are
     checked by `resolve_settings`)."""
@@ -140,6 +161,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--chunk-size {args.chunk_size}: give a number of runs >= 1 (or leave it out: all at once)")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps {args.steps}: a run needs at least one optimizer step")
+    if args.optimizers is not None:
+        try:
+            args.optimizer_choice = parse_optimizers(args.optimizers)
+        except ValueError as e:
+            raise ConfigError(f"--optimizers {args.optimizers!r}: {e}") from None
     bad = [lr for lr in args.lrs or [] if not (math.isfinite(lr) and lr > 0)]
     if bad:
         raise ConfigError(f"--lrs: every learning rate must be a finite number above 0, got {bad}")
@@ -151,7 +177,8 @@ def _rows(results: list[RunResult]) -> list[dict]:
     return [{"label": r.label, "ablation": r.ablation, "params": r.params, "steps": r.steps,
              "train_loss": r.last("train_loss"), "val_loss": r.last("val_loss"), "wall_time": r.wall_time,
              "tokens_per_sec": r.last("tokens_per_sec"), "diverged_at": r.diverged_at, "reason": r.reason,
-             "lr": r.train_config.lr, "batch_size": r.train_config.batch_size, "seed": r.train_config.seed,
+             "lr": r.train_config.step.lr, "optimizer": r.train_config.step.optimizer,
+             "momentum": r.train_config.step.momentum, "batch_size": r.train_config.batch_size, "seed": r.train_config.seed,
              "model": dataclasses.asdict(r.config)} for r in results]
 
 
@@ -176,7 +203,7 @@ def _sweep_jobs(args: argparse.Namespace, names: list[str], base_tc: Any) -> lis
     for n in names:
         prefix = f"{n}_" if len(names) > 1 else ""
         for lr in args.lrs or []:
-            tc = base_tc.with_step(lr=lr, min_lr=lr * base_tc.min_lr / base_tc.lr)
+            tc = base_tc.with_step(lr=lr, min_lr=lr * base_tc.step.min_lr / base_tc.step.lr)
             jobs.append(_Job(n, tc, f"{prefix}lr{lr:g}", "lr", lr))
         for seed in args.seeds or []:
             jobs.append(_Job(n, dataclasses.replace(base_tc, seed=seed), f"{prefix}seed{seed}", "seed", seed))
@@ -237,12 +264,28 @@ def _sweeps(args: argparse.Namespace, jobs: list[_Job], done_runs: dict[str, Run
     return summary
 
 
+def _optimizer_sweep(args: argparse.Namespace, names: list[str], base_tc: Any, out: Path, budget: str, steps: int,
+                     tokens: int, unigram: float, run: Any) -> list[dict]:
+    """Train each variant once per optimizer of the ablation (`optimizer_configs`); write
+    `optimizer_sweep.{md,png}`; return the summary rows."""
+    configs = optimizer_configs(base_tc, args.optimizer_choice)
+    results = [run(n, tc, f"{n}_{opt}" if len(names) > 1 else opt) for n in names for opt, tc in configs.items()]
+    plot_comparison(results, out / "optimizer_sweep.png", baseline=unigram, log_y=args.log_loss,
+                    title=f"optimizers, each at its tuned lr: {steps} steps, {tokens:,} tokens per run")
+    legend = "\n".join(f"- `{o}`: {OPTIMIZER_ABLATION[o].description}" for o in configs)
+    _write(out, "optimizer_sweep", "Optimizers",
+           f"Budget: {budget}. Each optimizer at its own peak learning rate (the table's; min lr a tenth of it) "
+           f"and momentum; everything else identical. Unigram baseline {unigram:.3f}.\n\n{legend}",
+           optimizer_table(results))
+    return _rows(results)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Parse the command line, check it, and run the comparison and sweeps under the output
     folder's lock; `ConfigError` (before any stage runs) for settings that cannot work."""
     args, passthrough = build_parser().parse_known_args(argv)
     out = Path(args.out) if args.out else Path("runs") / f"ablations-{args.preset}"
-    sweeping = bool(args.lrs or args.batch_sizes or args.seeds)
+    sweeping = _sweeping(args)
     _check_args(args)
     names = _variants(args, sweeping)
     flags = ["--preset", args.preset, "--out", str(out)] + (["--steps", str(args.steps)] if args.steps else [])
@@ -261,16 +304,17 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _compare(args: argparse.Namespace, names: list[str], flags: list[str], settings: Any, out: Path) -> dict:
-    sweeping = bool(args.lrs or args.batch_sizes or args.seeds)
+    sweeping = _sweeping(args)
     done = stages.main(flags + ["--stage", "data,tokenizer,encode"])
     config = stages.model_config_for(settings, done["tokenizer"])
     train_ids, valid_ids = stages.load_token_files(stages.Manifest(settings.out), done["encode"], config)
     base_tc = dataclasses.replace(settings.train, plot=False, checkpoint_interval=10**9, keep_checkpoints=1)
     steps = base_tc.total_steps(config.context_length)
-    base_tc = dataclasses.replace(base_tc, steps=steps, max_tokens=None).with_step(warmup_steps=min(base_tc.warmup_steps, steps))
+    base_tc = dataclasses.replace(base_tc, steps=steps, max_tokens=None).with_step(warmup_steps=min(base_tc.step.warmup_steps, steps))
     tokens = steps * base_tc.batch_size * config.context_length
+    lr_part = f", {base_tc.step.optimizer} lr {base_tc.step.lr:g} → {base_tc.step.min_lr:g}"
     budget = (f"preset `{args.preset}`, {steps} steps × {base_tc.batch_size} × {config.context_length} tokens = "
-              f"{tokens:,} tokens per run, lr {base_tc.lr:g} → {base_tc.min_lr:g}, seed {base_tc.seed}; "
+              f"{tokens:,} tokens per run{lr_part}, seed {base_tc.seed}; "
               f"model d_model {config.d_model}, {config.num_layers} layers, {config.num_heads} heads, "
               f"d_ff {config.d_ff}, context {config.context_length}, vocab {config.vocab_size}")
     unigram = done["encode"].unigram_entropy
@@ -292,18 +336,20 @@ def _compare(args: argparse.Namespace, names: list[str], flags: list[str], setti
         summary["ablations"] = _rows(results)
     jobs = _sweep_jobs(args, names, base_tc)
     summary.update(_sweeps(args, jobs, _run_jobs(args, jobs, config, train_ids, valid_ids, out, run), out, budget,
-                           f"{steps} steps, batch {base_tc.batch_size}", base_tc.lr, unigram))
+                           f"{steps} steps, batch {base_tc.batch_size}", base_tc.step.lr, unigram))
+    if args.optimizers is not None:
+        summary["optimizer_sweep"] = _optimizer_sweep(args, names, base_tc, out, budget.replace(lr_part, ""), steps, tokens, unigram, run)
     if args.batch_sizes:
         results, values = [], []
         for n in names:
             for bs in args.batch_sizes:
                 scale = base_tc.batch_size / bs
                 bs_steps = max(1, round(steps * scale))
-                tc = dataclasses.replace(base_tc, batch_size=bs, steps=bs_steps, eval_interval=max(1, round(base_tc.eval_interval * scale)), eval_batches=max(1, round(base_tc.eval_batches * scale)), log_interval=max(1, round(base_tc.log_interval * scale))).with_step(warmup_steps=min(bs_steps, round(base_tc.warmup_steps * scale)))
+                tc = dataclasses.replace(base_tc, batch_size=bs, steps=bs_steps, eval_interval=max(1, round(base_tc.eval_interval * scale)), eval_batches=max(1, round(base_tc.eval_batches * scale)), log_interval=max(1, round(base_tc.log_interval * scale))).with_step(warmup_steps=min(bs_steps, round(base_tc.step.warmup_steps * scale)))
                 results.append(run(n, tc, f"{n}_bs{bs}" if len(names) > 1 else f"bs{bs}"))
                 values.append(bs)
         plot_sweep_results(results, values, out / "batch_size_sweep.png", name="batch size", x_key="tokens",
-                           title=f"batch-size sweep at a fixed budget of {tokens:,} tokens, lr {base_tc.lr:g}",
+                           title=f"batch-size sweep at a fixed budget of {tokens:,} tokens, lr {base_tc.step.lr:g}",
                            baseline=unigram, log_y=args.log_loss)
         _write(out, "batch_size_sweep", "Batch-size sweep",
                f"Budget: {budget}. The token budget is fixed ({tokens:,} tokens): steps, warm-up and evaluation "
@@ -313,7 +359,7 @@ def _compare(args: argparse.Namespace, names: list[str], flags: list[str], setti
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     summary["vectorized"] = bool(args.vectorize)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
-    for stem in ("ablations", "lr_sweep", "seed_sweep", "batch_size_sweep"):
+    for stem in ("ablations", "lr_sweep", "seed_sweep", "optimizer_sweep", "batch_size_sweep"):
         if stem in summary:
             print((out / f"{stem}.md").read_text(encoding="utf-8"))
     print(f"[ablations] done in {summary['seconds']:.0f}s; outputs in {out}", file=sys.stderr)

@@ -21,8 +21,16 @@ from fnlm.train.plots import plot_runs, plot_seeds, plot_sweep
 
 from .variant import Ablation
 
-__all__ = ["RunResult", "train_variant", "train_variant_sweep", "plot_comparison", "plot_sweep_results", "plot_seed_sweep",
-           "results_table"]
+__all__ = [
+    "RunResult",
+    "optimizer_table",
+    "plot_comparison",
+    "plot_seed_sweep",
+    "plot_sweep_results",
+    "results_table",
+    "train_variant",
+    "train_variant_sweep",
+]
 
 
 @dataclass
@@ -201,4 +209,20 @@ def results_table(results: Sequence[RunResult], *, first_column: str = "variant"
         status = "ok" if not r.diverged else f"**diverged** at step {r.diverged_at}: {r.reason}"
         rows.append(f"| {r.label} | {r.params:,} | {r.steps} | {_fmt(r.last('train_loss'), '.3f')} | {_fmt(val, '.3f')} | "
                     f"{_fmt(ppl, '.2f')} | {r.wall_time:.0f} | {_fmt(r.last('tokens_per_sec'), ',.0f')} | {status} |")
+    return "\n".join(rows) + "\n"
+
+
+def optimizer_table(results: Sequence[RunResult]) -> str:
+    """A markdown table of an optimizer comparison: one row per run with its optimizer's peak
+    learning rate and momentum, final training and validation loss, validation perplexity, tokens/s,
+    wall-clock seconds and whether it diverged (`no`, or the step and why)."""
+    head = "| optimizer | peak lr | momentum | train loss | val loss | val ppl | tokens/s | wall (s) | diverged |"
+    rows = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in results:
+        step, val = r.train_config.step, r.last("val_loss")
+        ppl = math.exp(val) if math.isfinite(val) and val < 700 else math.nan
+        momentum = "—" if step.momentum is None else f"{step.momentum:g}"
+        diverged = "no" if not r.diverged else f"**at step {r.diverged_at}**: {r.reason}"
+        rows.append(f"| {r.label} | {step.lr:g} | {momentum} | {_fmt(r.last('train_loss'), '.3f')} | {_fmt(val, '.3f')} | "
+                    f"{_fmt(ppl, '.2f')} | {_fmt(r.last('tokens_per_sec'), ',.0f')} | {r.wall_time:.0f} | {diverged} |")
     return "\n".join(rows) + "\n"
