@@ -3,6 +3,8 @@ plain-torch reference (tests/reference_lm.py) for each, and the properties that 
 
 from __future__ import annotations
 
+import dataclasses
+
 import inspect
 import math
 from pathlib import Path
@@ -201,7 +203,7 @@ def test_train_variant_stops_a_divergent_run_early(tmp_path):
     tc = fnlm.TrainConfig(batch_size=4, steps=60, eval_interval=20, eval_batches=2, log_interval=1, progress=False, plot=False, device="cpu", step=dict(lr=30.0, min_lr=30.0, warmup_steps=0, grad_clip=0.0))
     bad = train_variant(NO_RMSNORM, config, tc, tokens, tokens, tmp_path / "bad")
     assert bad.diverged and bad.diverged_at < 60 and bad.reason
-    ok = train_variant(BASELINE, config, fnlm.TrainConfig(**{**tc.__dict__, "lr": 1e-3, "min_lr": 1e-4, "steps": 5}),
+    ok = train_variant(BASELINE, config, dataclasses.replace(tc, steps=5).with_step(lr=1e-3, min_lr=1e-4),
                        tokens, tokens, tmp_path / "ok")
     assert not ok.diverged and ok.steps == 5 and math.isfinite(ok.last("val_loss"))
     assert not (tmp_path / "ok" / "checkpoints").exists() and (tmp_path / "ok" / "metrics.jsonl").exists()
