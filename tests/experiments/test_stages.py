@@ -247,7 +247,7 @@ def test_steps_below_the_warmup_are_clamped_with_a_note(tmp_path):
                  "--out", str(tmp_path / "r")])
     assert "note: the preset's warm-up (10) is longer than the run's steps (5)" in proc.stderr
     ck = fnlm.load_checkpoint(tmp_path / "r" / "checkpoints" / "latest.pt")
-    assert ck["step"] == 5 and ck["train_config"]["warmup_steps"] == 5
+    assert ck["step"] == 5 and ck["train_config"]["step"]["warmup_steps"] == 5
 
 
 def test_presets_and_flags_resolve():
@@ -266,9 +266,9 @@ def test_presets_and_flags_resolve():
     s = cli.resolve_settings(["--d-model", "96", "--num-heads", "3", "--lr", "0.01", "--steps", "7", "--seed", "3",
                               "--device", "cpu", "--compile", "--vocab-size", "32000", "--top-p", "0.5", "--overwrite"])
     assert (s.model.d_model, s.model.num_heads, s.model.vocab_size) == (96, 3, 32000)
-    assert (s.train.lr, s.train.steps, s.train.seed, s.train.device, s.train.compile) == (0.01, 7, 3, "cpu", True)
+    assert (s.train.step.lr, s.train.steps, s.train.seed, s.train.device, s.train.compile) == (0.01, 7, 3, "cpu", True)
     assert s.pipeline.top_p == 0.5 and s.overwrite and not s.resume
-    assert s.train.warmup_steps == 7 and "warming up over 7 steps" in s.notes[0]
+    assert s.train.step.warmup_steps == 7 and "warming up over 7 steps" in s.notes[0]
     with pytest.raises(SystemExit):
         cli.resolve_settings(["--stage", "nonsense"])
     with pytest.raises(SystemExit):
@@ -281,9 +281,9 @@ def test_presets_and_flags_resolve():
 
 def test_warmup_clamp_respects_cosine_steps_and_explicit_flags():
     s = cli.resolve_settings(["--preset", "smoke", "--steps", "50", "--cosine-steps", "8"])
-    assert s.train.warmup_steps == 8 and "--cosine-steps (8)" in s.notes[0]
+    assert s.train.step.warmup_steps == 8 and "--cosine-steps (8)" in s.notes[0]
     s = cli.resolve_settings(["--preset", "smoke", "--steps", "4", "--warmup-steps", "6"])
-    assert s.train.warmup_steps == 4 and s.notes[0].startswith("--warmup-steps (6)")
+    assert s.train.step.warmup_steps == 4 and s.notes[0].startswith("--warmup-steps (6)")
     assert cli.resolve_settings(["--preset", "smoke", "--steps", "50"]).notes == ()
     tc = cli.resolve_settings(["--preset", "smoke", "--steps", "3"]).train
     config = tc.step_config(tc.total_steps(64))
@@ -296,14 +296,15 @@ def test_every_config_field_is_a_flag_with_a_description():
     help_text = parser.format_help()
     assert "(default: None)" not in help_text and "default: None" not in help_text
     by_flag = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
-    for cls in (fnlm.TransformerConfig, fnlm.train.TrainConfig, presets.PipelineConfig):
+    for cls in (fnlm.TransformerConfig, fnlm.train.TrainConfig, fnlm.StepConfig, presets.PipelineConfig):
         docs = cli.field_docs(cls)
-        for f in dataclasses.fields(cls):
-            if f.name == "progress":
+        names = cls._fields if cls is fnlm.StepConfig else [f.name for f in dataclasses.fields(cls)]
+        for name in names:
+            if name in ("progress", "step"):  # step: its fields are the flags (the StepConfig row)
                 continue
-            flag = cli.flag_name(f.name)
-            assert flag in help_text, f.name
-            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no '- `{f.name}`: ...' line in its docstring"
+            flag = cli.flag_name(name)
+            assert flag in help_text, name
+            assert docs.get(name), f"{cls.__name__}.{name} has no '- `{name}`: ...' line in its docstring"
             assert by_flag[flag].help and not by_flag[flag].help.startswith("(default"), flag
 
 
