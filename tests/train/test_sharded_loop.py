@@ -59,6 +59,8 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
                                     resume=True)
             if par.is_main:
                 torch.save({"result": res, "resumed": resumed}, root / f"{mode}.pt")
+        # plain data parallelism with gradient accumulation: each rank's 4 sequences as 2 micro-batches of 2
+        trainer.train(CFG, TC.with_step(grad_accum_steps=2), _tokens(), _tokens(seed=1), root / "accum", parallel=par)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +91,13 @@ def test_two_sharded_ranks_equal_one_process_and_resume_exactly(two_ranks, tmp_p
     shutil.copytree(two_ranks / mode, tmp_path / "continued")
     one = trainer.train(CFG, replace(TC, shard=None), _tokens(), _tokens(seed=1), tmp_path / "continued", resume=True)
     assert one["resumed_from"] == 4 and one["step"] == 4
+
+
+def test_gradient_accumulation_data_parallel_equals_one_process_whole_batches(two_ranks, tmp_path):
+    trainer.train(CFG, TC, _tokens(), _tokens(seed=1), tmp_path / "single")
+    ref, got = _params(tmp_path / "single"), _params(two_ranks / "accum")
+    worst = max(float(((got[k] - ref[k]).abs() / ref[k].abs().clamp_min(1e-3)).max()) for k in ref)
+    assert worst < 1e-5, worst
 
 
 def test_shard_without_a_sharded_group_is_refused(tmp_path):

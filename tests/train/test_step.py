@@ -108,3 +108,22 @@ def test_the_config_names_the_optimizer(name):
     assert math.isfinite(float(metrics["loss"])) and state.step == 3
     with pytest.raises(ValueError, match="one of adamw_cs336"):
         fnlm.train_step(state, x, y, loss_fn=loss_fn, config=config._replace(optimizer="adam"))
+
+
+def test_four_micro_batches_of_8_equal_one_batch_of_32_over_20_steps():
+    """`grad_accum_steps=4` averages the gradients of 4 micro-batches of 8: the same 20 steps as the
+    whole batch of 32 (clipping and the optimizer see the same gradients) to float rounding."""
+    tokens = torch.randint(0, CONFIG.vocab_size, (5000,), generator=torch.Generator().manual_seed(0))
+    whole = fnlm.init_train_state(fnlm.init_transformer_lm(CONFIG, seed=0))
+    accum = fnlm.init_train_state(fnlm.init_transformer_lm(CONFIG, seed=0))
+    config = fnlm.StepConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, cosine_steps=20, grad_clip=1.0)
+    for t in range(20):
+        x, y = fnlm.get_batch(tokens, 32, CONFIG.context_length, "cpu", generator=torch.Generator().manual_seed(t))
+        whole, m1 = fnlm.train_step(whole, x, y, loss_fn=loss_fn, config=config)
+        accum, m2 = fnlm.train_step(accum, x, y, loss_fn=loss_fn, config=config._replace(grad_accum_steps=4))
+        assert float(m2["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-6)
+    a, b = fnlm.tree_flatten(whole.params), fnlm.tree_flatten(accum.params)
+    worst = max(float((a[k] - b[k]).abs().max() / a[k].abs().max()) for k in a)
+    assert worst < 1e-6, worst
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        fnlm.train_step(whole, x[:6], y[:6], loss_fn=loss_fn, config=config._replace(grad_accum_steps=4))
