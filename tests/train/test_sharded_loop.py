@@ -96,8 +96,8 @@ def test_two_sharded_ranks_equal_one_process_and_resume_exactly(two_ranks, tmp_p
 def test_gradient_accumulation_data_parallel_equals_one_process_whole_batches(two_ranks, tmp_path):
     trainer.train(CFG, TC, _tokens(), _tokens(seed=1), tmp_path / "single")
     ref, got = _params(tmp_path / "single"), _params(two_ranks / "accum")
-    worst = max(float(((got[k] - ref[k]).abs() / ref[k].abs().clamp_min(1e-3)).max()) for k in ref)
-    assert worst < 1e-5, worst
+    worst = max(float((got[k] - ref[k]).abs().max() / ref[k].abs().max()) for k in ref)  # of each leaf's scale
+    assert worst < 1e-6, worst
 
 
 def test_shard_without_a_sharded_group_is_refused(tmp_path):
