@@ -12,14 +12,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -30,6 +28,7 @@ import fnlm
 from fnlm import train as trainer
 from fnlm.train import Parallel, TrainConfig
 from fnlm.train import parallel as distributed
+from tests.distributed import free_port, patterned_tokens, rank_env
 
 REPO = Path(__file__).resolve().parents[2]
 RTOL, ATOL = 1e-5, 1e-6
@@ -40,20 +39,7 @@ TC = TrainConfig(batch_size=8, steps=K, eval_interval=2, eval_batches=3, checkpo
 
 
 def _tokens(n=3000, seed=0):
-    rng = np.random.default_rng(seed)
-    base = (np.arange(n) * 7) % CFG.vocab_size
-    return np.where(rng.random(n) < 0.2, rng.integers(0, CFG.vocab_size, n), base).astype(np.uint16)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
-    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "FNLM_NUM_THREADS": "1"}
+    return patterned_tokens(CFG.vocab_size, n, seed)
 
 
 def _train(out, tc=TC, **kw):
@@ -61,7 +47,7 @@ def _train(out, tc=TC, **kw):
 
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
-    os.environ.update(_rank_env(rank, world, port))
+    os.environ.update(rank_env(rank, world, port))
     root = Path(root)
     with distributed.process_group(device="cpu", startup_timeout=60) as par:
         grads = {"a": torch.full((3, 2), float(rank + 1)),
@@ -93,7 +79,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("dp")
-    mp.spawn(_worker, args=(2, _free_port(), str(root)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(root)), nprocs=2, join=True)
     return root, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -226,7 +212,7 @@ def test_device_for_rank_and_launch_detection(monkeypatch):
 def _torchrun(args, tmp_path, timeout=120, env_extra=None):
     env = {**os.environ, "FNLM_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "FNLM_TYPECHECK": "0", **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "--log-dir", str(tmp_path / "logs"), "--redirects", "3", *args]
+           f"--master_port={free_port()}", "--log-dir", str(tmp_path / "logs"), "--redirects", "3", *args]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
     return proc, time.perf_counter() - t0
@@ -281,7 +267,7 @@ def test_rank_failing_at_startup_stops_torchrun_with_its_rank(tmp_path):
 
 
 def test_missing_rank_without_torchrun_times_out_with_a_message(tmp_path):
-    env = {**os.environ, **_rank_env(0, 2, _free_port()), "FNLM_DIST_STARTUP_TIMEOUT": "3", "PYTHONPATH": str(REPO),
+    env = {**os.environ, **rank_env(0, 2, free_port()), "FNLM_DIST_STARTUP_TIMEOUT": "3", "PYTHONPATH": str(REPO),
            "FNLM_TYPECHECK": "0"}
     code = "from fnlm.train import parallel; parallel.run(lambda parallel=None: None, device='cpu')"
     t0 = time.perf_counter()

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -20,6 +18,7 @@ from fnlm import train as trainer
 from fnlm.train import TrainConfig
 from fnlm.train import parallel as distributed
 from fnlm.train.sharding import make_sharded_parallel
+from tests.distributed import free_port, patterned_tokens, rank_env
 
 CFG = fnlm.TransformerConfig(vocab_size=48, context_length=16, d_model=32, num_layers=2, num_heads=2, d_ff=64)
 TC = TrainConfig(batch_size=8, steps=4, eval_interval=2, eval_batches=2, checkpoint_interval=2, keep_checkpoints=0,
@@ -29,21 +28,11 @@ MODES = ("optimizer", "params")
 
 
 def _tokens(n=3000, seed=0):
-    rng = np.random.default_rng(seed)
-    base = (np.arange(n) * 7) % CFG.vocab_size
-    return np.where(rng.random(n) < 0.2, rng.integers(0, CFG.vocab_size, n), base).astype(np.uint16)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return patterned_tokens(CFG.vocab_size, n, seed)
 
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "FNLM_NUM_THREADS": "1"})
+    os.environ.update(rank_env(rank, world, port))
     root = Path(root)
     with distributed.process_group(device="cpu", startup_timeout=60) as par:
         for mode in MODES:
@@ -66,7 +55,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded")
-    mp.spawn(_worker, args=(2, _free_port(), str(root)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(root)), nprocs=2, join=True)
     return root
 
 

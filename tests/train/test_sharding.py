@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,7 @@ import fnlm
 from fnlm import optim
 from fnlm.optim import GradientTransformation, optimizer_step
 from fnlm.train import TrainConfig, draw_batch, sharding
+from tests.distributed import free_port, rank_env
 
 ONE_PROCESS = {"rtol": 1e-5, "atol": 1e-5}
 DATA_PARALLEL = {"rtol": 1e-5, "atol": 1e-6}
@@ -123,12 +123,6 @@ def reference_train_step(steps):
 
 
 # --- the two ranks ---------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _zero1_run(name, mesh, rank, steps, *, params=None, state=None, start=0, donate=False, rs="auto"):
@@ -327,9 +321,7 @@ def _wiring(par):
 
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "FNLM_NUM_THREADS": "1"})
+    os.environ.update(rank_env(rank, world, port))
     root = Path(root)
     with fnlm.train.parallel.process_group(device="cpu", startup_timeout=60) as par:
         par = sharding.make_sharded_parallel(par, "optimizer")
@@ -388,7 +380,7 @@ def two_ranks(tmp_path_factory):
         params, state, _ = reference(name, 2)
         fnlm.save_checkpoint(root / f"one_process_{name}.pt", params=params, opt_state=state, step=2, config=CFG)
     refs["train_step"] = reference_train_step(K)
-    mp.spawn(_worker, args=(2, _free_port(), str(root)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(root)), nprocs=2, join=True)
     return root, refs, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
