@@ -27,15 +27,13 @@ batch 32 x context 128 against 4 micro-batches of 8, float32, CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import MODEL_17M, add_model_args, model_argv, print_done, print_machine  # noqa: E402  (torch-free)
+from harness import MODEL_17M, add_model_args, child_result, model_argv, print_done, print_machine, run_child  # noqa: E402  (torch-free)
 
 MODES = ("one piece", "accumulated", "compare")
 TINY = dict(batch=8, context=16, vocab=128, d_model=32, layers=2, heads=4, d_ff=64)
@@ -85,8 +83,8 @@ def child(args: argparse.Namespace) -> None:
     for _ in range(args.steps):
         state, metrics = fnlm.train_step(state, x, y, loss_fn=loss_fn, config=step_config(accum), donate=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("CHILD_RESULT " + json.dumps({"peak_above_imports": peak - baseline, "imports": baseline,
-                                        "loss": float(metrics["loss"]), "threads": torch.get_num_threads()}))
+    child_result({"peak_above_imports": peak - baseline, "imports": baseline,
+                                        "loss": float(metrics["loss"]), "threads": torch.get_num_threads()})
 
 
 def compare(fnlm, config, x, y, loss_fn, step_config, accum: int) -> None:
@@ -98,21 +96,16 @@ def compare(fnlm, config, x, y, loss_fn, step_config, accum: int) -> None:
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     scale = max(float(v.abs().max()) for v in a.values())
     moved = max(float((a[k] - v).abs().max()) for k, v in fnlm.tree_flatten(params).items())
-    print("CHILD_RESULT " + json.dumps({"loss_one_piece": float(m1["loss"]), "loss_accumulated": float(m2["loss"]),
+    child_result({"loss_one_piece": float(m1["loss"]), "loss_accumulated": float(m2["loss"]),
                                         "grad_norm_one_piece": float(m1["grad_norm"]),
                                         "grad_norm_accumulated": float(m2["grad_norm"]),
-                                        "max_param_diff": diff, "max_param": scale, "max_param_change": moved}))
+                                        "max_param_diff": diff, "max_param": scale, "max_param_change": moved})
 
 
 def spawn(args: argparse.Namespace, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--accum", str(args.accum),
            *model_argv(args)]
-    env = {k: v for k, v in os.environ.items() if k != "FNLM_TYPECHECK"}
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    for line in res.stdout.splitlines():
-        if line.startswith("CHILD_RESULT "):
-            return json.loads(line[len("CHILD_RESULT "):])
-    raise RuntimeError(f"child {mode!r} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return run_child(cmd, f"{mode!r}")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ from typing import Any
 
 __all__ = [
     "machine_line", "print_machine", "print_done", "machine_name", "cpu_name", "cpu_seconds", "peak_rss_mib", "median_time", "ratio", "alternate", "load_average",
-    "Timings", "tune_malloc", "add_model_args", "model_argv", "MODEL_17M", "PeakMemory",
+    "Timings", "tune_malloc", "add_model_args", "model_argv", "MODEL_17M", "PeakMemory", "child_result", "run_child",
 ]
 
 MODEL_17M = dict(batch=4, context=128, vocab=10_000, d_model=512, layers=4, heads=16, d_ff=1344)
@@ -44,6 +44,44 @@ def model_argv(args: Any) -> list[str]:
     """The inverse of `add_model_args`: the seven model-size flags with `args`' values, for a child
     process of the same script."""
     return [item for name in MODEL_17M for item in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
+
+
+_CHILD = "CHILD_RESULT "
+
+
+def child_result(result: dict[str, Any]) -> None:
+    """Print a child process's `result` (JSON) on the line `run_child` reads back."""
+    import json
+
+    print(_CHILD + json.dumps(result), flush=True)
+
+
+def run_child(cmd: list[str], what: str, *, env: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """Run a measuring child process (a fresh interpreter, so its peak memory is its own) and return
+    the dict it printed with `child_result`; `RuntimeError` with its output when it printed none.
+
+    **Arguments:**
+
+    - `cmd`: the command line (e.g. `[sys.executable, __file__, "--child", ...]`).
+    - `what`: names the child in the error.
+    - `env`: variables to set in the child's environment (`None` removes one); without it the
+      parent's environment, less `FNLM_TYPECHECK` (the benchmarks time the unchecked layers).
+    """
+    import json
+    import subprocess
+
+    changes = {"FNLM_TYPECHECK": None} if env is None else env
+    child_env = dict(os.environ)
+    for key, value in changes.items():
+        if value is None:
+            child_env.pop(key, None)
+        else:
+            child_env[key] = value
+    res = subprocess.run(cmd, env=child_env, capture_output=True, text=True, check=False)
+    for line in res.stdout.splitlines():
+        if line.startswith(_CHILD):
+            return json.loads(line[len(_CHILD):])
+    raise RuntimeError(f"child {what} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
 
 
 def cpu_name() -> str:

@@ -18,16 +18,13 @@ On CPU, bfloat16 matmuls are fast only where the CPU has bfloat16 instructions (
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import PeakMemory, add_model_args, model_argv, print_done, print_machine  # noqa: E402
+from harness import PeakMemory, add_model_args, child_result, model_argv, print_done, print_machine, run_child  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "autocast")
 
@@ -70,20 +67,15 @@ def child(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     dtypes = sorted({str(t.dtype) for t in fnlm.tree_leaves(state.params)})
-    print("CHILD_RESULT " + json.dumps({
+    child_result({
         "peak": peak.bytes, "loss": float(metrics["loss"]), "param_dtypes": dtypes,
-        "time": statistics.median(times) if times else None, "cpu": statistics.median(cpu) if cpu else None}))
+        "time": statistics.median(times) if times else None, "cpu": statistics.median(cpu) if cpu else None})
 
 
 def spawn(args: argparse.Namespace, precision: str) -> dict:
     cmd = [sys.executable, __file__, "--child", precision, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", args.device, *model_argv(args)]
-    env = {k: v for k, v in os.environ.items() if k != "FNLM_TYPECHECK"}
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    for line in res.stdout.splitlines():
-        if line.startswith("CHILD_RESULT "):
-            return json.loads(line[len("CHILD_RESULT "):])
-    raise RuntimeError(f"child {precision!r} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return run_child(cmd, f"{precision!r}")
 
 
 def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:

@@ -23,17 +23,15 @@ remat run's are from the plain run's (expected: the loss equal, gradients within
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import PeakMemory, add_model_args, model_argv, print_done, print_machine  # noqa: E402
+from harness import PeakMemory, add_model_args, child_result, model_argv, print_done, print_machine, run_child  # noqa: E402
 
 PATHS = ("autograd", "func", "compiled-loss", "compiled-step")
 
@@ -87,21 +85,16 @@ def child(args: argparse.Namespace) -> None:
     if args.save:
         torch.save({"loss": loss.cpu(), "grads": fnlm.tree_map(lambda t: t.cpu(), grads)}, args.save)
     grad_bytes = sum(t.numel() * t.element_size() for t in fnlm.tree_leaves(grads))
-    print("CHILD_RESULT " + json.dumps({"peak": peak.bytes, "grad_bytes": grad_bytes, "loss": float(loss),
+    child_result({"peak": peak.bytes, "grad_bytes": grad_bytes, "loss": float(loss),
                                         "time": statistics.median(times) if times else None,
                                         "cpu": statistics.median(cpu) if cpu else None,
-                                        "threads": torch.get_num_threads()}))
+                                        "threads": torch.get_num_threads()})
 
 
 def spawn(args: argparse.Namespace, path: str, remat: str, save: str | None) -> dict:
     cmd = [sys.executable, __file__, "--child", "--path", path, "--remat", remat, "--steps", str(args.steps),
            "--device", args.device, *model_argv(args)] + (["--save", save] if save else [])
-    env = {k: v for k, v in os.environ.items() if k != "FNLM_TYPECHECK"}
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    for line in res.stdout.splitlines():
-        if line.startswith("CHILD_RESULT "):
-            return json.loads(line[len("CHILD_RESULT "):])
-    raise RuntimeError(f"child {path} remat={remat} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return run_child(cmd, f"{path} remat={remat}")
 
 
 def differences(plain: str, remat: str) -> tuple[float, float]:

@@ -27,15 +27,13 @@ vocab 10,000; 22.7M parameters with the embeddings) at batch 4 x context 128, fl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import add_model_args, model_argv, print_done, print_machine  # noqa: E402
+from harness import add_model_args, child_result, model_argv, print_done, print_machine, run_child  # noqa: E402
 
 MODES = ("fnlm pure", "fnlm donate", "torch AdamW", "torch AdamW foreach", "fnlm model + torch AdamW")
 BASELINE = "torch AdamW"
@@ -102,18 +100,13 @@ def child(args: argparse.Namespace) -> None:
             opt.step()
         loss = float(out.detach())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("CHILD_RESULT " + json.dumps({"peak_above_imports": peak - baseline, "imports": baseline, "loss": loss,
-                                        "threads": torch.get_num_threads()}))
+    child_result({"peak_above_imports": peak - baseline, "imports": baseline, "loss": loss,
+                                        "threads": torch.get_num_threads()})
 
 
 def spawn(args: argparse.Namespace, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), *model_argv(args)]
-    env = {k: v for k, v in os.environ.items() if k != "FNLM_TYPECHECK"}
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    for line in res.stdout.splitlines():
-        if line.startswith("CHILD_RESULT "):
-            return json.loads(line[len("CHILD_RESULT "):])
-    raise RuntimeError(f"child {mode!r} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return run_child(cmd, f"{mode!r}")
 
 
 def main(argv: list[str] | None = None) -> None:

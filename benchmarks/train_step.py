@@ -31,10 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fnlm  # noqa: E402
 from fnlm import accounting  # noqa: E402
-from harness import add_model_args, model_argv, print_done, print_machine, tune_malloc  # noqa: E402
+from harness import add_model_args, child_result, model_argv, print_done, print_machine, run_child, tune_malloc  # noqa: E402
 from reference import ReferenceLM, load_fnlm_params  # noqa: E402
 
 LR, BETAS, EPS, WEIGHT_DECAY, MAX_NORM = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
@@ -289,7 +286,7 @@ def child(args) -> None:
             r.step(x, y)
         max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out = {"peak_bytes": max_rss - start_rss, "before_bytes": 0}
-    print("CHILD_RESULT " + json.dumps(out))
+    child_result(out)
 
 
 def spawn(args, runner: str, mode: str, env_extra: dict[str, str | None]) -> dict:
@@ -297,17 +294,7 @@ def spawn(args, runner: str, mode: str, env_extra: dict[str, str | None]) -> dic
            "--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
            *model_argv(args), *(["--pure"] if args.pure else []), *(["--tune-malloc"] if args.tune_malloc else []),
            *(["--threads", str(args.threads)] if args.threads else [])]
-    env = dict(os.environ)
-    for k, v in env_extra.items():
-        if v is None:
-            env.pop(k, None)
-        else:
-            env[k] = v
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    for line in res.stdout.splitlines():
-        if line.startswith("CHILD_RESULT "):
-            return json.loads(line[len("CHILD_RESULT "):])
-    raise RuntimeError(f"child failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return run_child(cmd, f"{runner} {mode}", env=env_extra)
 
 
 def run_isolated(args) -> None:
