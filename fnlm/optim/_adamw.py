@@ -120,8 +120,8 @@ def _dense_view(t: Tensor) -> Tensor:
     for any dense tensor, such as the column-major weights of `init_linear`. The four tensors of a
     parameter share one layout (`_can_fuse`), so they get the same permutation, and an elementwise
     update through the views is the update of the tensors. torch's CPU fused AdamW copies a
-    non-contiguous tensor to a contiguous one and back: on the 17M model's column-major weights
-    that took 40 ms a step against 13 ms through these views (2 threads)."""
+    non-contiguous tensor to a contiguous one and back; through these views it does not (the
+    saving is measured in docs/performance.md)."""
     order = sorted(range(t.ndim), key=lambda d: -t.stride(d))
     return t.permute(order)
 

@@ -1,12 +1,13 @@
 """The training loop: `TrainConfig` and `train`, a short loop over `fnlm.train_step` with hooks.
 
 ```python
-from fnlm.train import TrainConfig, train
+from fnlm.train import StepConfig, TrainConfig, train
 summary = train(config, TrainConfig(steps=2000, step=StepConfig(lr=1e-3)), train_ids, valid_ids, "runs/mine")
 ```
 
-`train` owns the device, bf16 autocast and TF32 on CUDA, `torch.compile`, and resuming; the step
-is `fnlm.train_step`, and everything around it (the `metrics.jsonl` log, evaluation, checkpoints,
+`train` owns the device, the precision (`TrainConfig.precision`: bf16 autocast on CUDA by default),
+TF32 on CUDA, `torch.compile`, rematerialization, sharding and resuming; the step is
+`fnlm.train_step` with the optimizer `TrainConfig.step` names (or the one passed), and everything around it (the `metrics.jsonl` log, evaluation, checkpoints,
 the progress bar, plots, Weights & Biases) is a hook (`fnlm.train.hooks`). The maths can be
 swapped: `model_fn(params, token_ids, config) -> logits` and `init_fn(config, *, seed, device)`.
 
