@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import fnlm
+from fnlm.checkpoint import write_latest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "experiments" / "train_tinystories.py"
@@ -91,6 +92,12 @@ BAD = {
     "eps nan": (["--eps", "nan"], ["--eps=nan"]),
     "weight-decay nan": (["--weight-decay", "nan"], ["--weight-decay=nan"]),
     "lr inf": (["--lr", "inf"], ["--lr=inf"]),
+    "momentum nan": (["--momentum", "nan"], ["--momentum=nan", "finite"]),
+    "betas inf": (["--betas", "0.9", "inf"], ["--betas=", "inf", "finite"]),
+    "betas 1.5": (["--betas", "0.9", "1.5"], ["--betas", "1.5"]),
+    "momentum 1": (["--momentum", "1"], ["--momentum"]),
+    "grad-accum-steps not dividing the batch": (["--grad-accum-steps", "3"], ["--grad-accum-steps", "--batch-size"]),
+    "shard without torchrun": (["--shard", "optimizer"], ["--shard optimizer", "torchrun"]),
     "rope-theta nan": (["--rope-theta", "nan"], ["--rope-theta=nan"]),
     "threads 0": (["--threads", "0"], ["--threads 0"]),
     "out is a file": (["--out", "afile"], ["--out afile is a file"]),
@@ -138,6 +145,16 @@ def test_nan_settings_with_overwrite_delete_nothing(finished, tmp_path):
     for bad in (["--grad-clip", "nan"], ["--lr", "inf"]):
         _one_line(_script([*ARGS, "--out", "run", "--overwrite", *bad], tmp_path), 2, bad[0])
         assert _snapshot(run) == before
+
+
+def test_resuming_with_another_optimizer_is_one_line_and_touches_nothing(finished, tmp_path):
+    """The optimizer's state would not fit another optimizer: refused before any stage trains."""
+    run = _copy(finished, tmp_path)
+    write_latest(run / "checkpoints" / "latest.pt", run / "checkpoints" / "step_0000004.pt", step=4)
+    before = _snapshot(run)
+    _one_line(_script([*ARGS, "--out", "run", "--resume", "--optimizer", "lion"], tmp_path), 2, "cannot resume",
+              "--optimizer adamw_cs336 (now lion)")
+    assert _snapshot(run) == before
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import torch
 import fnlm
 from fnlm import optim
 from fnlm import train as trainer
+from fnlm.checkpoint import write_latest
 from fnlm.train import TrainConfig
 
 CONFIG = fnlm.TransformerConfig(vocab_size=32, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=32)
@@ -46,7 +47,7 @@ def test_every_named_optimizer_trains_and_resumes_exactly(tmp_path, name):
     short = tmp_path / "short"
     _run(short, replace(tc, checkpoint_interval=4))
     (short / "checkpoints" / "step_0000008.pt").unlink()
-    fnlm.checkpoint.write_latest(short / "checkpoints" / "latest.pt", short / "checkpoints" / "step_0000004.pt", step=4)
+    write_latest(short / "checkpoints" / "latest.pt", short / "checkpoints" / "step_0000004.pt", step=4)
     _run(short, tc, resume=True)
     a, b = fnlm.tree_flatten(ck["params"]), fnlm.tree_flatten(_final(short)["params"])
     assert all(torch.equal(a[k], b[k]) for k in a)
