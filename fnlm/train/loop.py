@@ -204,6 +204,10 @@ def _setup(model_config: Any, tc: TrainConfig, valid_tokens: Any, out_dir: Any, 
         loss_fn = torch.compile(loss_fn)
     context_length = model_config.context_length
     data_shards, _ = tc.shards(parallel.world_size)
+    per_rank, accum = tc.batch_size // parallel.world_size, tc.step.grad_accum_steps
+    if per_rank % accum:
+        raise ValueError(f"invalid TrainConfig values: step.grad_accum_steps {accum} must divide each process's "
+                         f"{per_rank} sequences (batch_size {tc.batch_size} over {parallel.world_size} processes)")
     tc.check_schedule(tc.total_steps(context_length))
     data = {"train_config": tc.to_dict(), "world_size": parallel.world_size,
             "global_batch_size": tc.batch_size, "data_shards": data_shards,

@@ -94,6 +94,13 @@ def test_gradient_accumulation_in_the_loop_equals_the_whole_batch(tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
+def test_accumulation_that_does_not_divide_a_process_batch_is_refused_before_anything(tmp_path):
+    two = fnlm.train.Parallel(rank=0, world_size=2)
+    with pytest.raises(ValueError, match="grad_accum_steps 8 must divide each process's 4 sequences"):
+        _run(tmp_path, TC.with_step(grad_accum_steps=8), parallel=two)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 def test_remat_changes_nothing_but_memory_and_precision_bf16_trains(tmp_path):
     plain = _run(tmp_path / "plain", TC)
     remat = _run(tmp_path / "remat", replace(TC, remat=True))
