@@ -39,7 +39,7 @@ from fnlm.loss import cross_entropy
 from fnlm.tree import Tree, _map_keeping_types, tree_flatten
 from fnlm.types import Tensor
 
-__all__ = ["Policy", "get_policy", "with_policy", "lm_loss_fn_with", "PRECISIONS"]
+__all__ = ["Policy", "get_policy", "with_policy", "lm_loss_fn_with", "resolve_precision", "PRECISIONS"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "autocast")
 """The `precision` names `lm_loss_fn_with` takes (and a `--precision` flag can offer)."""
@@ -164,6 +164,16 @@ def with_policy(fn: Callable[..., Any], policy: Policy) -> Callable[..., Any]:
     return policed
 
 
+def resolve_precision(name: str, device_type: str) -> str:
+    """The precision name `name` means on a `device_type` device: `"auto"` is `"autocast"` on CUDA
+    and `"fp32"` elsewhere; the other `PRECISIONS` are themselves. `ValueError` for another name."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} or a Policy, got {name!r}")
+    if name == "auto":
+        return "autocast" if device_type == "cuda" else "fp32"
+    return name
+
+
 def lm_loss_fn_with(
     model_fn: Callable[..., Tensor], model_config: Any, precision: str | Policy = "auto", *, device_type: str = "cpu"
 ) -> Callable[[Tree, Tensor, Tensor], Tensor]:
@@ -182,10 +192,8 @@ def lm_loss_fn_with(
 
     **Returns:** `loss_fn(params, x, y) -> 0-d float32 loss`.
     """
-    if isinstance(precision, str) and precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS} or a Policy, got {precision!r}")
-    if precision == "auto":
-        precision = "autocast" if device_type == "cuda" else "fp32"
+    if isinstance(precision, str):
+        precision = resolve_precision(precision, device_type)
     autocast = precision == "autocast"
 
     def loss(params: Tree, x: Tensor, y: Tensor) -> Tensor:

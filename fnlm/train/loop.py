@@ -7,9 +7,9 @@ summary = train(config, TrainConfig(steps=2000, step=StepConfig(lr=1e-3)), train
 
 `train` owns the device, the precision (`TrainConfig.precision`: bf16 autocast on CUDA by default),
 TF32 on CUDA, `torch.compile`, rematerialization, sharding and resuming; the step is
-`fnlm.train_step` with the optimizer `TrainConfig.step` names (or the one passed), and everything around it (the `metrics.jsonl` log, evaluation, checkpoints,
-the progress bar, plots, Weights & Biases) is a hook (`fnlm.train.hooks`). The maths can be
-swapped: `model_fn(params, token_ids, config) -> logits` and `init_fn(config, *, seed, device)`.
+`fnlm.train_step` with the optimizer `TrainConfig.step` names (or the one passed), and everything
+around it (the `metrics.jsonl` log, evaluation, checkpoints, the progress bar, plots, Weights &
+Biases) is a hook (`fnlm.train.hooks`). The maths can be swapped: `model_fn(params, token_ids, config) -> logits` and `init_fn(config, *, seed, device)`.
 
 **Exact resumption.** The global batch of step `t` is cut into `data_shards` equal shards (default:
 one per process); shard `s` is drawn by `get_batch` from a CPU generator seeded with a hash of
@@ -53,7 +53,7 @@ from fnlm import accounting
 from fnlm.checkpoint import callable_spec, config_to_data, load_checkpoint, restore_rng_state
 from fnlm.data import batch_generator, get_batch
 from fnlm.optim import GradientTransformation
-from fnlm.precision import lm_loss_fn_with
+from fnlm.precision import lm_loss_fn_with, resolve_precision
 from fnlm.train.hooks import PHASES, Callback, Hook, MetricsFile, default_hooks, perplexity_of, read_metrics
 from fnlm.train.parallel import Parallel
 from fnlm.train.run import HARMLESS_FIELDS, Run, RunLock, TrainConfig
@@ -166,10 +166,8 @@ def _check_resume(
 
 def precision_of(tc: TrainConfig, device: torch.device) -> str:
     """The precision a run on `device` computes in: `tc.precision` with `"auto"` resolved
-    (`"autocast"` on CUDA, `"fp32"` elsewhere)."""
-    if tc.precision == "auto":
-        return "autocast" if device.type == "cuda" else "fp32"
-    return tc.precision
+    (`fnlm.precision.resolve_precision`: `"autocast"` on CUDA, `"fp32"` elsewhere)."""
+    return resolve_precision(tc.precision, device.type)
 
 
 def run_model_fn(model_fn: Callable, tc: TrainConfig, parallel: Parallel = Parallel()) -> Callable:
