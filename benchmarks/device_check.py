@@ -75,7 +75,7 @@ def setup(args):
     else:
         config = fnlm.TransformerConfig(vocab_size=512, context_length=64, d_model=64, num_layers=2, num_heads=4, d_ff=192)
         batch = 8
-    hyper = dict(lr=preset["train"]["lr"], weight_decay=preset["train"]["weight_decay"])
+    hyper = dict(lr=preset["step"]["lr"], weight_decay=preset["step"]["weight_decay"])
     tokens = torch.randint(0, config.vocab_size, (1_000_000,), generator=torch.Generator().manual_seed(0)).numpy()
     return config, batch, hyper, tokens
 

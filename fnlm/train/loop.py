@@ -365,11 +365,7 @@ def train(
     run = _setup(model_config, train_config, valid_tokens, out_dir, model_fn or transformer_lm, parallel,
                  extra_checkpoint_data)
     run.overwrite = overwrite
-    run.step_config = train_config.step_config(run.total)
-    run.custom_optimizer = optimizer is not None
-    inner = optimizer if optimizer is not None else build_optimizer(run.step_config)
-    if optimizer is not None:
-        run.checkpoint_data["optimizer"] = "custom"
+    inner = _choose_optimizer(run, optimizer)
     with RunLock(run.out) if parallel.is_main else contextlib.nullcontext():
         state, hook_states = _initial_state(run, init_fn or init_transformer_lm, resume, inner)
         if run.resumed_from is None and not overwrite and parallel.is_main:
@@ -380,20 +376,36 @@ def train(
             run.optimizer = parallel.sharding.optimizer(inner)
             state = parallel.sharding.shard_state(state, run.optimizer.init)
         run.n_params = tree_size(state.params)
-        chosen = default_hooks if hooks is None else hooks
-        run.hooks = check_hooks(list(chosen(run) if callable(chosen) else chosen))
-        writes = [i for i, h in enumerate(run.hooks) if isinstance(h, MetricsFile)]
-        at = writes[0] + 1 if writes else len(run.hooks)
-        run.hooks[at:at] = [Callback(fn) for fn in callbacks]
-        for hook in run.hooks:
-            if hook.name in hook_states:
-                hook.load_state_dict(hook_states[hook.name])
-            hook.start(run, state)
+        _start_hooks(run, state, default_hooks if hooks is None else hooks, callbacks, hook_states)
         _announce(run, state)
         state = _loop(run, state, train_tokens)
         for hook in run.hooks:
             hook.end(run, state)
     return _summary(run, state)
+
+
+def _choose_optimizer(run: Run, optimizer: GradientTransformation | None) -> GradientTransformation:
+    """The transformation the run steps with before any sharding: `optimizer`, or the one its
+    `StepConfig` names; notes which in `run` and its checkpoints."""
+    run.step_config = run.train_config.step_config(run.total)
+    run.custom_optimizer = optimizer is not None
+    if optimizer is None:
+        return build_optimizer(run.step_config)
+    run.checkpoint_data["optimizer"] = "custom"
+    return optimizer
+
+
+def _start_hooks(run: Run, state: TrainState, chosen: Sequence[Hook] | Callable[[Run], Sequence[Hook]],
+                 callbacks: Sequence[Callable[[dict[str, Any]], None]], hook_states: dict[str, Any]) -> None:
+    """Make `run.hooks` (the callbacks right after the metrics file), restore their saved state and start them."""
+    run.hooks = check_hooks(list(chosen(run) if callable(chosen) else chosen))
+    writes = [i for i, h in enumerate(run.hooks) if isinstance(h, MetricsFile)]
+    at = writes[0] + 1 if writes else len(run.hooks)
+    run.hooks[at:at] = [Callback(fn) for fn in callbacks]
+    for hook in run.hooks:
+        if hook.name in hook_states:
+            hook.load_state_dict(hook_states[hook.name])
+        hook.start(run, state)
 
 
 def check_hooks(hooks: list[Any]) -> list[Any]:
